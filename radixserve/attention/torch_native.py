@@ -1,0 +1,68 @@
+"""Reference attention over the paged KV pool with torch's scaled_dot_product_attention.
+
+Runs on CPU and CUDA. Extend attends each request's new tokens to its cached prefix plus the
+causal part of the new tokens; decode gathers every request's KV into one padded batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from radixserve.attention.base import AttentionBackend, AttentionLayerSpec
+
+if TYPE_CHECKING:
+    from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+class TorchNativeBackend(AttentionBackend):
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        rows = batch.req_to_token[batch.req_pool_indices]
+        if batch.is_decode:
+            max_len = int(batch.seq_lens_cpu.max())
+            self._decode_slots = rows[:, :max_len]
+            arange = torch.arange(max_len, device=batch.seq_lens.device)
+            # [bs, 1, 1, max_len]: True where the key position exists.
+            self._decode_mask = (arange[None, :] < batch.seq_lens[:, None])[:, None, None, :]
+        else:
+            self._extend_slots = [
+                rows[i, : int(batch.seq_lens_cpu[i])] for i in range(len(batch.seq_lens_cpu))
+            ]
+
+    def forward_extend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec, batch: ForwardBatch
+    ) -> torch.Tensor:
+        pool = batch.kv_pool
+        pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        k_buf, v_buf = pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
+        out = torch.empty_like(q)
+        start = 0
+        for i, slots in enumerate(self._extend_slots):
+            n_new = int(batch.extend_lens_cpu[i])
+            n_prefix = slots.shape[0] - n_new
+            qi = q[start : start + n_new].transpose(0, 1)  # [H, n_new, D]
+            ki = k_buf[slots].transpose(0, 1).to(q.dtype)  # [Hk, L, D]
+            vi = v_buf[slots].transpose(0, 1).to(q.dtype)
+            # query j (absolute position n_prefix + j) sees keys 0..n_prefix + j
+            mask = torch.ones(n_new, slots.shape[0], dtype=torch.bool, device=q.device).tril(n_prefix)
+            oi = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, scale=layer.scaling, enable_gqa=True
+            )
+            out[start : start + n_new] = oi.transpose(0, 1)
+            start += n_new
+        return out
+
+    def forward_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec, batch: ForwardBatch
+    ) -> torch.Tensor:
+        pool = batch.kv_pool
+        pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        k_buf, v_buf = pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
+        keys = k_buf[self._decode_slots].transpose(1, 2).to(q.dtype)  # [bs, Hk, L, D]
+        values = v_buf[self._decode_slots].transpose(1, 2).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=self._decode_mask, scale=layer.scaling, enable_gqa=True
+        )
+        return out.squeeze(2)

@@ -1,0 +1,93 @@
+"""Memory pools: request rows -> KV slots, and the per-layer K/V buffers themselves."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReqToTokenPool:
+    """(request row, position) -> KV slot. Row 0 is a reserved dummy (padding); usable rows 1..size."""
+
+    def __init__(self, size: int, max_context_len: int, device: torch.device | str):
+        if size < 1 or max_context_len < 1:
+            raise ValueError(
+                f"ReqToTokenPool needs size >= 1 and max_context_len >= 1, got {size}, {max_context_len}"
+            )
+        self.size = size
+        self.max_context_len = max_context_len
+        self.device = torch.device(device)
+        self.req_to_token = torch.zeros((size + 1, max_context_len), dtype=torch.int64, device=self.device)
+        self.clear()
+
+    def alloc(self) -> int | None:
+        if not self._free_rows:
+            return None
+        row = self._free_rows.pop()
+        self._is_free[row] = False
+        return row
+
+    def free(self, row: int) -> None:
+        if not 1 <= row <= self.size:
+            raise ValueError(f"request row {row} is outside 1..{self.size}")
+        if self._is_free[row]:
+            raise ValueError(f"request row {row} freed twice")
+        self._is_free[row] = True
+        self._free_rows.append(row)
+
+    def available_size(self) -> int:
+        return len(self._free_rows)
+
+    def clear(self) -> None:
+        # Stack with row 1 on top so the first requests get the low rows.
+        self._free_rows: list[int] = list(range(self.size, 0, -1))
+        self._is_free: list[bool] = [False] + [True] * self.size
+
+
+class KVPool:
+    """Per-layer K and V buffers [num_slots + page_size, num_kv_heads, head_dim].
+
+    Slots 0..page_size-1 are the dummy page: padded positions write there, so real slots are never
+    clobbered. The allocator hands out slots page_size..num_slots+page_size-1 at most.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        page_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.size = num_slots
+        self.page_size = page_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_slots + page_size, num_kv_heads, head_dim)
+        self.k_buffers: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+        ]
+        self.v_buffers: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+        ]
+
+    def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_buffers[layer_id], self.v_buffers[layer_id]
+
+    def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [n, kv_heads, head_dim] (a flat [n, kv_heads*head_dim] is accepted too) at slots [n]."""
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        self.k_buffers[layer_id][slots] = k.reshape(shape).to(self.dtype)
+        self.v_buffers[layer_id][slots] = v.reshape(shape).to(self.dtype)
+
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_token_for(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    @staticmethod
+    def bytes_per_token_for(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        # K and V, every layer.
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize

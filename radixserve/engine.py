@@ -1,0 +1,232 @@
+"""Engine: the offline API (shaped like sglang.Engine). It starts the scheduler and detokenizer
+processes, keeps a TokenizerManager on a private event loop thread, and owns their lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from radixserve.entrypoints.detokenizer import run_detokenizer_process
+from radixserve.entrypoints.requests import expand_requests
+from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerManager
+from radixserve.ipc import PortArgs
+from radixserve.loader.source import resolve_model_source
+from radixserve.loader.tokenizer import load_tokenizer
+from radixserve.scheduler.process import run_scheduler_process
+from radixserve.server_args import ServerArgs, ServerArgsError
+from radixserve.utils.process import kill_process_tree
+
+logger = logging.getLogger("radixserve.engine")
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[str, Any], Any, Any]:
+    """Start scheduler + detokenizer; return once the model is loaded (or raise one clear line)."""
+    unbuilt = args.unbuilt_feature()
+    if unbuilt:
+        raise ServerArgsError(unbuilt)
+    source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path)
+    tokenizer = load_tokenizer(source)  # also warms the on-disk tokenizer cache for the children
+    ports = PortArgs.new()
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    scheduler = ctx.Process(
+        target=run_scheduler_process, args=(args, ports, writer), name="radixserve-scheduler", daemon=True
+    )
+    detokenizer = ctx.Process(
+        target=run_detokenizer_process, args=(args, ports, source), name="radixserve-detokenizer", daemon=True
+    )
+    scheduler.start()
+    detokenizer.start()
+    procs = [scheduler, detokenizer]
+    try:
+        while not reader.poll(0.5):
+            if not scheduler.is_alive():
+                raise EngineStartError(f"scheduler process exited with code {scheduler.exitcode} while starting")
+        info = reader.recv()
+    except BaseException:
+        for p in procs:
+            kill_process_tree(p.pid)
+        raise
+    if info.get("status") != "ready":
+        for p in procs:
+            kill_process_tree(p.pid)
+        raise EngineStartError(info.get("message", "scheduler failed to start"))
+    return ports, procs, info, tokenizer, source
+
+
+def liveness_check(procs: list[mp.Process]) -> str | None:
+    for p in procs:
+        if not p.is_alive():
+            return f"{p.name} process died (exit code {p.exitcode}); radixserve cannot serve requests"
+    return None
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        self.server_args = ServerArgs(model_path=model_path, **kwargs)
+        self._procs: list[mp.Process] = []
+        self._closed = False
+        ports, self._procs, self.info, tokenizer, _ = launch_backend(self.server_args)
+        self.tokenizer = tokenizer
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="radixserve-engine")
+        self._thread.start()
+        procs = self._procs
+        self.tokenizer_manager = TokenizerManager(ports, tokenizer, self.info, lambda: liveness_check(procs))
+        self._finalizer = weakref.finalize(self, Engine._cleanup, self._loop, procs)
+        atexit.register(self._finalizer)
+
+    # ---- lifetime -------------------------------------------------------------
+    @staticmethod
+    def _cleanup(loop: asyncio.AbstractEventLoop, procs: list[mp.Process]) -> None:
+        for p in procs:
+            if p.pid is not None:
+                kill_process_tree(p.pid)
+        for p in procs:
+            p.join(timeout=5)
+        if loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- helpers ----------------------------------------------------------------
+    def _run(self, coro) -> Any:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _collect(self, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
+        async def one(r: SingleRequest) -> dict[str, Any]:
+            last = None
+            async for out in self.tokenizer_manager.generate(r):
+                last = out
+            return last
+
+        # validate everything before anything runs, so one bad prompt fails the call cleanly
+        tm = self.tokenizer_manager
+        for r in reqs:
+            tm.validate(r, tm.tokenize(r))
+        return list(await asyncio.gather(*(one(r) for r in reqs)))
+
+    # ---- public API ---------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        reqs, single = expand_requests(
+            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num, logprob_start_len, stream
+        )
+        if stream:
+            if len(reqs) != 1:
+                raise ValueError("stream=True takes one prompt with n=1")
+            return self._stream_sync(reqs[0])
+        outs = self._run(self._collect(reqs))
+        return outs[0] if single else outs
+
+    def _stream_sync(self, req: SingleRequest) -> Iterator[dict[str, Any]]:
+        q: queue.Queue = queue.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for out in self.tokenizer_manager.generate(req):
+                    q.put(out)
+                q.put(done)
+            except Exception as e:
+                q.put(e)
+
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            if not fut.done():
+                fut.cancel()  # the consumer stopped early: generate() aborts the request
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
+        reqs, single = expand_requests(
+            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num, logprob_start_len, stream
+        )
+        if stream:
+            if len(reqs) != 1:
+                raise ValueError("stream=True takes one prompt with n=1")
+            return self._stream_async(reqs[0])
+        fut = asyncio.run_coroutine_threadsafe(self._collect(reqs), self._loop)
+        outs = await asyncio.wrap_future(fut)
+        return outs[0] if single else outs
+
+    async def _stream_async(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
+        caller = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for out in self.tokenizer_manager.generate(req):
+                    caller.call_soon_threadsafe(q.put_nowait, out)
+                caller.call_soon_threadsafe(q.put_nowait, done)
+            except Exception as e:
+                caller.call_soon_threadsafe(q.put_nowait, e)
+
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            if not fut.done():
+                fut.cancel()
+
+    def flush_cache(self) -> bool:
+        return self._run(self.tokenizer_manager.flush_cache()).success
+
+    def get_scheduler_state(self):
+        """Pool and queue counts (KV slots, request rows, running/waiting requests)."""
+        return self._run(self.tokenizer_manager.get_state())
+
+    def abort_request(self, rid: str = "") -> None:
+        self._run(self.tokenizer_manager.abort(rid))

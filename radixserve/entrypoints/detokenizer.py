@@ -1,0 +1,80 @@
+"""The detokenizer process: token ids in, text increments out (stop strings trimmed, partial UTF-8
+and possible stop-string prefixes held back while streaming)."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+
+import zmq
+
+from radixserve.detokenize import IncrementalDetokenizer, find_stop
+from radixserve.ipc import PortArgs, pull_socket, push_socket
+from radixserve.messages import BatchOut, ReqOutput
+from radixserve.server_args import ServerArgs
+from radixserve.utils.logging import configure_logging
+from radixserve.utils.process import die_with_parent
+
+logger = logging.getLogger("radixserve.detokenizer")
+
+
+@dataclass
+class DetokState:
+    decoder: IncrementalDetokenizer
+    emitted: int = 0  # characters already sent
+
+
+class Detokenizer:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, DetokState] = {}
+
+    def process(self, out: ReqOutput) -> ReqOutput:
+        state = self.states.get(out.rid)
+        if state is None:
+            state = DetokState(IncrementalDetokenizer(
+                self.tokenizer, None, out.skip_special_tokens, out.spaces_between_special_tokens
+            ))
+            self.states[out.rid] = state
+        ids = out.new_token_ids
+        reason = out.finish_reason or {}
+        matched = reason.get("matched")
+        if isinstance(matched, int) and not out.no_stop_trim and ids and ids[-1] == matched:
+            ids = ids[:-1]  # a matched stop token is not part of the text
+        if ids:
+            state.decoder.add(ids)
+        text = state.decoder.text
+        if out.finish_reason is not None:
+            if isinstance(matched, str) and not out.no_stop_trim:
+                hit = find_stop(text, out.stop_strings)
+                if hit is not None:
+                    text = text[: hit[0]]
+            end = len(text)
+            del self.states[out.rid]
+        else:
+            end = len(text)
+            if out.stop_strings:
+                hit = find_stop(text, out.stop_strings, state.emitted)
+                end = hit[0] if hit is not None else end - (max(map(len, out.stop_strings)) - 1)
+        out.text = text[state.emitted : max(end, state.emitted)]
+        state.emitted = max(end, state.emitted)
+        return out
+
+
+def run_detokenizer_process(args: ServerArgs, ports: PortArgs, tokenizer_source) -> None:
+    die_with_parent()
+    configure_logging(args.log_level, "detokenizer")
+    try:
+        from radixserve.loader.tokenizer import load_tokenizer
+
+        detok = Detokenizer(load_tokenizer(tokenizer_source))
+        ctx = zmq.Context.instance()
+        recv = pull_socket(ctx, ports.detokenizer_input)
+        send = push_socket(ctx, ports.tokenizer_input)
+        while True:
+            batch: BatchOut = recv.recv_pyobj()
+            send.send_pyobj(BatchOut([detok.process(o) for o in batch.outputs]))
+    except Exception:
+        logger.error("detokenizer crashed:\n%s", traceback.format_exc())
+        raise SystemExit(1) from None

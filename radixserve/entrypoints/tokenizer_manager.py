@@ -1,0 +1,253 @@
+"""TokenizerManager: lives in the API process. Validates and tokenizes requests, sends them to the
+scheduler and turns the detokenizer's increments back into per-request results."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from radixserve.ipc import PortArgs
+from radixserve.messages import (
+    AbortReq,
+    BatchOut,
+    FlushCacheReply,
+    FlushCacheReq,
+    GetStateReq,
+    ReqOutput,
+    SchedulerState,
+    TokenizedGenerateReq,
+)
+from radixserve.sampling_params import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger("radixserve.tokenizer_manager")
+
+
+class RequestError(ValueError):
+    """The request is invalid (HTTP 400). The message names the field."""
+
+
+class ServerDeadError(RuntimeError):
+    """A server process died; no request can be served."""
+
+
+@dataclass
+class SingleRequest:
+    """One prompt with one set of sampling params (n > 1 is already expanded)."""
+
+    rid: str
+    text: str | None
+    input_ids: list[int] | None
+    sampling_params: dict[str, Any]
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    stream: bool = False
+
+
+@dataclass
+class ReqState:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    input_ids: list[int] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenizerManager:
+    def __init__(self, ports: PortArgs, tokenizer, info: dict[str, Any], liveness: Callable[[], str | None]) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+        self.context_len: int = info["context_length"]
+        self.vocab_size: int = info["vocab_size"]
+        self.ports = ports
+        self.liveness = liveness  # returns a message when a child process has died
+        self.states: dict[str, ReqState] = {}
+        self.control_waiters: dict[type, list[asyncio.Future]] = {}
+        self.dead: str | None = None
+        self._started = False
+
+    # ---- loop plumbing ------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        ctx = zmq.asyncio.Context.instance()
+        self.send_sock = ctx.socket(zmq.PUSH)
+        self.send_sock.setsockopt(zmq.LINGER, 0)
+        self.send_sock.connect(self.ports.scheduler_input)
+        self.recv_sock = ctx.socket(zmq.PULL)
+        self.recv_sock.setsockopt(zmq.LINGER, 0)
+        self.recv_sock.bind(self.ports.tokenizer_input)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._watch_loop())]
+
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = await self.recv_sock.recv_pyobj()
+            if isinstance(msg, BatchOut):
+                for out in msg.outputs:
+                    self._on_output(out)
+            else:
+                waiters = self.control_waiters.get(type(msg), [])
+                if waiters:
+                    waiters.pop(0).set_result(msg)
+
+    async def _watch_loop(self) -> None:
+        while self.dead is None:
+            await asyncio.sleep(0.5)
+            message = self.liveness()
+            if message:
+                self.dead = message
+                logger.error("%s", message)
+                for state in self.states.values():
+                    state.queue.put_nowait(ServerDeadError(message))
+                for waiters in self.control_waiters.values():
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(ServerDeadError(message))
+
+    def _on_output(self, out: ReqOutput) -> None:
+        state = self.states.get(out.rid)
+        if state is not None:
+            state.queue.put_nowait(out)
+
+    async def _control(self, request: object, reply_type: type) -> Any:
+        self._ensure_started()
+        if self.dead:
+            raise ServerDeadError(self.dead)
+        fut = asyncio.get_running_loop().create_future()
+        self.control_waiters.setdefault(reply_type, []).append(fut)
+        await self.send_sock.send_pyobj(request)
+        return await fut
+
+    async def flush_cache(self) -> FlushCacheReply:
+        return await self._control(FlushCacheReq(), FlushCacheReply)
+
+    async def get_state(self) -> SchedulerState:
+        return await self._control(GetStateReq(), SchedulerState)
+
+    async def abort(self, rid: str) -> None:
+        self._ensure_started()
+        await self.send_sock.send_pyobj(AbortReq(rid))
+
+    # ---- validation -----------------------------------------------------------
+    def tokenize(self, req: SingleRequest) -> list[int]:
+        if req.input_ids is not None:
+            ids = req.input_ids
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise RequestError("input_ids must be a list of integers")
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise RequestError(f"input_ids must be token ids in [0, {self.vocab_size})")
+            return list(ids)
+        if not isinstance(req.text, str):
+            raise RequestError("text must be a string")
+        return self.tokenizer.encode(req.text)
+
+    def validate(self, req: SingleRequest, ids: list[int]) -> SamplingParams:
+        try:
+            params = SamplingParams.from_dict(req.sampling_params)
+        except SamplingParamsError as e:
+            raise RequestError(str(e)) from None
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.context_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; the context length is {self.context_len}"
+            )
+        if params.max_new_tokens is not None and len(ids) + params.max_new_tokens > self.context_len:
+            raise RequestError(
+                f"max_new_tokens ({params.max_new_tokens}) + prompt tokens ({len(ids)}) exceeds the "
+                f"context length ({self.context_len})"
+            )
+        if req.top_logprobs_num < 0:
+            raise RequestError("top_logprobs_num must be >= 0")
+        for t in params.stop_token_ids or []:
+            if not 0 <= t < self.vocab_size:
+                raise RequestError(f"stop_token_ids must be token ids in [0, {self.vocab_size})")
+        return params
+
+    # ---- generation -----------------------------------------------------------
+    async def generate(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
+        """Yields the cumulative result after each increment (streaming) or once at the end."""
+        self._ensure_started()
+        if self.dead:
+            raise ServerDeadError(self.dead)
+        ids = self.tokenize(req)
+        params = self.validate(req, ids)
+        if req.rid in self.states:
+            raise RequestError(f"rid {req.rid!r} is already in flight")
+        state = ReqState(input_ids=ids)
+        self.states[req.rid] = state
+        msg = TokenizedGenerateReq(
+            rid=req.rid, input_ids=ids, sampling_params=dataclasses.asdict(params),
+            return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num,
+            logprob_start_len=req.logprob_start_len if req.return_logprob else -1, stream=req.stream,
+        )
+        finished = False
+        try:
+            await self.send_sock.send_pyobj(msg)
+            while True:
+                out = await state.queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                self._merge(state, out, req)
+                if out.finish_reason is not None:
+                    finished = True
+                    reason = out.finish_reason
+                    if reason.get("type") == "abort" and reason.get("status_code") == 400:
+                        raise RequestError(reason.get("message", "invalid request"))
+                    yield self._result(state)
+                    return
+                if req.stream:
+                    yield self._result(state)
+        finally:
+            self.states.pop(req.rid, None)
+            if not finished and self.dead is None:
+                # the caller went away (or failed) before the end: free the request's KV now
+                await self.send_sock.send_pyobj(AbortReq(req.rid))
+
+    def _merge(self, state: ReqState, out: ReqOutput, req: SingleRequest) -> None:
+        state.text += out.text
+        state.output_ids.extend(out.new_token_ids)
+        meta = state.meta
+        meta.update(
+            id=req.rid, finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
+        )
+        if req.return_logprob:
+            meta.setdefault("output_token_logprobs", [])
+            meta.setdefault("output_top_logprobs", [])
+            meta.setdefault("input_token_logprobs", [])
+            meta.setdefault("input_top_logprobs", [])
+            start = len(meta["output_token_logprobs"])
+            ids = state.output_ids[start : start + len(out.output_token_logprobs)]
+            meta["output_token_logprobs"].extend((lp, t, None) for lp, t in zip(out.output_token_logprobs, ids))
+            meta["output_top_logprobs"].extend(
+                [(lp, t, None) for lp, t in top] for top in out.output_top_logprobs
+            )
+            if out.input_token_logprobs:
+                self._merge_prompt_logprobs(meta, out, req, state.input_ids)
+
+    @staticmethod
+    def _merge_prompt_logprobs(meta: dict, out: ReqOutput, req: SingleRequest, ids: list[int]) -> None:
+        start = max(req.logprob_start_len, 0) + len(meta["input_token_logprobs"])
+        for k, lp in enumerate(out.input_token_logprobs):
+            meta["input_token_logprobs"].append((lp, ids[start + k], None))
+        for top in out.input_top_logprobs:
+            meta["input_top_logprobs"].append(None if top is None else [(lp, t, None) for lp, t in top])
+
+    @staticmethod
+    def _result(state: ReqState) -> dict[str, Any]:
+        return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": dict(state.meta)}
+
+    @staticmethod
+    def new_rid() -> str:
+        return uuid.uuid4().hex

@@ -1,0 +1,49 @@
+"""Logits for the positions that need them: each request's last token, plus every prompt position
+of requests that asked for prompt logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from radixserve.layers.embedding import ParallelLMHead
+    from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+@dataclass
+class PromptLogprobs:
+    """Per request index: logprob of each following prompt token, and optional top-k."""
+
+    token_logprobs: list[float]
+    top_values: list[list[float]] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class LogitsOutput:
+    next_token_logits: torch.Tensor  # [bs, V] float32
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)
+
+
+def compute_logits(
+    hidden: torch.Tensor, lm_head: ParallelLMHead, batch: ForwardBatch, prompt_top_k: int = 0
+) -> LogitsOutput:
+    """hidden: [T, H] final-normed states."""
+    if batch.is_decode:
+        return LogitsOutput(lm_head.compute_logits(hidden).float())
+    last = lm_head.compute_logits(hidden[batch.logits_indices]).float()
+    out = LogitsOutput(last)
+    for req_index, a, b in batch.prompt_logprob_spans:
+        logprobs = torch.log_softmax(lm_head.compute_logits(hidden[a:b]).float(), dim=-1)
+        next_ids = batch.prompt_next_ids[a:b]
+        known = next_ids >= 0
+        picked = logprobs.gather(1, next_ids.clamp(min=0)[:, None]).squeeze(1)
+        entry = PromptLogprobs(picked[known].tolist())
+        if prompt_top_k > 0:
+            values, ids = logprobs[known].topk(prompt_top_k, dim=-1)
+            entry.top_values, entry.top_ids = values.tolist(), ids.tolist()
+        out.prompt_logprobs[req_index] = entry
+    return out

@@ -1,0 +1,87 @@
+"""The typed messages between processes (pickled over ZMQ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenizedGenerateReq:
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any]
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # -1: no prompt logprobs
+    stream: bool = False
+    # PD disaggregation (later issue): where the decode peer finds this request's KV.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+
+@dataclass
+class AbortReq:
+    rid: str  # "" aborts every request
+
+
+@dataclass
+class FlushCacheReq:
+    pass
+
+
+@dataclass
+class FlushCacheReply:
+    success: bool
+    message: str = ""
+
+
+@dataclass
+class GetStateReq:
+    pass
+
+
+@dataclass
+class SchedulerState:
+    """Pool and queue counts, for /get_server_info, /get_load and tests that assert no leaks."""
+
+    kv_total: int
+    kv_available: int
+    kv_evictable: int
+    kv_protected: int
+    req_rows_total: int
+    req_rows_available: int
+    num_running: int
+    num_waiting: int
+    new_token_ratio: float
+    num_retractions: int
+
+
+@dataclass
+class ReqOutput:
+    """One step's news for one request, on its way scheduler -> detokenizer -> API."""
+
+    rid: str
+    new_token_ids: list[int]
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    # decode options the detokenizer needs (sent every time: requests are stateless there)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    stop_strings: list[str] = field(default_factory=list)
+    no_stop_trim: bool = False
+    # logprobs: increments since the last message
+    output_token_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_token_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    input_token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # filled by the detokenizer
+
+
+@dataclass
+class BatchOut:
+    outputs: list[ReqOutput]

@@ -1,0 +1,122 @@
+"""ModelRunner: owns the model, the KV memory and the attention backend of one rank."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from radixserve.attention.torch_native import TorchNativeBackend
+from radixserve.cache.allocator import KVAllocator
+from radixserve.cache.pools import KVPool, ReqToTokenPool
+from radixserve.layers.logits import LogitsOutput
+from radixserve.loader import config as cfgutil
+from radixserve.loader.dummy import init_dummy_weights
+from radixserve.loader.source import ModelSource
+from radixserve.loader.weights import iter_weights
+from radixserve.model_executor.forward_batch import ForwardBatch
+from radixserve.models.registry import model_class_for
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_MAX_TOKENS = 32768  # bounded default KV on CPU: never more than a fifth of free RAM
+CPU_MEMORY_SHARE = 0.2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, cfg, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if cfgutil.torch_dtype_of(cfg) == torch.float16 else torch.bfloat16
+
+
+@dataclass
+class MemoryPlan:
+    max_total_tokens: int
+    max_running_requests: int
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, source: ModelSource, device: torch.device, context_len: int) -> None:
+        self.args = args
+        self.device = device
+        self.cfg = source.hf_config
+        self.dtype = resolve_dtype(args.dtype, self.cfg, device)
+        self.context_len = context_len
+        if args.random_seed is not None:
+            torch.manual_seed(args.random_seed)
+        self.model = self._load_model(source)
+        self.plan = self._plan_memory()
+        self.page_size = args.page_size
+        self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests, context_len, device)
+        self.kv_pool = KVPool(
+            self.plan.max_total_tokens, self.page_size, self.cfg.num_hidden_layers,
+            self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype, device,
+        )
+        self.allocator = KVAllocator(self.plan.max_total_tokens, self.page_size, device)
+        self.attn_backend = TorchNativeBackend()
+        self.vocab_size = self.cfg.vocab_size
+
+    def _load_model(self, source: ModelSource) -> torch.nn.Module:
+        cls = model_class_for(self.cfg)
+        old_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(self.cfg, self.context_len)
+        finally:
+            torch.set_default_dtype(old_dtype)
+        if source.kind == "dummy" or self.args.load_format == "dummy":
+            init_dummy_weights(model, self.args.random_seed or 0)
+        else:
+            model.load_weights(iter_weights(source))
+        return model.eval()
+
+    def _plan_memory(self) -> MemoryPlan:
+        bytes_per_token = KVPool.bytes_per_token_for(
+            self.cfg.num_hidden_layers, self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype
+        )
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = self.args.mem_fraction_static if self.args.mem_fraction_static is not None else 0.9
+            used = total - free
+            budget = int(total * fraction) - used
+            if budget <= 0:
+                raise ValueError(
+                    f"--mem-fraction-static {fraction}: the weights already use {used / 2**30:.1f} GiB of "
+                    f"{total / 2**30:.1f} GiB; raise the fraction"
+                )
+            capacity = budget // bytes_per_token
+        else:
+            capacity = min(
+                CPU_DEFAULT_MAX_TOKENS, int(psutil.virtual_memory().available * CPU_MEMORY_SHARE) // bytes_per_token
+            )
+        if self.args.max_total_tokens is not None:
+            capacity = self.args.max_total_tokens if self.device.type == "cpu" else min(
+                capacity, self.args.max_total_tokens
+            )
+        page = self.args.page_size
+        capacity = capacity // page * page
+        if capacity < page:
+            raise ValueError("KV cache has no room: raise --max-total-tokens or --mem-fraction-static")
+        max_running = self.args.max_running_requests or max(
+            1, min(512 if self.device.type == "cuda" else 128, capacity // 2)
+        )
+        return MemoryPlan(capacity, max_running)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, prompt_top_k: int = 0) -> LogitsOutput:
+        self.attn_backend.init_forward_metadata(batch)
+        return self.model(batch, prompt_top_k)

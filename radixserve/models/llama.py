@@ -1,0 +1,156 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2; the base of Qwen2, Qwen3 and Mistral)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from radixserve.attention.base import AttentionLayerSpec
+from radixserve.distributed.parallel_state import get_tp_size
+from radixserve.layers.activation import SiluAndMul
+from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from radixserve.layers.logits import LogitsOutput, compute_logits
+from radixserve.layers.norm import RMSNorm
+from radixserve.layers.rotary import RotaryEmbedding
+from radixserve.loader import config as cfgutil
+from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+class LlamaAttention(nn.Module):
+    qkv_bias_default = False
+
+    def __init__(self, cfg, layer_id: int, max_positions: int, qk_norm: bool = False) -> None:
+        super().__init__()
+        hidden, head_dim = cfg.hidden_size, cfg_head_dim(cfg)
+        bias = bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
+        self.qkv_proj = QKVParallelLinear(
+            hidden, head_dim, cfg.num_attention_heads, cfgutil.num_kv_heads(cfg), bias=bias
+        )
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=False)
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.head_dim = head_dim
+        self.rotary = RotaryEmbedding(
+            head_dim, max_positions, cfgutil.rope_theta(cfg), cfgutil.rope_scaling(cfg)
+        )
+        self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.attn = AttentionLayerSpec(
+            layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
+        )
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.q_size // self.head_dim, self.head_dim)
+        k = k.reshape(-1, self.kv_size // self.head_dim, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1), v, batch)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate])
+        self.down_proj = RowParallelLinear(intermediate, hidden)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_id: int, max_positions: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer_id, max_positions, qk_norm)
+        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    qk_norm = False
+    # checkpoint name piece -> (our fused parameter piece, shard id)
+    stacked_params = (
+        ("q_proj", "qkv_proj", "q"),
+        ("k_proj", "qkv_proj", "k"),
+        ("v_proj", "qkv_proj", "v"),
+        ("gate_proj", "gate_up_proj", 0),
+        ("up_proj", "gate_up_proj", 1),
+    )
+
+    def __init__(self, cfg, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, max_positions, self.qk_norm) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        if self.tied:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.tp_size = get_tp_size()
+
+    @property
+    def num_kv_heads_per_rank(self) -> int:
+        return self.layers[0].self_attn.attn.num_kv_heads
+
+    def forward(self, batch: ForwardBatch, prompt_top_k: int = 0) -> LogitsOutput:
+        x = self.embed_tokens(batch.input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(batch.positions, x, residual, batch)
+        x, _ = self.norm(x, residual)
+        return compute_logits(x, self.lm_head, batch, prompt_top_k)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name.startswith("model."):
+                name = name[len("model.") :]
+            if name == "lm_head.weight" and self.tied:
+                continue
+            target, shard = name, None
+            for ckpt_piece, our_piece, shard_id in self.stacked_params:
+                if f".{ckpt_piece}." in name:
+                    target, shard = name.replace(ckpt_piece, our_piece), shard_id
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target]
+            loader = getattr(param, "weight_loader", None)
+            with torch.no_grad():
+                if loader is not None:
+                    loader(param, tensor.to(param.dtype), shard)
+                else:
+                    param.data.copy_(tensor)
+            loaded.add(target)
+        missing = {n for n in params if n not in loaded}
+        if self.tied:
+            missing.discard("lm_head.weight")
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def cfg_head_dim(cfg) -> int:
+    return cfgutil.head_dim(cfg)

@@ -1,0 +1,31 @@
+"""Architecture name (config.architectures[0]) -> model class."""
+
+from __future__ import annotations
+
+from radixserve.models.llama import LlamaForCausalLM
+from radixserve.models.mistral import MistralForCausalLM
+from radixserve.models.qwen2 import Qwen2ForCausalLM
+from radixserve.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_CLASSES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+}
+# GGUF metadata gives a model_type rather than an architecture list.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "mistral": "MistralForCausalLM"}
+
+
+def model_class_for(cfg) -> type:
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if not archs and getattr(cfg, "model_type", None) in MODEL_TYPES:
+        archs = [MODEL_TYPES[cfg.model_type]]
+    for arch in archs:
+        if arch in MODEL_CLASSES:
+            return MODEL_CLASSES[arch]
+    name = ", ".join(archs) or f"model_type={getattr(cfg, 'model_type', None)!r}"
+    raise ValueError(
+        f"unsupported model architecture {name}; supported: {', '.join(sorted(MODEL_CLASSES))}"
+    )

@@ -1,0 +1,153 @@
+"""SamplingParams: the per-request decoding knobs, their defaults and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter has a bad value or type. The message names the field."""
+
+
+# Field groups drive the type checks; keep them in sync with the dataclass below.
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
+_INT_FIELDS = ("min_new_tokens", "top_k", "n")
+_OPTIONAL_INT_FIELDS = ("max_new_tokens", "seed")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int, but `"top_k": true` is a client bug, not a 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int | None = 128  # None: generate up to the context length
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0, normalized to -1) disables top-k
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # After validation `stop` and `stop_token_ids` are always lists (possibly empty).
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        """Build from a JSON request body; unknown keys and wrong types raise SamplingParamsError."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise SamplingParamsError(f"sampling_params must be an object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise SamplingParamsError(f"unknown sampling parameter {key!r}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists copied) suitable for msgpack/JSON messages; from_dict round-trips it."""
+        return dataclasses.asdict(self)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        """Check types and ranges, normalizing in place (ints to floats, top_k 0 to -1, stop to a list)."""
+        self._check_types()
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self._check_ranges()
+
+    def _check_types(self) -> None:
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SamplingParamsError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise SamplingParamsError(f"{name} must be finite, got {value!r}")
+            setattr(self, name, float(value))
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise SamplingParamsError(f"{name} must be an integer, got {value!r}")
+        for name in _OPTIONAL_INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise SamplingParamsError(f"{name} must be an integer or null, got {value!r}")
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise SamplingParamsError(f"{name} must be a boolean, got {value!r}")
+        stop = self.stop
+        if stop is not None and not isinstance(stop, str):
+            if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+                raise SamplingParamsError(f"stop must be a string or a list of strings, got {stop!r}")
+            self.stop = list(stop)
+        ids = self.stop_token_ids
+        if ids is not None:
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+                raise SamplingParamsError(f"stop_token_ids must be a list of integers, got {ids!r}")
+            self.stop_token_ids = list(ids)
+
+    def _check_ranges(self) -> None:
+        if self.temperature < 0:
+            raise SamplingParamsError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise SamplingParamsError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise SamplingParamsError(f"{name} must be in [-2, 2], got {value}")
+        if self.repetition_penalty <= 0:
+            raise SamplingParamsError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise SamplingParamsError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise SamplingParamsError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise SamplingParamsError(
+                f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+            )
+        if self.n < 1:
+            raise SamplingParamsError(f"n must be >= 1, got {self.n}")
+        for s in self.stop:  # type: ignore[union-attr]
+            if not s:
+                raise SamplingParamsError("stop must not contain empty strings")
+        for i in self.stop_token_ids:  # type: ignore[union-attr]
+            if i < 0:
+                raise SamplingParamsError(f"stop_token_ids must be >= 0, got {i}")

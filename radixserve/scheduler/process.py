@@ -1,0 +1,41 @@
+"""Entry point of the scheduler process."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import traceback
+from multiprocessing.connection import Connection
+
+from radixserve.ipc import PortArgs
+from radixserve.server_args import ServerArgs
+from radixserve.utils.logging import configure_logging
+from radixserve.utils.process import die_with_parent
+
+
+def run_scheduler_process(args: ServerArgs, ports: PortArgs, ready: Connection) -> None:
+    die_with_parent()
+    faulthandler.enable()
+    configure_logging(args.log_level, "scheduler")
+    logger = logging.getLogger("radixserve.scheduler")
+    try:
+        from radixserve.scheduler.scheduler import Scheduler
+
+        scheduler = Scheduler(args, ports)
+    except Exception as e:  # report the start-up failure to the parent as one clear line
+        logger.debug("%s", traceback.format_exc())
+        ready.send({"status": "error", "message": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError)
+                    else str(e)})
+        return
+    info = scheduler.info()
+    logger.info(
+        "KV cache: %d tokens (page size %d), max running requests %d, context length %d, dtype %s, "
+        "device %s", info["max_total_num_tokens"], args.page_size, info["max_running_requests"],
+        info["context_length"], info["dtype"], info["device"],
+    )
+    ready.send({"status": "ready", **info})
+    try:
+        scheduler.event_loop()
+    except Exception:
+        logger.error("scheduler crashed:\n%s", traceback.format_exc())
+        raise SystemExit(1) from None

@@ -1,0 +1,96 @@
+"""A request as the scheduler sees it: its tokens, its KV bookkeeping and its stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from radixserve.detokenize import StopChecker
+from radixserve.sampling_params import SamplingParams
+
+
+class ReqStage(Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"  # some chunks done, more to go
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    params: SamplingParams
+    eos_ids: set[int]
+    stop_checker: StopChecker | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    stream: bool = False
+    max_new_tokens: int = 0  # resolved against the context length
+
+    output_ids: list[int] = field(default_factory=list)
+    stage: ReqStage = ReqStage.WAITING
+    finish_reason: dict[str, Any] | None = None
+    # KV bookkeeping, shared with the prefix cache
+    req_pool_idx: int | None = None
+    prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    last_node: Any = None
+    kv_committed_len: int = 0
+    # this pass: how many tokens of fill_ids are computed now
+    extend_len: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    admitted_once: bool = False
+    # outputs not yet sent
+    sent_ids: int = 0
+    output_token_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_token_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    prompt_logprobs_done: bool = False
+    sent_output_logprobs: int = 0
+    sent_input_logprobs: int = 0
+    to_abort: bool = False
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.return_logprob and 0 <= self.logprob_start_len < len(self.origin_input_ids)
+
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.max_new_tokens - len(self.output_ids))
+
+    def check_finished(self) -> None:
+        """Called after a token is appended."""
+        if self.finished or not self.output_ids:
+            return
+        last = self.output_ids[-1]
+        n_out = len(self.output_ids)
+        if n_out >= self.params.min_new_tokens:
+            if not self.params.ignore_eos and last in self.eos_ids:
+                self.finish_reason = {"type": "stop", "matched": last}
+                return
+            if self.params.stop_token_ids and last in self.params.stop_token_ids:
+                self.finish_reason = {"type": "stop", "matched": last}
+                return
+            if self.stop_checker is not None:
+                matched = self.stop_checker.check(self.output_ids)
+                if matched:
+                    self.finish_reason = {"type": "stop", "matched": matched}
+                    return
+        if n_out >= self.max_new_tokens:
+            self.finish_reason = {"type": "length", "length": n_out}

@@ -1,0 +1,393 @@
+"""The scheduler: receives requests, picks batches, runs them and streams token ids onward."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+import zmq
+
+from radixserve.cache.chunk import ChunkCache
+from radixserve.cache.radix import RadixCache
+from radixserve.detokenize import StopChecker
+from radixserve.ipc import PortArgs, pull_socket, push_socket
+from radixserve.layers.sampler import Sampler
+from radixserve.loader import config as cfgutil
+from radixserve.loader.source import resolve_model_source
+from radixserve.loader.tokenizer import load_tokenizer
+from radixserve.messages import (
+    AbortReq,
+    BatchOut,
+    FlushCacheReply,
+    FlushCacheReq,
+    GetStateReq,
+    ReqOutput,
+    SchedulerState,
+    TokenizedGenerateReq,
+)
+from radixserve.model_executor.model_runner import ModelRunner, resolve_device
+from radixserve.sampling_batch import SamplingBatch
+from radixserve.sampling_params import SamplingParams
+from radixserve.scheduler.batch import OutOfKVError, build_decode_batch, build_extend_batch
+from radixserve.scheduler.decode import free_kv_of, retract_for_decode
+from radixserve.scheduler.policy import order_waiting
+from radixserve.scheduler.prefill import PrefillPlanner
+from radixserve.scheduler.req import Req, ReqStage
+from radixserve.server_args import ServerArgs, resolved_defaults
+
+logger = logging.getLogger("radixserve.scheduler")
+
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+RETRACT_DECODE_STEPS = 20
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, ports: PortArgs) -> None:
+        self.args = args
+        self.device = resolve_device(args.device)
+        source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path)
+        cfg = source.hf_config
+        self.context_len = args.context_length or cfgutil.context_length(cfg)
+        window = getattr(cfg, "sliding_window", None)
+        if window and not getattr(cfg, "use_sliding_window", True) is False and window < self.context_len:
+            logger.warning("sliding window %d < context length: capping the context at %d", window, window)
+            self.context_len = window
+        self.tokenizer = load_tokenizer(source)
+        self.runner = ModelRunner(args, source, self.device, self.context_len)
+        self.eos_ids = set(cfgutil.eos_token_ids(cfg, self.tokenizer))
+        self.page_size = args.page_size
+        cache_cls = ChunkCache if args.disable_radix_cache else RadixCache
+        self.cache = cache_cls(self.runner.req_to_token_pool, self.runner.allocator, self.page_size)
+        defaults = resolved_defaults(args, self.device.type == "cuda")
+        self.chunked_prefill_size = defaults["chunked_prefill_size"]
+        self.planner = PrefillPlanner(
+            self.cache, self.runner.allocator, self.runner.req_to_token_pool, self.chunked_prefill_size,
+            args.max_prefill_tokens, self.runner.plan.max_running_requests, self.page_size,
+        )
+        self.sampler = Sampler()
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.num_retractions = 0
+        self.decode_steps = 0
+        self.last_log_time = time.perf_counter()
+        self.tokens_since_log = 0
+        self.pending: deque[object] = deque()
+        ctx = zmq.Context.instance()
+        self.recv_sock = pull_socket(ctx, ports.scheduler_input)
+        self.detok_sock = push_socket(ctx, ports.detokenizer_input)
+        self.reply_sock = push_socket(ctx, ports.tokenizer_input)
+
+    # ---- info -------------------------------------------------------------
+    def info(self) -> dict:
+        return {
+            "max_total_num_tokens": self.runner.plan.max_total_tokens,
+            "max_running_requests": self.runner.plan.max_running_requests,
+            "context_length": self.context_len,
+            "vocab_size": self.runner.vocab_size,
+            "dtype": str(self.runner.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "chunked_prefill_size": self.chunked_prefill_size,
+            "eos_token_ids": sorted(self.eos_ids),
+        }
+
+    def state(self) -> SchedulerState:
+        alloc, pool = self.runner.allocator, self.runner.req_to_token_pool
+        return SchedulerState(
+            kv_total=alloc.total_tokens, kv_available=alloc.available_size(),
+            kv_evictable=self.cache.evictable_size(), kv_protected=self.cache.protected_size(),
+            req_rows_total=pool.size, req_rows_available=pool.available_size(),
+            num_running=len(self.running) + (self.chunked_req is not None), num_waiting=len(self.waiting),
+            new_token_ratio=self.new_token_ratio, num_retractions=self.num_retractions,
+        )
+
+    # ---- intake -----------------------------------------------------------
+    def recv_requests(self, block: bool) -> None:
+        timeout = 1000 if block else 0
+        while self.recv_sock.poll(timeout):
+            self.handle(self.recv_sock.recv_pyobj())
+            timeout = 0
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, TokenizedGenerateReq):
+            self.add_request(msg)
+        elif isinstance(msg, AbortReq):
+            self.abort(msg.rid)
+        elif isinstance(msg, FlushCacheReq):
+            self.reply_sock.send_pyobj(self.flush_cache())
+        elif isinstance(msg, GetStateReq):
+            self.reply_sock.send_pyobj(self.state())
+        else:
+            logger.error("unknown message %r", type(msg).__name__)
+
+    def reject(self, rid: str, message: str, prompt_tokens: int = 0) -> None:
+        logger.info("request %s rejected: %s", rid, message)
+        reason = {"type": "abort", "message": message, "status_code": 400}
+        self.detok_sock.send_pyobj(BatchOut([ReqOutput(rid, [], reason, prompt_tokens, 0, 0)]))
+
+    def add_request(self, msg: TokenizedGenerateReq) -> None:
+        n = len(msg.input_ids)
+        try:
+            params = SamplingParams.from_dict(msg.sampling_params)
+        except ValueError as e:
+            return self.reject(msg.rid, str(e), n)
+        if n == 0:
+            return self.reject(msg.rid, "the prompt is empty", 0)
+        if any(not 0 <= t < self.runner.vocab_size for t in msg.input_ids):
+            return self.reject(msg.rid, f"input_ids must be in [0, {self.runner.vocab_size})", n)
+        if n >= self.context_len:
+            return self.reject(
+                msg.rid, f"the prompt has {n} tokens; the context length is {self.context_len}", n
+            )
+        max_new = params.max_new_tokens if params.max_new_tokens is not None else self.context_len - n
+        if n + max_new > self.context_len:
+            return self.reject(
+                msg.rid,
+                f"max_new_tokens ({max_new}) + prompt tokens ({n}) exceeds the context length "
+                f"({self.context_len})", n,
+            )
+        if n + 1 > self.runner.plan.max_total_tokens:
+            return self.reject(
+                msg.rid, f"the prompt has {n} tokens; the KV cache holds {self.runner.plan.max_total_tokens}", n
+            )
+        req = Req(
+            rid=msg.rid, origin_input_ids=list(msg.input_ids), params=params, eos_ids=self.eos_ids,
+            stop_checker=StopChecker(self.tokenizer, params.stop) if params.stop else None,
+            return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
+            logprob_start_len=msg.logprob_start_len, stream=msg.stream, max_new_tokens=max_new,
+        )
+        if max_new == 0:
+            req.finish_reason = {"type": "length", "length": 0}
+            self.send_outputs([req])
+            return None
+        self.waiting.append(req)
+        return None
+
+    def abort(self, rid: str) -> None:
+        for req in list(self.waiting):
+            if rid in ("", req.rid):
+                self.waiting.remove(req)
+                req.finish_reason = {"type": "abort", "message": "aborted"}
+                if req.req_pool_idx is not None:
+                    free_kv_of(req, self.cache)
+                self.send_outputs([req])
+        for req in self.running + ([self.chunked_req] if self.chunked_req else []):
+            if rid in ("", req.rid):
+                req.to_abort = True
+
+    def flush_cache(self) -> FlushCacheReply:
+        if self.running or self.waiting or self.chunked_req:
+            return FlushCacheReply(False, "requests are in flight; flush when idle")
+        self.cache.reset()
+        return FlushCacheReply(True)
+
+    # ---- the loop ---------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked_req)
+
+    def event_loop(self) -> None:
+        while True:
+            self.recv_requests(block=not self.has_work())
+            self.step()
+
+    def step(self) -> None:
+        self.drop_aborted()
+        waiting = order_waiting(
+            self.waiting, self.args.schedule_policy, self.cache, not self.args.disable_radix_cache
+        )
+        plan = self.planner.plan(waiting, self.running, self.chunked_req, self.new_token_ratio)
+        if plan.reqs:
+            admitted = {id(r) for r in plan.reqs}
+            self.waiting = [r for r in self.waiting if id(r) not in admitted]
+            self.chunked_req = plan.chunked_req
+            self.log_prefill(plan)
+            self.run_extend(plan.reqs)
+        elif self.running:
+            retracted = retract_for_decode(self.running, self.runner, self.cache)
+            if retracted:
+                self.on_retract(retracted)
+            self.run_decode()
+
+    def drop_aborted(self) -> None:
+        gone = [r for r in self.running if r.to_abort]
+        if self.chunked_req is not None and self.chunked_req.to_abort:
+            gone.append(self.chunked_req)
+            self.chunked_req = None
+        if not gone:
+            return
+        self.running = [r for r in self.running if not r.to_abort]
+        for req in gone:
+            req.finish_reason = {"type": "abort", "message": "aborted"}
+        self.finish(gone)
+
+    def on_retract(self, retracted: list[Req]) -> None:
+        self.num_retractions += len(retracted)
+        self.waiting = retracted + self.waiting
+        decoded = sum(len(r.output_ids) for r in self.running)
+        max_new = sum(r.max_new_tokens for r in self.running) or 1
+        estimate = (decoded + RETRACT_DECODE_STEPS * len(self.running)) / max_new
+        self.new_token_ratio = min(1.0, max(self.new_token_ratio, estimate))
+        logger.info(
+            "KV cache is full: retracted %d requests; #new_token_ratio: %.4f",
+            len(retracted), self.new_token_ratio,
+        )
+
+    # ---- running batches -----------------------------------------------------
+    def sample(self, reqs: list[Req], logits: torch.Tensor):
+        seeds = [
+            None if r.params.seed is None else (r.params.seed * 1_000_003 + len(r.output_ids)) % (1 << 62)
+            for r in reqs
+        ]
+        batch = SamplingBatch.build(
+            [r.params for r in reqs], [r.output_ids for r in reqs], [r.origin_input_ids for r in reqs],
+            [[] if r.params.ignore_eos else sorted(r.eos_ids) for r in reqs], seeds,
+            self.runner.vocab_size, self.device,
+        )
+        want_logprob = any(r.return_logprob for r in reqs)
+        top_k = max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0)
+        return self.sampler(logits, batch, want_logprob, top_k)
+
+    def run_extend(self, reqs: list[Req]) -> None:
+        try:
+            batch = build_extend_batch(reqs, self.runner, self.cache)
+        except OutOfKVError as e:  # the planner's budget makes this a bug, but never hang on it
+            logger.error("prefill could not get KV: %s", e)
+            for r in reqs:
+                r.finish_reason = {"type": "abort", "message": f"out of KV memory: {e}", "status_code": 503}
+            self.chunked_req = None
+            return self.finish(reqs)
+        prompt_top_k = max((r.top_logprobs_num for r in reqs if r.wants_prompt_logprobs), default=0)
+        out = self.runner.forward(batch, prompt_top_k)
+        sampled = self.sample(reqs, out.next_token_logits)
+        ids = sampled.next_token_ids.tolist()
+        done: list[Req] = []
+        for i, req in enumerate(reqs):
+            req.kv_committed_len += req.extend_len
+            if i in out.prompt_logprobs:
+                self.record_prompt_logprobs(req, out.prompt_logprobs[i])
+            if req is self.chunked_req:
+                self.cache.cache_unfinished_req(req)
+                continue
+            if req.wants_prompt_logprobs:
+                req.prompt_logprobs_done = True
+            req.stage = ReqStage.DECODING
+            self.append_token(req, ids[i], sampled, i)
+            (done if req.finished else self.running).append(req)
+        self.send_outputs([r for r in reqs if r is not self.chunked_req])
+        self.finish(done, send=False)
+        return None
+
+    def run_decode(self) -> None:
+        reqs = self.running
+        try:
+            batch = build_decode_batch(reqs, self.runner, self.cache)
+        except OutOfKVError as e:
+            # only one request is left and even it does not fit: fail it rather than spin
+            for r in reqs:
+                if r.kv_committed_len < r.seq_len - 1 or r.req_pool_idx is None:
+                    continue
+                r.finish_reason = {"type": "abort", "message": f"out of KV memory: {e}", "status_code": 503}
+            self.running = [r for r in reqs if not r.finished]
+            return self.finish([r for r in reqs if r.finished])
+        out = self.runner.forward(batch)
+        sampled = self.sample(reqs, out.next_token_logits)
+        ids = sampled.next_token_ids.tolist()
+        for i, req in enumerate(reqs):
+            req.kv_committed_len += 1
+            self.append_token(req, ids[i], sampled, i)
+        self.decode_steps += 1
+        self.tokens_since_log += len(reqs)
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self.send_outputs(reqs)
+        done = [r for r in reqs if r.finished]
+        self.running = [r for r in reqs if not r.finished]
+        self.finish(done, send=False)
+        if self.decode_steps % self.args.decode_log_interval == 0:
+            self.log_decode()
+        return None
+
+    def append_token(self, req: Req, token: int, sampled, i: int) -> None:
+        req.output_ids.append(token)
+        if req.return_logprob:
+            req.output_token_logprobs.append(float(sampled.next_token_logprobs[i]))
+            if req.top_logprobs_num > 0 and sampled.top_logprobs is not None:
+                values, idx = sampled.top_logprobs
+                k = req.top_logprobs_num
+                req.output_top_logprobs.append(list(zip(values[i, :k].tolist(), idx[i, :k].tolist())))
+        req.check_finished()
+
+    def record_prompt_logprobs(self, req: Req, entry) -> None:
+        if not req.input_token_logprobs and req.logprob_start_len == 0:
+            req.input_token_logprobs.append(None)
+            req.input_top_logprobs.append(None)
+        req.input_token_logprobs.extend(entry.token_logprobs)
+        if req.top_logprobs_num > 0:
+            k = req.top_logprobs_num
+            for vals, ids in zip(entry.top_values, entry.top_ids):
+                req.input_top_logprobs.append(list(zip(vals[:k], ids[:k])))
+
+    def finish(self, reqs: list[Req], send: bool = True) -> None:
+        """Release finished requests' KV (kept in the prefix cache) and rows."""
+        for req in reqs:
+            if req.req_pool_idx is not None:
+                free_kv_of(req, self.cache)
+            req.stage = ReqStage.FINISHED
+        if send:
+            self.send_outputs(reqs)
+
+    # ---- outputs --------------------------------------------------------------
+    def send_outputs(self, reqs: list[Req]) -> None:
+        outs = []
+        for req in reqs:
+            if not (req.stream or req.finished):
+                continue
+            p = req.params
+            out = ReqOutput(
+                rid=req.rid, new_token_ids=req.output_ids[req.sent_ids :], finish_reason=req.finish_reason,
+                prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
+                cached_tokens=req.cached_tokens, skip_special_tokens=p.skip_special_tokens,
+                spaces_between_special_tokens=p.spaces_between_special_tokens,
+                stop_strings=list(p.stop or []), no_stop_trim=p.no_stop_trim,
+            )
+            req.sent_ids = len(req.output_ids)
+            if req.return_logprob:
+                out.output_token_logprobs = req.output_token_logprobs[req.sent_output_logprobs :]
+                out.output_top_logprobs = req.output_top_logprobs[req.sent_output_logprobs :]
+                req.sent_output_logprobs = len(req.output_token_logprobs)
+                if req.finished or req.prompt_logprobs_done:
+                    out.input_token_logprobs = req.input_token_logprobs[req.sent_input_logprobs :]
+                    out.input_top_logprobs = req.input_top_logprobs[req.sent_input_logprobs :]
+                    req.sent_input_logprobs = len(req.input_token_logprobs)
+            outs.append(out)
+        if outs:
+            self.detok_sock.send_pyobj(BatchOut(outs))
+
+    # ---- logs -------------------------------------------------------------------
+    def token_usage(self) -> float:
+        alloc = self.runner.allocator
+        used = alloc.total_tokens - alloc.available_size() - self.cache.evictable_size()
+        return used / max(1, alloc.total_tokens)
+
+    def log_prefill(self, plan) -> None:
+        logger.info(
+            "Prefill batch, #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+            "#running-req: %d, #queue-req: %d",
+            len(plan.reqs), plan.new_tokens, plan.cached_tokens, self.token_usage(), len(self.running),
+            len(self.waiting),
+        )
+
+    def log_decode(self) -> None:
+        now = time.perf_counter()
+        throughput = self.tokens_since_log / max(now - self.last_log_time, 1e-9)
+        self.last_log_time, self.tokens_since_log = now, 0
+        num_tokens = sum(r.seq_len for r in self.running)
+        logger.info(
+            "Decode batch, #running-req: %d, #token: %d, token usage: %.2f, cuda graph: %s, "
+            "gen throughput (token/s): %.2f, #queue-req: %d",
+            len(self.running), num_tokens, self.token_usage(), False, throughput, len(self.waiting),
+        )

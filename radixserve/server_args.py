@@ -1,0 +1,241 @@
+"""ServerArgs: every flag of the runbook, its default, its validation and its argparse group."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+BUNDLED_MODEL_NAME = "smollm2-135m-instruct"
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "dtype": ("auto", "float32", "float16", "bfloat16"),
+    "load_format": ("auto", "safetensors", "pt", "gguf", "dummy"),
+    "attention_backend": ("torch_native", "triton"),
+    "schedule_policy": ("lpm", "fcfs"),
+    "device": ("auto", "cpu", "cuda"),
+    "disaggregation_mode": ("null", "prefill", "decode"),
+    "moe_a2a_backend": ("none", "deepep"),
+    "load_balance_method": ("round_robin", "shortest_queue", "minimum_tokens"),
+}
+
+
+class ServerArgsError(ValueError):
+    """A flag has a bad value. The message names the flag and what is allowed."""
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    context_length: int | None = None
+    random_seed: int | None = None
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 30000
+    # Memory and scheduling
+    device: str = "auto"
+    page_size: int = 1
+    mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    max_running_requests: int | None = None
+    chunked_prefill_size: int | None = None
+    max_prefill_tokens: int = 16384
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    decode_log_interval: int = 40
+    # Kernels
+    attention_backend: str | None = None
+    disable_cuda_graph: bool = False
+    enable_torch_compile: bool = False
+    enable_two_batch_overlap: bool = False
+    # Parallelism
+    tp_size: int = 1
+    dp_size: int = 1
+    load_balance_method: str = "round_robin"
+    enable_dp_attention: bool = False
+    enable_dp_lm_head: bool = False
+    moe_dense_tp_size: int | None = None
+    moe_a2a_backend: str = "none"
+    dist_init_addr: str | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    base_gpu_id: int = 0
+    dist_timeout: int | None = None
+    # PD disaggregation
+    disaggregation_mode: str = "null"
+    disaggregation_ib_device: str | None = None
+    disaggregation_bootstrap_port: int = 8998
+    # Logging
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- validation -------------------------------------------------------
+    def validate(self) -> None:
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ServerArgsError(
+                    f"{flag_name(name)}: invalid value {value!r}; allowed: {', '.join(map(str, allowed))}"
+                )
+        self._check_int("page_size", minimum=1)
+        self._check_int("port", minimum=1, maximum=65535)
+        self._check_int("tp_size", minimum=1)
+        self._check_int("dp_size", minimum=1)
+        self._check_int("nnodes", minimum=1)
+        self._check_int("node_rank", minimum=0)
+        self._check_int("base_gpu_id", minimum=0)
+        self._check_int("decode_log_interval", minimum=1)
+        self._check_int("max_prefill_tokens", minimum=1)
+        self._check_int("max_total_tokens", minimum=1)
+        self._check_int("max_running_requests", minimum=1)
+        self._check_int("context_length", minimum=1)
+        self._check_int("dist_timeout", minimum=1)
+        self._check_int("disaggregation_bootstrap_port", minimum=1, maximum=65535)
+        if self.chunked_prefill_size is not None and (
+            self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1
+        ):
+            raise ServerArgsError(
+                f"{flag_name('chunked_prefill_size')}: must be a positive number of tokens or -1 "
+                f"(disabled); got {self.chunked_prefill_size}"
+            )
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            raise ServerArgsError(
+                f"{flag_name('mem_fraction_static')}: must be in (0, 1); got {self.mem_fraction_static}"
+            )
+        if self.node_rank >= self.nnodes:
+            raise ServerArgsError(
+                f"--node-rank: must be below --nnodes ({self.nnodes}); got {self.node_rank}"
+            )
+
+    def _check_int(self, name: str, minimum: int | None = None, maximum: int | None = None) -> None:
+        value = getattr(self, name)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ServerArgsError(f"{flag_name(name)}: must be an integer; got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ServerArgsError(f"{flag_name(name)}: must be >= {minimum}; got {value}")
+        if maximum is not None and value > maximum:
+            raise ServerArgsError(f"{flag_name(name)}: must be <= {maximum}; got {value}")
+
+    def unbuilt_feature(self) -> str | None:
+        """The first accepted flag whose feature this build does not have yet, as one line."""
+        pending = "is accepted but not built yet in this radixserve version"
+        checks = [
+            (self.tp_size > 1, f"--tp-size {self.tp_size}: tensor parallelism {pending}; use --tp-size 1"),
+            (self.dp_size > 1, f"--dp-size {self.dp_size}: data parallelism {pending}; use --dp-size 1"),
+            (self.nnodes > 1, f"--nnodes {self.nnodes}: multi-node serving {pending}; use --nnodes 1"),
+            (self.dist_init_addr is not None, f"--dist-init-addr: multi-node serving {pending}"),
+            (self.disaggregation_mode != "null",
+             f"--disaggregation-mode {self.disaggregation_mode}: PD disaggregation {pending}"),
+            (self.disaggregation_ib_device is not None,
+             "--disaggregation-ib-device: InfiniBand KV transfer needs Mooncake, which is not installed"),
+            (self.enable_two_batch_overlap, f"--enable-two-batch-overlap: two-batch overlap {pending}"),
+            (self.enable_dp_attention, f"--enable-dp-attention: DP attention (MoE models) {pending}"),
+            (self.enable_dp_lm_head, f"--enable-dp-lm-head: DP LM head {pending}"),
+            (self.moe_dense_tp_size is not None, f"--moe-dense-tp-size: MoE models {pending}"),
+            (self.moe_a2a_backend != "none",
+             f"--moe-a2a-backend {self.moe_a2a_backend}: needs DeepEP, which is not installed; use 'none'"),
+            (self.enable_torch_compile, f"--enable-torch-compile: torch.compile {pending}"),
+            (self.attention_backend == "triton", f"--attention-backend triton: {pending}; use torch_native"),
+        ]
+        for hit, message in checks:
+            if hit:
+                return message
+        return None
+
+    # ---- argparse ---------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        d = ServerArgs.__dataclass_fields__
+
+        def default(name: str) -> Any:
+            f = d[name]
+            return f.default if f.default is not dataclasses.MISSING else None
+
+        def add(group: argparse._ArgumentGroup, name: str, help_text: str, **kw: Any) -> None:
+            if d[name].type in ("bool", bool):
+                group.add_argument(flag_name(name), action="store_true", help=help_text)
+                return
+            if name in CHOICES:
+                kw.setdefault("choices", CHOICES[name])
+            group.add_argument(flag_name(name), default=default(name), help=help_text, **kw)
+
+        g = parser.add_argument_group("model")
+        add(g, "model_path", f"HF directory, GGUF file, or '{BUNDLED_MODEL_NAME}' (default: bundled model)")
+        add(g, "tokenizer_path", "tokenizer directory (default: the model's)")
+        add(g, "dtype", "weight and activation dtype")
+        add(g, "load_format", "weight format; 'dummy' makes random weights from config.json")
+        add(g, "trust_remote_code", "accepted for compatibility; only built-in architectures run")
+        add(g, "context_length", "max tokens per sequence (default: from the model config)", type=int)
+        add(g, "random_seed", "seed for weights init and sampling", type=int)
+        g = parser.add_argument_group("http")
+        add(g, "host", "address to bind")
+        add(g, "port", "port to bind", type=int)
+        g = parser.add_argument_group("memory and scheduling")
+        add(g, "device", "device to run on")
+        add(g, "page_size", "tokens per KV page", type=int)
+        add(g, "mem_fraction_static", "fraction of GPU memory for weights + KV (default 0.9)", type=float)
+        add(g, "max_total_tokens", "KV pool capacity in tokens", type=int)
+        add(g, "max_running_requests", "max requests decoding at once", type=int)
+        add(g, "chunked_prefill_size", "max tokens per prefill chunk; -1 disables chunking", type=int)
+        add(g, "max_prefill_tokens", "max new tokens in one prefill batch", type=int)
+        add(g, "schedule_policy", "waiting-queue order: longest prefix match or first come")
+        add(g, "disable_radix_cache", "keep no prefix cache")
+        add(g, "decode_log_interval", "log a decode line every N steps", type=int)
+        g = parser.add_argument_group("kernels")
+        add(g, "attention_backend", "attention implementation (default: torch_native)")
+        add(g, "disable_cuda_graph", "do not capture CUDA graphs")
+        add(g, "enable_torch_compile", "torch.compile the model for small batches")
+        add(g, "enable_two_batch_overlap", "overlap two micro-batches")
+        g = parser.add_argument_group("parallelism")
+        add(g, "tp_size", "tensor parallel size", type=int)
+        add(g, "dp_size", "data parallel size", type=int)
+        add(g, "load_balance_method", "how the DP controller spreads requests")
+        add(g, "enable_dp_attention", "data parallel attention (MoE models)")
+        add(g, "enable_dp_lm_head", "data parallel LM head (with DP attention)")
+        add(g, "moe_dense_tp_size", "TP size for dense layers of MoE models", type=int)
+        add(g, "moe_a2a_backend", "MoE all-to-all backend")
+        add(g, "dist_init_addr", "HOST:PORT of node 0 for torch.distributed init")
+        add(g, "nnodes", "number of nodes", type=int)
+        add(g, "node_rank", "this node's rank", type=int)
+        add(g, "base_gpu_id", "first GPU index to use", type=int)
+        add(g, "dist_timeout", "timeout in seconds for torch.distributed", type=int)
+        g = parser.add_argument_group("pd disaggregation")
+        add(g, "disaggregation_mode", "null, prefill or decode")
+        add(g, "disaggregation_ib_device", "InfiniBand device for KV transfer")
+        add(g, "disaggregation_bootstrap_port", "bootstrap port of a prefill server", type=int)
+        g = parser.add_argument_group("logging")
+        add(g, "log_level", "python logging level")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+def resolved_defaults(args: ServerArgs, on_gpu: bool) -> dict[str, Any]:
+    """Auto values the runbook leaves to the server: chunk size, memory fraction, backend."""
+    return {
+        "chunked_prefill_size": args.chunked_prefill_size if args.chunked_prefill_size is not None
+        else (8192 if on_gpu else 2048),
+        "mem_fraction_static": args.mem_fraction_static if args.mem_fraction_static is not None else 0.9,
+        "attention_backend": args.attention_backend or "torch_native",
+    }
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ServerArgs)]
+
