@@ -41,6 +41,9 @@ class SamplingBatch:
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
+    # Largest top_k among sampled rows, or vocab_size if one has none: filtering then needs
+    # only a topk of this width instead of a full-vocabulary sort.
+    filter_width: int
     penalties: PenaltyState | None  # None: no row has a penalty or a min_new_tokens block
     seeded_rows: list[int]  # sampled (non-greedy) rows that draw from their own generator
     seeds: list[int]  # step seed of each entry of seeded_rows
@@ -115,6 +118,7 @@ class SamplingBatch:
             need_top_k=any(k < vocab_size for k in top_ks),
             need_top_p=any(t < 1.0 for t in top_ps),
             need_min_p=any(m > 0.0 for m in min_ps),
+            filter_width=int(max((k for k, g in zip(top_ks, greedy) if g < 0.5), default=vocab_size)),
             penalties=penalties,
             seeded_rows=seeded_rows,
             seeds=seeds,

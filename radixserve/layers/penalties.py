@@ -6,10 +6,11 @@ without penalties pays nothing. Counting is one scatter_add over a flat index of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 
 from radixserve.sampling_params import SamplingParams
@@ -44,11 +45,11 @@ class PenaltyState:
         if any(r != 1.0 for r in rep):
             used = True
             # Rows without a repetition penalty contribute no tokens: less to count and copy.
-            seen_lists = [
-                list(chain(prompt_ids[i], output_ids[i])) if rep[i] != 1.0 else [] for i in range(len(params))
-            ]
+            active = [r != 1.0 for r in rep]
+            sizes = [len(prompt_ids[i]) + len(output_ids[i]) if a else 0 for i, a in enumerate(active)]
+            flat = chain.from_iterable(chain(prompt_ids[i], output_ids[i]) for i, a in enumerate(active) if a)
             state.repetition_penalties = _column(rep, device)
-            state.seen_mask = token_counts(seen_lists, vocab_size, device) > 0
+            state.seen_mask = _scatter_counts(sizes, flat, vocab_size, device) > 0
         freq = [p.frequency_penalty for p in params]
         pres = [p.presence_penalty for p in params]
         if any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres):
@@ -79,23 +80,28 @@ def _column(values: list[float], device: torch.device | str) -> torch.Tensor:
 
 
 def token_counts(lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
-    """float32 [len(lists), vocab_size]: how often each token id occurs in each row's list.
+    """float32 [len(lists), vocab_size]: how often each token id occurs in each row's list."""
+    return _scatter_counts([len(x) for x in lists], chain.from_iterable(lists), vocab_size, device)
 
-    Ids outside [0, vocab_size) (e.g. tokenizer-only added tokens) land in a spare column that is
-    sliced off, so no host-side filtering or device sync is needed.
+
+def _scatter_counts(
+    sizes: list[int], flat_ids: Iterable[int], vocab_size: int, device: torch.device | str
+) -> torch.Tensor:
+    """Count row-major token ids (row i holds sizes[i] of them) with one scatter_add on the device.
+
+    numpy.fromiter turns the Python ints into an array ~10x faster than torch.tensor(list).
+    Ids outside [0, vocab_size) (e.g. tokenizer-only added tokens) land in a spare column that
+    is sliced off, so nothing is filtered on the device and nothing syncs.
     """
-    bs = len(lists)
+    bs = len(sizes)
     width = vocab_size + 1
     counts = torch.zeros(bs * width, dtype=torch.float32, device=device)
-    sizes = [len(x) for x in lists]
     total = sum(sizes)
     if total > 0:
-        lengths = torch.tensor(sizes, dtype=torch.int64)
-        flat = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.int64)
-        rows = torch.repeat_interleave(torch.arange(bs, dtype=torch.int64), lengths)
-        valid = (flat >= 0) & (flat < vocab_size)
-        index = rows * width + torch.where(valid, flat, torch.full_like(flat, vocab_size))
-        index = index.to(device)
+        flat = np.fromiter(flat_ids, dtype=np.int64, count=total)
+        rows = np.repeat(np.arange(bs, dtype=np.int64), sizes)
+        flat = np.where((flat >= 0) & (flat < vocab_size), flat, vocab_size)
+        index = torch.from_numpy(rows * width + flat).to(device)
         counts.scatter_add_(0, index, torch.ones(total, dtype=torch.float32, device=device))
     return counts.view(bs, width)[:, :vocab_size]
 

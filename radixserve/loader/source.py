@@ -116,7 +116,9 @@ def resolve_model_source(
     .gguf and no config.json -> gguf.
     """
     if load_format not in LOAD_FORMATS:
-        raise ModelLoadError(f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
+        raise ModelLoadError(
+            f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}"
+        )
     if tokenizer_path is not None:
         tokenizer_path = _abspath(tokenizer_path)
         if not os.path.exists(tokenizer_path):
@@ -128,11 +130,18 @@ def resolve_model_source(
     assert model_path is not None
     path = _abspath(model_path)
     if not os.path.exists(path):
-        raise ModelLoadError(f"model path {path} does not exist")
+        hint = (
+            ""
+            if model_path == path
+            else f" (given as {model_path!r}; only local folders and .gguf files load)"
+        )
+        raise ModelLoadError(f"model path {path} does not exist{hint}")
     if os.path.isfile(path):
         if _is_gguf(path):
             return _gguf_source(path, load_format, tokenizer_path, trust_remote_code)
-        raise ModelLoadError(f"model path {path} is a file but not a .gguf; pass a GGUF file or a model folder")
+        raise ModelLoadError(
+            f"model path {path} is a file but not a .gguf; pass a GGUF file or a model folder"
+        )
 
     has_config = os.path.isfile(os.path.join(path, "config.json"))
     if load_format == "gguf" or not has_config:

@@ -25,7 +25,9 @@ def load_gguf_tokenizer(gguf_file: str, trust_remote_code: bool = False) -> Any:
         try:
             return AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
         except Exception as e:
-            raise ModelLoadError(f"cannot load the tokenizer of GGUF file {gguf_file}: {first_line(e)}") from e
+            raise ModelLoadError(
+                f"cannot load the tokenizer of GGUF file {gguf_file}: {first_line(e)}"
+            ) from e
 
     def load_cached(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

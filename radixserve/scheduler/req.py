@@ -88,9 +88,8 @@ class Req:
                 self.finish_reason = {"type": "stop", "matched": last}
                 return
             if self.stop_checker is not None:
-                matched = self.stop_checker.check(self.output_ids)
-                if matched:
-                    self.finish_reason = {"type": "stop", "matched": matched}
+                if self.stop_checker.check(self.output_ids):
+                    self.finish_reason = {"type": "stop", "matched": self.stop_checker.matched}
                     return
         if n_out >= self.max_new_tokens:
             self.finish_reason = {"type": "length", "length": n_out}

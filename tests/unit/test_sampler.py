@@ -101,11 +101,17 @@ def test_input_logits_not_modified() -> None:
     assert torch.equal(logits, before)
 
 
-def _draw_seeded(logits_row: torch.Tensor, seed: int, others: list[SamplingParams], pos: int) -> int:
+def _draw_seeded(
+    logits_row: torch.Tensor,
+    seed: int,
+    others: list[SamplingParams],
+    pos: int,
+    mine: SamplingParams | None = None,
+) -> int:
     """Sample the seeded row at index `pos` of a batch padded with other (unseeded) rows."""
     torch.manual_seed(1234 + pos + len(others))  # disturb the default generator too
     params = list(others)
-    params.insert(pos, SamplingParams(temperature=0.8))
+    params.insert(pos, mine or SamplingParams(temperature=0.8))
     seeds: list[int | None] = [None] * len(others)
     seeds.insert(pos, seed)
     other_logits = torch.randn(len(others), V)
@@ -131,6 +137,21 @@ def test_seeded_rows_reproduce_across_batches() -> None:
         assert len(draws) == 1, (step, draws)
     per_step = [_draw_seeded(row, derive_step_seed(42, s), [], 0) for s in range(30)]
     assert len(set(per_step)) > 1  # different steps get different noise
+
+
+def test_seeded_top_k_row_same_on_topk_and_sort_paths() -> None:
+    torch.manual_seed(14)
+    row = torch.randn(V)
+    mine = SamplingParams(temperature=1.5, top_k=20, top_p=0.9)
+    compositions = [
+        ([], 0),  # filter_width 20: partial topk
+        ([SamplingParams(top_k=30)] * 2, 1),  # filter_width 30
+        ([SamplingParams()] * 2, 2),  # an unfiltered row forces the full sort
+    ]
+    for step in range(6):
+        seed = derive_step_seed(9, step)
+        draws = {_draw_seeded(row, seed, others, pos, mine) for others, pos in compositions}
+        assert len(draws) == 1, (step, draws)
 
 
 def test_seeded_batch_repeats_and_unseeded_differs() -> None:
@@ -346,3 +367,6 @@ def test_batch_fields() -> None:
     assert batch.seeded_rows == [1] and batch.seeds == [8]  # greedy rows need no noise
     assert (batch.need_top_k, batch.need_top_p, batch.need_min_p) == (False, True, True)
     assert batch.batch_size == 3
+    assert batch.filter_width == V
+    assert make_batch([SamplingParams(top_k=7), SamplingParams(top_k=3, min_p=0.2)]).filter_width == 7
+    assert make_batch([SamplingParams(temperature=0.0), SamplingParams(top_k=3)]).filter_width == 3
