@@ -84,12 +84,17 @@ class Engine:
         self._thread.start()
         procs = self._procs
         self.tokenizer_manager = TokenizerManager(ports, tokenizer, self.info, lambda: liveness_check(procs))
-        self._finalizer = weakref.finalize(self, Engine._cleanup, self._loop, procs)
+        self._finalizer = weakref.finalize(self, Engine._cleanup, self._loop, procs, self.tokenizer_manager)
         atexit.register(self._finalizer)
 
     # ---- lifetime -------------------------------------------------------------
     @staticmethod
-    def _cleanup(loop: asyncio.AbstractEventLoop, procs: list[mp.Process]) -> None:
+    def _cleanup(loop: asyncio.AbstractEventLoop, procs: list[mp.Process], tm: TokenizerManager) -> None:
+        if loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(tm.close(), loop).result(timeout=5)
+            except Exception:  # shutting down regardless
+                logger.debug("tokenizer manager did not close cleanly", exc_info=True)
         for p in procs:
             if p.pid is not None:
                 kill_process_tree(p.pid)

@@ -89,6 +89,19 @@ class TokenizerManager:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._watch_loop())]
 
+    async def close(self, reason: str = "the engine is shut down") -> None:
+        """Fail whatever is still waiting and stop the background tasks."""
+        self.dead = self.dead or reason
+        for state in self.states.values():
+            state.queue.put_nowait(ServerDeadError(self.dead))
+        if not self._started:
+            return
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.send_sock.close()
+        self.recv_sock.close()
+
     async def _recv_loop(self) -> None:
         while True:
             msg = await self.recv_sock.recv_pyobj()

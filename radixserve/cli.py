@@ -1,0 +1,34 @@
+"""The `radixserve` console script: `radixserve generate ...` (and later `serve`, `router`)."""
+
+from __future__ import annotations
+
+import sys
+
+from radixserve import __version__
+
+USAGE = """usage: radixserve {generate,version} [ARGS]
+
+  generate   run prompts through the offline engine (python -m radixserve.generate)
+  version    print the version
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("version", "--version"):
+        print(f"radixserve {__version__}")
+        return 0
+    if command == "generate":
+        from radixserve.generate import main as generate_main
+
+        return generate_main(rest)
+    print(f"radixserve: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
