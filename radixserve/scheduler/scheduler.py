@@ -53,7 +53,7 @@ class Scheduler:
         cfg = source.hf_config
         self.context_len = args.context_length or cfgutil.context_length(cfg)
         window = getattr(cfg, "sliding_window", None)
-        if window and not getattr(cfg, "use_sliding_window", True) is False and window < self.context_len:
+        if window and getattr(cfg, "use_sliding_window", True) is not False and window < self.context_len:
             logger.warning("sliding window %d < context length: capping the context at %d", window, window)
             self.context_len = window
         self.tokenizer = load_tokenizer(source)

@@ -1,0 +1,88 @@
+"""ServerArgs: every runbook flag is accepted, defaults follow the runbook, errors name the flag."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from radixserve.server_args import ServerArgs, ServerArgsError
+
+RUNBOOK_FLAGS = [
+    "--model-path m", "--host 0.0.0.0", "--port 30001", "--tp-size 1", "--dp-size 1", "--page-size 4",
+    "--chunked-prefill-size 8192", "--mem-fraction-static 0.85", "--max-running-requests 256",
+    "--max-total-tokens 100000", "--context-length 4096", "--decode-log-interval 40",
+    "--max-prefill-tokens 16384", "--enable-two-batch-overlap", "--disable-radix-cache",
+    "--enable-torch-compile", "--enable-dp-attention", "--enable-dp-lm-head", "--moe-dense-tp-size 1",
+    "--disaggregation-mode prefill", "--disaggregation-ib-device mlx5_0", "--disaggregation-bootstrap-port 9001",
+    "--dist-init-addr 10.0.0.1:5000", "--nnodes 2", "--node-rank 1", "--base-gpu-id 1",
+    "--trust-remote-code", "--moe-a2a-backend deepep", "--dist-timeout 3600", "--disable-cuda-graph",
+    "--load-balance-method minimum_tokens", "--dtype bfloat16", "--load-format dummy", "--tokenizer-path t",
+    "--attention-backend torch_native", "--schedule-policy fcfs", "--random-seed 7", "--device cpu",
+]
+
+
+def parse(argv: list[str]) -> ServerArgs:
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return ServerArgs.from_cli_args(parser.parse_args(argv))
+
+
+def test_every_runbook_flag_parses():
+    args = parse(" ".join(RUNBOOK_FLAGS).split())
+    assert args.page_size == 4 and args.nnodes == 2 and args.node_rank == 1
+    assert args.disaggregation_mode == "prefill" and args.load_balance_method == "minimum_tokens"
+    assert args.enable_two_batch_overlap and args.disable_radix_cache and args.trust_remote_code
+
+
+def test_runbook_defaults():
+    a = ServerArgs()
+    assert (a.page_size, a.decode_log_interval, a.max_prefill_tokens) == (1, 40, 16384)
+    assert a.mem_fraction_static is None and a.chunked_prefill_size is None  # auto, resolved at start
+    assert (a.tp_size, a.dp_size, a.port) == (1, 1, 30000)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"page_size": 0}, "--page-size"),
+        ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
+        ({"chunked_prefill_size": 0}, "--chunked-prefill-size"),
+        ({"schedule_policy": "random"}, "--schedule-policy"),
+        ({"dtype": "int3"}, "--dtype"),
+        ({"nnodes": 2, "node_rank": 2}, "--node-rank"),
+        ({"port": 70000}, "--port"),
+        ({"max_total_tokens": "many"}, "--max-total-tokens"),
+    ],
+)
+def test_validation_names_the_flag(kwargs, flag):
+    with pytest.raises(ServerArgsError, match=flag):
+        ServerArgs(**kwargs)
+
+
+def test_choice_errors_list_allowed_values():
+    with pytest.raises(ServerArgsError, match="lpm, fcfs"):
+        ServerArgs(schedule_policy="x")
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [({"tp_size": 2}, "--tp-size"), ({"dp_size": 2}, "--dp-size"),
+     ({"disaggregation_mode": "decode"}, "--disaggregation-mode"),
+     ({"enable_torch_compile": True}, "--enable-torch-compile"),
+     ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
+)
+def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
+    message = ServerArgs(**kwargs).unbuilt_feature()
+    assert message and message.startswith(flag) and "\n" not in message
+    assert ServerArgs().unbuilt_feature() is None
+
+
+def test_cli_exits_with_one_clear_line():
+    proc = subprocess.run([sys.executable, "-m", "radixserve.generate", "--tp-size", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--tp-size 2" in lines[0]
