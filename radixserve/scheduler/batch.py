@@ -80,9 +80,28 @@ def build_extend_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
     )
 
 
+def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache) -> torch.Tensor:
+    """One slot per request for a decode step (one vectorised allocation), evicting if short."""
+    table = runner.req_to_token_pool.req_to_token
+    allocator = runner.allocator
+    rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+    starts = torch.tensor([r.kv_committed_len for r in reqs], dtype=torch.int64)
+    prefix_lens = starts.tolist()
+    last_slots = table[rows.to(table.device), (starts - 1).clamp(min=0).to(table.device)].tolist()
+    slots = allocator.alloc_decode(prefix_lens, last_slots)
+    if slots is None:
+        need = sum(allocator.page_size for n in prefix_lens if n % allocator.page_size == 0)
+        cache.evict(need - allocator.available_size())
+        slots = allocator.alloc_decode(prefix_lens, last_slots)
+        if slots is None:
+            raise OutOfKVError(f"need {need} KV slots, {allocator.available_size()} free")
+    table[rows.to(table.device), starts.to(table.device)] = slots.to(table.device)
+    return slots
+
+
 def build_decode_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache) -> ForwardBatch:
     device = runner.device
-    slots = [alloc_slots(req, 1, runner, cache) for req in reqs]
+    slots = alloc_decode_slots(reqs, runner, cache)
     seq_lens = torch.tensor([r.seq_len for r in reqs], dtype=torch.int64)
     return ForwardBatch(
         mode=ForwardMode.DECODE,
@@ -91,7 +110,7 @@ def build_decode_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
         req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device),
         seq_lens=seq_lens.to(device),
         seq_lens_cpu=seq_lens,
-        out_cache_loc=torch.cat(slots),
+        out_cache_loc=slots.to(device),
         req_to_token=runner.req_to_token_pool.req_to_token,
         kv_pool=runner.kv_pool,
         attn_backend=runner.attn_backend,
