@@ -117,6 +117,7 @@ class Engine:
     # ---- helpers ----------------------------------------------------------------
     def _run(self, coro) -> Any:
         if self._closed:
+            coro.close()
             raise RuntimeError("the engine is shut down")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
