@@ -56,6 +56,8 @@ class SchedulerState:
     num_waiting: int
     new_token_ratio: float
     num_retractions: int
+    gen_throughput: float = 0.0
+    num_tokens: int = 0  # tokens held by running requests
 
 
 @dataclass

@@ -75,6 +75,13 @@ class ServerArgs:
     disaggregation_mode: str = "null"
     disaggregation_ib_device: str | None = None
     disaggregation_bootstrap_port: int = 8998
+    # HTTP server
+    api_key: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    enable_metrics: bool = False  # metrics are always served; the flag is accepted for compatibility
+    max_request_body_size: int = 32 * 1024 * 1024
+    shutdown_timeout: float = 60.0
     # Logging
     log_level: str = "info"
 
@@ -103,6 +110,13 @@ class ServerArgs:
         self._check_int("context_length", minimum=1)
         self._check_int("dist_timeout", minimum=1)
         self._check_int("disaggregation_bootstrap_port", minimum=1, maximum=65535)
+        self._check_int("max_request_body_size", minimum=1)
+        if not isinstance(self.shutdown_timeout, int | float) or self.shutdown_timeout < 0:
+            raise ServerArgsError(f"--shutdown-timeout: must be >= 0 seconds; got {self.shutdown_timeout!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ServerArgsError(
+                f"--log-level: invalid value {self.log_level!r}; allowed: debug, info, warning, error, critical"
+            )
         if self.chunked_prefill_size is not None and (
             self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1
         ):
@@ -184,6 +198,12 @@ class ServerArgs:
         g = parser.add_argument_group("http")
         add(g, "host", "address to bind")
         add(g, "port", "port to bind", type=int)
+        add(g, "api_key", "require 'Authorization: Bearer KEY' (except /health and /metrics)")
+        add(g, "served_model_name", "model name in the OpenAI API (default: the model path)")
+        add(g, "chat_template", "a Jinja chat template, inline or a file path (default: the tokenizer's)")
+        add(g, "enable_metrics", "serve Prometheus metrics at /metrics (always on)")
+        add(g, "max_request_body_size", "largest accepted request body in bytes (413 above)", type=int)
+        add(g, "shutdown_timeout", "seconds SIGTERM waits for requests in flight", type=float)
         g = parser.add_argument_group("memory and scheduling")
         add(g, "device", "device to run on")
         add(g, "page_size", "tokens per KV page", type=int)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ class ReqState:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Clock:
+    start: float
+    first: float | None = None
+    last: float = 0.0
+
+
 class TokenizerManager:
     def __init__(self, ports: PortArgs, tokenizer, info: dict[str, Any], liveness: Callable[[], str | None]) -> None:
         self.tokenizer = tokenizer
@@ -73,8 +81,13 @@ class TokenizerManager:
         self.control_waiters: dict[type, list[asyncio.Future]] = {}
         self.dead: str | None = None
         self._started = False
+        self.metrics = None  # a Metrics object when serving HTTP
 
     # ---- loop plumbing ------------------------------------------------------
+    def start(self) -> None:
+        """Open the sockets and start the receive and watchdog tasks on the running loop."""
+        self._ensure_started()
+
     def _ensure_started(self) -> None:
         if self._started:
             return
@@ -205,6 +218,7 @@ class TokenizerManager:
             logprob_start_len=req.logprob_start_len if req.return_logprob else -1, stream=req.stream,
         )
         finished = False
+        clock = _Clock(time.perf_counter())
         try:
             await self.send_sock.send_pyobj(msg)
             while True:
@@ -212,6 +226,7 @@ class TokenizerManager:
                 if isinstance(out, Exception):
                     raise out
                 self._merge(state, out, req)
+                self._observe(clock, out)
                 if out.finish_reason is not None:
                     finished = True
                     reason = out.finish_reason
@@ -223,9 +238,29 @@ class TokenizerManager:
                     yield self._result(state)
         finally:
             self.states.pop(req.rid, None)
+            if not finished and self.metrics is not None:
+                self.metrics.observe_finish(len(ids), len(state.output_ids), 0, time.perf_counter() - clock.start,
+                                            aborted=True)
             if not finished and self.dead is None:
                 # the caller went away (or failed) before the end: free the request's KV now
                 await self.send_sock.send_pyobj(AbortReq(req.rid))
+
+    def _observe(self, clock: _Clock, out: ReqOutput) -> None:
+        if self.metrics is None:
+            return
+        now, new = time.perf_counter(), len(out.new_token_ids)
+        if new and clock.first is None:
+            clock.first = now
+            self.metrics.observe_first_token(now - clock.start)
+            self.metrics.observe_tokens(0.0, new - 1)
+        elif new:
+            self.metrics.observe_tokens(now - clock.last, new)
+        if new:
+            clock.last = now
+        if out.finish_reason is not None:
+            aborted = out.finish_reason.get("type") == "abort"
+            self.metrics.observe_finish(out.prompt_tokens, out.completion_tokens, out.cached_tokens,
+                                        now - clock.start, aborted)
 
     def _merge(self, state: ReqState, out: ReqOutput, req: SingleRequest) -> None:
         state.text += out.text

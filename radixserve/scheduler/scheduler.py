@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 
 import torch
 import zmq
@@ -77,7 +76,7 @@ class Scheduler:
         self.decode_steps = 0
         self.last_log_time = time.perf_counter()
         self.tokens_since_log = 0
-        self.pending: deque[object] = deque()
+        self.last_gen_throughput = 0.0
         ctx = zmq.Context.instance()
         self.recv_sock = pull_socket(ctx, ports.scheduler_input)
         self.detok_sock = push_socket(ctx, ports.detokenizer_input)
@@ -104,6 +103,7 @@ class Scheduler:
             req_rows_total=pool.size, req_rows_available=pool.available_size(),
             num_running=len(self.running) + (self.chunked_req is not None), num_waiting=len(self.waiting),
             new_token_ratio=self.new_token_ratio, num_retractions=self.num_retractions,
+            gen_throughput=self.last_gen_throughput, num_tokens=sum(r.seq_len for r in self.running),
         )
 
     # ---- intake -----------------------------------------------------------
@@ -344,7 +344,8 @@ class Scheduler:
     def send_outputs(self, reqs: list[Req]) -> None:
         outs = []
         for req in reqs:
-            if not (req.stream or req.finished):
+            # non-streaming requests report their first token too (time-to-first-token metrics)
+            if not (req.stream or req.finished or len(req.output_ids) == 1):
                 continue
             p = req.params
             out = ReqOutput(
@@ -385,6 +386,7 @@ class Scheduler:
         now = time.perf_counter()
         throughput = self.tokens_since_log / max(now - self.last_log_time, 1e-9)
         self.last_log_time, self.tokens_since_log = now, 0
+        self.last_gen_throughput = throughput
         num_tokens = sum(r.seq_len for r in self.running)
         logger.info(
             "Decode batch, #running-req: %d, #token: %d, token usage: %.2f, cuda graph: %s, "

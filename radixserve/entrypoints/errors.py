@@ -1,0 +1,41 @@
+"""The OpenAI error envelope and the status code of each kind of failure."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi.responses import ORJSONResponse
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_")),
+            "param": param,
+            "code": code if code is not None else status,
+        }
+    }
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> ORJSONResponse:
+    return ORJSONResponse(error_body(status, message, param, code), status_code=status)

@@ -1,0 +1,89 @@
+"""ASGI middleware in front of every route: readiness and draining (503), API key (401), body size
+(413), and the count of requests in flight that graceful shutdown waits for."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from radixserve.entrypoints.errors import error_body
+
+if TYPE_CHECKING:
+    from radixserve.entrypoints.http_server import ServerState
+
+OPEN_PATHS = {"/health", "/metrics"}  # no API key, and answered while starting or draining
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def send_error(send: Any, status: int, message: str) -> None:
+    body = orjson.dumps(error_body(status, message))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GateMiddleware:
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        st = self.state
+        if path not in OPEN_PATHS:
+            if st.draining:
+                return await send_error(send, 503, "the server is shutting down")
+            if not st.ready:
+                return await send_error(send, 503, "the server is starting")
+            if st.api_key is not None and not self._authorized(scope):
+                return await send_error(send, 401, "missing or invalid API key (Authorization: Bearer ...)")
+        limit = st.max_body_size
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await send_error(send, 413, f"request body is larger than {limit} bytes")
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        counted = path not in OPEN_PATHS
+        if counted:
+            st.inflight += 1
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await send_error(send, 413, f"request body is larger than {limit} bytes")
+        finally:
+            if counted:
+                st.inflight -= 1
+        return None
+
+    def _authorized(self, scope: dict) -> bool:
+        for name, value in scope.get("headers") or []:
+            if name == b"authorization":
+                expected = f"Bearer {self.state.api_key}".encode()
+                return hmac.compare_digest(value, expected)
+        return False

@@ -1,0 +1,220 @@
+"""The FastAPI app: native endpoints (SGLang's) and the OpenAI-compatible ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from radixserve import __version__
+from radixserve.entrypoints.errors import APIError, error_response
+from radixserve.entrypoints.http_middleware import BodyTooLarge, GateMiddleware
+from radixserve.entrypoints.metrics import Metrics
+from radixserve.entrypoints.openai_common import (
+    as_api_error,
+    collect,
+    merged_streams,
+    sse,
+    until_disconnect,
+    validate_all,
+)
+from radixserve.entrypoints.openai_protocol import (
+    AbortRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
+from radixserve.entrypoints.openai_serving import OpenAIServing
+from radixserve.entrypoints.requests import expand_requests
+from radixserve.entrypoints.tokenizer_manager import (
+    RequestError,
+    ServerDeadError,
+    SingleRequest,
+    TokenizerManager,
+)
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger("radixserve.http")
+
+
+@dataclass
+class ServerState:
+    args: ServerArgs
+    tm: TokenizerManager
+    info: dict[str, Any]
+    served_model_name: str
+    metrics: Metrics
+    api_key: str | None = None
+    max_body_size: int = 32 << 20
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="radixserve", version=__version__, default_response_class=ORJSONResponse)
+    app.add_middleware(GateMiddleware, state=state)
+    serving = OpenAIServing(state.tm, state.served_model_name, state.args.chat_template)
+    tm = state.tm
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        message, param = _validation_message(e)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return error_response(404, "not found: no such route")
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, e: BodyTooLarge):
+        return error_response(413, f"request body is larger than {state.max_body_size} bytes")
+
+    @app.exception_handler(ValueError)
+    async def _value(_: Request, e: ValueError):
+        return error_response(400, str(e))
+
+    @app.exception_handler(ServerDeadError)
+    async def _dead(_: Request, e: ServerDeadError):
+        return error_response(503, str(e))
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception):
+        logger.exception("internal error")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+    # ---- health and info ------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not state.ready or state.draining or tm.dead:
+            status = "starting" if not state.ready else "draining" if state.draining else "dead"
+            return error_response(503, f"the server is {status}")
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        req = SingleRequest(rid=tm.new_rid(), text=None, input_ids=[state.info["eos_token_ids"][0]],
+                            sampling_params={"max_new_tokens": 1, "temperature": 0})
+        await collect(tm, [req])
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return {"model_path": state.args.model_path or state.served_model_name,
+                "tokenizer_path": state.args.tokenizer_path, "is_generation": True,
+                "served_model_name": state.served_model_name, "context_length": tm.context_len}
+
+    @app.get("/get_server_info")
+    async def server_info():
+        sched = await tm.get_state()
+        return {**dataclasses.asdict(state.args), **state.info, "version": __version__,
+                "served_model_name": state.served_model_name, "internal_states": [dataclasses.asdict(sched)]}
+
+    @app.get("/get_load")
+    async def get_load():
+        s = await tm.get_state()
+        return [{"dp_rank": 0, "num_reqs": s.num_running + s.num_waiting, "num_waiting_reqs": s.num_waiting,
+                 "num_tokens": s.num_tokens}]
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        reply = await tm.flush_cache()
+        if not reply.success:
+            return error_response(400, f"cache not flushed: {reply.message}")
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.post("/abort_request")
+    async def abort_request(req: AbortRequest):
+        await tm.abort(req.rid)
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        sched = None if tm.dead else await tm.get_state()
+        return Response(state.metrics.render(sched), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if req.messages is not None:
+            text = serving.apply_template(ChatCompletionRequest(messages=req.messages))
+            ids = tm.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            text = req.text if req.text is not None else req.prompt
+            if text is None:
+                raise APIError(400, "give text, prompt or messages", "text")
+            ids = tm.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if any(not 0 <= t < tm.vocab_size for t in req.tokens):
+            raise APIError(400, f"tokens must be in [0, {tm.vocab_size})", "tokens")
+        return {"text": tm.tokenizer.decode(req.tokens)}
+
+    # ---- generation -----------------------------------------------------------------
+    @app.post("/generate")
+    async def generate(req: GenerateRequest, raw: Request):
+        reqs, single = expand_requests(
+            req.text, req.input_ids, req.sampling_params, req.return_logprob, req.top_logprobs_num,
+            req.logprob_start_len, req.stream, req.rid,
+        )
+        validate_all(tm, reqs)
+        if req.stream:
+            return StreamingResponse(_native_stream(tm, reqs, single), media_type="text/event-stream")
+        results = await until_disconnect(raw, collect(tm, reqs))
+        return results[0] if single else results
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": state.served_model_name, "object": "model", "created": 0, "owned_by": "radixserve",
+            "root": state.args.model_path or state.served_model_name, "max_model_len": tm.context_len,
+        }]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await serving.completions(req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request):
+        return await serving.chat(req, raw)
+
+    return app
+
+
+async def _native_stream(tm: TokenizerManager, reqs: list[SingleRequest], single: bool) -> AsyncIterator[bytes]:
+    try:
+        async for i, out in merged_streams(tm, reqs):
+            yield sse(out if single else {**out, "index": i})
+    except (RequestError, ValueError, ServerDeadError) as e:
+        err = as_api_error(e)
+        yield sse({"error": {"message": err.message, "type": "invalid_request_error", "code": err.status}})
+    yield sse("[DONE]")

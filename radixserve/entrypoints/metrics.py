@@ -1,0 +1,83 @@
+"""Prometheus metrics of the API process. Counters and latency histograms are fed by the tokenizer
+manager as requests finish; the gauges are read from the scheduler when /metrics is scraped."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from radixserve.messages import SchedulerState
+
+PREFIX = "radixserve:"
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                   10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=LATENCY_BUCKETS, registry=r)
+
+        self.num_running_reqs = gauge("num_running_reqs", "Requests running (prefilling or decoding)")
+        self.num_queue_reqs = gauge("num_queue_reqs", "Requests waiting to be scheduled")
+        self.token_usage = gauge("token_usage", "Fraction of KV slots held by requests in flight")
+        self.kv_free_tokens = gauge("kv_free_tokens", "Free KV slots (not counting the evictable cache)")
+        self.kv_total_tokens = gauge("kv_total_tokens", "KV pool capacity in tokens")
+        self.cache_hit_rate = gauge("cache_hit_rate", "Prompt tokens served from the prefix cache / all")
+        self.gen_throughput = gauge("gen_throughput", "Generation throughput (token/s) at the last log")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests")
+        self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache")
+        self.num_requests = counter("num_requests", "Finished requests")
+        self.num_aborted_requests = counter("num_aborted_requests", "Requests aborted or failed")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token")
+        self.itl = histogram("inter_token_latency_seconds", "Time between output tokens")
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency from arrival to the last token")
+        self.labels = {"model_name": model_name}
+        self._prompt_total = 0
+        self._cached_total = 0
+
+    def observe_first_token(self, ttft: float) -> None:
+        self.ttft.labels(**self.labels).observe(ttft)
+
+    def observe_tokens(self, gap: float, num_tokens: int) -> None:
+        """A gap during which num_tokens arrived: each counts as one inter-token interval."""
+        if num_tokens <= 0:
+            return
+        per = gap / num_tokens
+        hist = self.itl.labels(**self.labels)
+        for _ in range(num_tokens):
+            hist.observe(per)
+
+    def observe_finish(self, prompt: int, completion: int, cached: int, e2e: float, aborted: bool) -> None:
+        self.prompt_tokens.labels(**self.labels).inc(prompt)
+        self.generation_tokens.labels(**self.labels).inc(completion)
+        self.cached_tokens.labels(**self.labels).inc(cached)
+        self.num_requests.labels(**self.labels).inc()
+        if aborted:
+            self.num_aborted_requests.labels(**self.labels).inc()
+        self.e2e.labels(**self.labels).observe(e2e)
+        self._prompt_total += prompt
+        self._cached_total += cached
+
+    def render(self, state: SchedulerState | None) -> bytes:
+        if state is not None:
+            lab = self.labels
+            self.num_running_reqs.labels(**lab).set(state.num_running)
+            self.num_queue_reqs.labels(**lab).set(state.num_waiting)
+            used = state.kv_total - state.kv_available - state.kv_evictable
+            self.token_usage.labels(**lab).set(used / max(1, state.kv_total))
+            self.kv_free_tokens.labels(**lab).set(state.kv_available + state.kv_evictable)
+            self.kv_total_tokens.labels(**lab).set(state.kv_total)
+            self.gen_throughput.labels(**lab).set(state.gen_throughput)
+            self.cache_hit_rate.labels(**lab).set(self._cached_total / max(1, self._prompt_total))
+        return generate_latest(self.registry)

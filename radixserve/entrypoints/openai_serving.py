@@ -1,0 +1,253 @@
+"""/v1/completions and /v1/chat/completions on top of the TokenizerManager."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import ORJSONResponse, StreamingResponse
+
+from radixserve.entrypoints.errors import APIError, error_body
+from radixserve.entrypoints.openai_common import (
+    as_api_error,
+    collect,
+    finish_reason_of,
+    matched_stop_of,
+    merged_streams,
+    new_id,
+    now,
+    sampling_params_of,
+    sse,
+    token_text,
+    until_disconnect,
+    usage_of,
+    validate_all,
+)
+from radixserve.entrypoints.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from radixserve.entrypoints.requests import expand_requests
+from radixserve.entrypoints.tokenizer_manager import TokenizerManager
+
+MAX_TOP_LOGPROBS = 20
+
+
+class OpenAIServing:
+    def __init__(self, tm: TokenizerManager, served_model_name: str, chat_template: str | None) -> None:
+        self.tm = tm
+        self.model_name = served_model_name
+        if chat_template is not None:
+            tm.tokenizer.chat_template = chat_template
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    # ---- completions --------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request):
+        self.check_model(req.model)
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+        prompt = req.prompt
+        if isinstance(prompt, list) and not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        as_ids = isinstance(prompt, list) and not isinstance(prompt[0], str)
+        want_logprobs = req.logprobs is not None
+        reqs, _ = expand_requests(
+            None if as_ids else prompt, prompt if as_ids else None, sampling_params_of(req, req.max_tokens),
+            return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
+            logprob_start_len=0 if (want_logprobs and req.echo) else None, stream=req.stream,
+        )
+        rid, created = new_id("cmpl"), now()
+        prompts = [self.tm.tokenizer.decode(r.input_ids) if r.text is None else r.text for r in reqs]
+        validate_all(self.tm, reqs)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream(self._completion_chunks(req, reqs, prompts, rid, created, include_usage))
+        results = await until_disconnect(raw, collect(self.tm, reqs))
+        choices = []
+        for i, res in enumerate(results):
+            text = (prompts[i] if req.echo else "") + res["text"]
+            choices.append({
+                "index": i, "text": text,
+                "logprobs": self._completion_logprobs(res, req.echo) if want_logprobs else None,
+                "finish_reason": finish_reason_of(res["meta_info"]),
+                "matched_stop": matched_stop_of(res["meta_info"]),
+            })
+        return ORJSONResponse({
+            "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": choices, "usage": usage_of(results, req.n),
+        })
+
+    def _completion_logprobs(self, res: dict[str, Any], echo: bool, start: int = 0) -> dict[str, Any]:
+        meta = res["meta_info"]
+        entries = list(meta.get("input_token_logprobs") or []) if echo else []
+        tops = list(meta.get("input_top_logprobs") or []) if echo else []
+        entries += meta.get("output_token_logprobs", [])[start:] if not echo else meta.get(
+            "output_token_logprobs", [])
+        tops += meta.get("output_top_logprobs", [])[start:] if not echo else meta.get("output_top_logprobs", [])
+        tokens = [token_text(self.tm, t) for _, t, _ in entries]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for lp, _, _ in entries],
+            "top_logprobs": [
+                None if top is None else {token_text(self.tm, t): lp for lp, t, _ in top} for top in tops
+            ],
+            "text_offset": [sum(len(x) for x in tokens[:k]) for k in range(len(tokens))],
+        }
+
+    async def _completion_chunks(self, req, reqs, prompts, rid, created, include_usage) -> AsyncIterator[bytes]:
+        sent_text = [0] * len(reqs)
+        sent_lp = [0] * len(reqs)
+        finals: dict[int, dict[str, Any]] = {}
+
+        def chunk(i: int, text: str, logprobs: Any, finish: str | None, matched: Any = None) -> bytes:
+            return sse({
+                "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                             "matched_stop": matched}],
+            })
+
+        if req.echo:
+            for i, p in enumerate(prompts):
+                yield chunk(i, p, None, None)
+        async for i, res in merged_streams(self.tm, reqs):
+            delta = res["text"][sent_text[i]:]
+            sent_text[i] = len(res["text"])
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self._completion_logprobs(res, False, sent_lp[i])
+                sent_lp[i] = len(res["meta_info"].get("output_token_logprobs", []))
+            finish = finish_reason_of(res["meta_info"])
+            if delta or logprobs and logprobs["tokens"]:
+                yield chunk(i, delta, logprobs, None)
+            if finish is not None:
+                finals[i] = res
+                yield chunk(i, "", None, finish, matched_stop_of(res["meta_info"]))
+        if include_usage:
+            results = [finals[i] for i in range(len(reqs))]
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                       "choices": [], "usage": usage_of(results, req.n)})
+
+    # ---- chat ---------------------------------------------------------------------
+    def apply_template(self, req: ChatCompletionRequest) -> str:
+        if not req.messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        tok = self.tm.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; start the server with --chat-template")
+        messages = [{"role": m.role, "content": self._content_text(m)} for m in req.messages]
+        try:
+            return tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt
+                and not req.continue_final_message, continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
+            raise APIError(400, f"chat template failed: {e}", "messages") from None
+
+    @staticmethod
+    def _content_text(m: ChatMessage) -> str:
+        if m.content is None:
+            return ""
+        if isinstance(m.content, str):
+            return m.content
+        parts = []
+        for part in m.content:
+            if part.get("type") != "text":
+                raise APIError(400, f"content part type {part.get('type')!r} is not supported", "messages")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request):
+        self.check_model(req.model)
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+        prompt = self.apply_template(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = sampling_params_of(req, max_tokens)
+        ids = self.tm.tokenizer.encode(prompt, add_special_tokens=False)
+        top = req.top_logprobs or 0 if req.logprobs else 0
+        reqs, _ = expand_requests(None, ids, params, return_logprob=req.logprobs, top_logprobs_num=top,
+                                  stream=req.stream)
+        rid, created = new_id("chatcmpl"), now()
+        validate_all(self.tm, reqs)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream(self._chat_chunks(req, reqs, rid, created, include_usage))
+        results = await until_disconnect(raw, collect(self.tm, reqs))
+        choices = [{
+            "index": i,
+            "message": {"role": "assistant", "content": res["text"]},
+            "logprobs": {"content": self._chat_logprobs(res)} if req.logprobs else None,
+            "finish_reason": finish_reason_of(res["meta_info"]),
+            "matched_stop": matched_stop_of(res["meta_info"]),
+        } for i, res in enumerate(results)]
+        return ORJSONResponse({
+            "id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+            "choices": choices, "usage": usage_of(results, req.n),
+        })
+
+    def _chat_logprobs(self, res: dict[str, Any], start: int = 0) -> list[dict[str, Any]]:
+        meta = res["meta_info"]
+        entries = meta.get("output_token_logprobs", [])[start:]
+        tops = meta.get("output_top_logprobs", [])[start:]
+        out = []
+        for k, (lp, t, _) in enumerate(entries):
+            text = token_text(self.tm, t)
+            alts = tops[k] if k < len(tops) else []
+            out.append({
+                "token": text, "logprob": lp, "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": token_text(self.tm, a), "logprob": alp, "bytes": list(token_text(self.tm, a).encode())}
+                    for alp, a, _ in alts
+                ],
+            })
+        return out
+
+    async def _chat_chunks(self, req, reqs, rid, created, include_usage) -> AsyncIterator[bytes]:
+        sent_text = [0] * len(reqs)
+        sent_lp = [0] * len(reqs)
+        finals: dict[int, dict[str, Any]] = {}
+
+        def chunk(i: int, delta: dict, logprobs: Any = None, finish: str | None = None, matched=None) -> bytes:
+            return sse({
+                "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                             "matched_stop": matched}],
+            })
+
+        for i in range(len(reqs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, res in merged_streams(self.tm, reqs):
+            delta = res["text"][sent_text[i]:]
+            sent_text[i] = len(res["text"])
+            logprobs = None
+            if req.logprobs:
+                logprobs = {"content": self._chat_logprobs(res, sent_lp[i])}
+                sent_lp[i] = len(res["meta_info"].get("output_token_logprobs", []))
+            if delta or (logprobs and logprobs["content"]):
+                yield chunk(i, {"content": delta}, logprobs)
+            finish = finish_reason_of(res["meta_info"])
+            if finish is not None:
+                finals[i] = res
+                yield chunk(i, {}, None, finish, matched_stop_of(res["meta_info"]))
+        if include_usage:
+            results = [finals[i] for i in range(len(reqs))]
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                       "model": self.model_name, "choices": [], "usage": usage_of(results, req.n)})
+
+    # ---- streaming ------------------------------------------------------------------
+    @staticmethod
+    def _stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for c in chunks:
+                    yield c
+            except Exception as e:  # the status line is gone already: report in-band, then end
+                err = as_api_error(e)
+                yield sse(error_body(err.status, err.message, err.param))
+            yield sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream")

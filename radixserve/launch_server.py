@@ -1,0 +1,157 @@
+"""python -m radixserve.launch_server: the HTTP server (same flags as sglang.launch_server)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+import uvicorn
+
+from radixserve import __version__
+from radixserve.server_args import BUNDLED_MODEL_NAME, ServerArgs, ServerArgsError
+from radixserve.utils.logging import configure_logging
+
+logger = logging.getLogger("radixserve.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m radixserve.launch_server",
+                                     description="Serve a model over HTTP (native and OpenAI-compatible API).")
+    parser.add_argument("--version", action="version", version=f"radixserve {__version__}")
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def read_chat_template(value: str | None) -> str | None:
+    if value is not None and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM: stop taking requests (503), let those in flight finish within the shutdown
+    timeout, then exit. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and self.drain_started is None:
+            logger.info("SIGTERM: draining %d requests in flight (timeout %.0fs)", self.state.inflight,
+                        self.state.args.shutdown_timeout)
+            self.state.draining = True
+            self.drain_started = time.monotonic()
+            return
+        # not uvicorn's own handler: it would re-raise the signal after shutdown and spoil the exit code
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def monitor(self) -> None:
+        tm = self.state.tm
+        while not self.should_exit:
+            await asyncio.sleep(0.1)
+            if tm.dead:
+                logger.error("%s; exiting", tm.dead)
+                self.exit_code = 1
+                self.should_exit = True
+            elif self.drain_started is not None:
+                waited = time.monotonic() - self.drain_started
+                if self.state.inflight == 0 or waited > self.state.args.shutdown_timeout:
+                    if self.state.inflight:
+                        logger.warning("shutdown timeout: aborting %d requests", self.state.inflight)
+                        await tm.abort("")
+                    self.should_exit = True
+
+
+async def warm_up(state, server: DrainingServer) -> None:
+    from radixserve.entrypoints.openai_common import collect
+    from radixserve.entrypoints.tokenizer_manager import SingleRequest
+
+    tm = state.tm
+    try:
+        req = SingleRequest(rid="warmup-" + tm.new_rid(), text=None, input_ids=tm.tokenizer.encode("Hello")[:8] or [1],
+                            sampling_params={"max_new_tokens": 2, "temperature": 0})
+        await collect(tm, [req])
+    except Exception as e:
+        logger.error("warm-up generation failed: %s", e)
+        server.exit_code = 1
+        server.should_exit = True
+        return
+    state.ready = True
+    logger.info("The server is fired up and ready to roll! (http://%s:%d)", state.args.host, state.args.port)
+
+
+def serve(args: ServerArgs) -> int:
+    from radixserve.engine import EngineStartError, launch_backend, liveness_check
+    from radixserve.entrypoints.http_server import ServerState, create_app
+    from radixserve.entrypoints.metrics import Metrics
+    from radixserve.entrypoints.tokenizer_manager import TokenizerManager
+    from radixserve.utils.process import kill_process_tree
+
+    args.chat_template = read_chat_template(args.chat_template)
+    try:
+        ports, procs, info, tokenizer, _ = launch_backend(args)
+    except (ValueError, EngineStartError) as e:
+        logger.error("%s", e)
+        return 1
+    try:
+        name = args.served_model_name or args.model_path or BUNDLED_MODEL_NAME
+        tm = TokenizerManager(ports, tokenizer, info, lambda: liveness_check(procs))
+        tm.metrics = Metrics(name)
+        state = ServerState(args=args, tm=tm, info=info, served_model_name=name, metrics=tm.metrics,
+                            api_key=args.api_key, max_body_size=args.max_request_body_size)
+        logger.info(
+            "model %s, dtype %s, context length %d, KV cache %d tokens, max running requests %d",
+            name, info["dtype"], info["context_length"], info["max_total_num_tokens"],
+            info["max_running_requests"],
+        )
+        config = uvicorn.Config(create_app(state), host=args.host, port=args.port, loop="uvloop",
+                                log_level="warning", timeout_graceful_shutdown=5, access_log=False)
+        server = DrainingServer(config, state)
+
+        async def run() -> None:
+            tm.start()
+            tasks = [asyncio.ensure_future(server.monitor()), asyncio.ensure_future(warm_up(state, server))]
+            try:
+                await server.serve()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await tm.close()
+
+        asyncio.run(run())
+        if not server.started and server.exit_code == 0:
+            return 1  # could not bind the port (uvicorn logged why)
+        return server.exit_code
+    finally:
+        for p in procs:
+            kill_process_tree(p.pid)
+        logger.info("radixserve stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        server_args = ServerArgs.from_cli_args(args)
+        unbuilt = server_args.unbuilt_feature()
+        if unbuilt:
+            raise ServerArgsError(unbuilt)
+    except ServerArgsError as e:
+        print(f"radixserve: error: {e}", file=sys.stderr)
+        return 2
+    configure_logging(server_args.log_level, "server")
+    return serve(server_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
