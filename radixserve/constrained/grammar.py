@@ -6,6 +6,8 @@ mask to the logits before sampling, then feeds each sampled token back to that r
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import re
 import threading
@@ -229,16 +231,6 @@ def _backend(logits: torch.Tensor) -> str:
     return "torch_native"
 
 
-_triton: bool | None = None
-
-
+@functools.cache
 def _has_triton() -> bool:
-    global _triton
-    if _triton is None:
-        try:
-            import triton  # noqa: F401
-
-            _triton = True
-        except ImportError:
-            _triton = False
-    return _triton
+    return importlib.util.find_spec("triton") is not None

@@ -1,0 +1,391 @@
+"""Online serving benchmark: streams requests at an OpenAI-compatible server (radixserve, vLLM, SGLang)
+and reports throughput, TTFT, ITL, TPOT and E2E latency.
+
+    python -m radixserve.bench_serving --backend openai --port 30000 --num-prompts 200 \\
+        --random-input-len 512 --random-output-len 128 --request-rate 8 --output-file serving.jsonl
+
+Backends: `openai` (/v1/completions), `openai-chat` (/v1/chat/completions), `radixserve` and `sglang`
+(native /generate). Every request streams (SSE); input tokens are counted with the bench tokenizer on the
+raw prompt, so a chat template's tokens are not in the input totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from radixserve.bench.serving_dataset import DATASETS, DatasetRow, Tokenizer, count_tokens, get_dataset
+from radixserve.bench.serving_metrics import RequestOutput, compute_metrics, format_report
+
+# backend -> endpoint path
+BACKENDS = {
+    "openai": "/v1/completions",
+    "openai-chat": "/v1/chat/completions",
+    "radixserve": "/generate",
+    "sglang": "/generate",
+}
+NATIVE = ("radixserve", "sglang")
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=6 * 3600)  # long runs at high load are legitimate
+MAX_ERRORS_KEPT = 10
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run (server unreachable, no model, warm-up failed); one line for the user."""
+
+
+# ---- SSE -----------------------------------------------------------------------------------------
+class SSEParser:
+    """Incremental text/event-stream parser: feed raw bytes, get the `data` of each complete event.
+
+    Network reads split lines anywhere, so a partial line waits in the buffer for the rest.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        *lines, self._buf = (self._buf + chunk).split(b"\n")
+        events: list[str] = []
+        for line in lines:
+            self._line(line.rstrip(b"\r").decode("utf-8"), events)
+        return events
+
+    def close(self) -> list[str]:
+        """Events left when the stream ends without a final blank line."""
+        events: list[str] = []
+        if self._buf:
+            self._line(self._buf.rstrip(b"\r").decode("utf-8"), events)
+            self._buf = b""
+        self._line("", events)
+        return events
+
+    def _line(self, line: str, events: list[str]) -> None:
+        if not line:  # a blank line ends the event
+            if self._data:
+                events.append("\n".join(self._data))
+                self._data = []
+            return
+        name, _, value = line.partition(":")
+        if name == "data":  # comments (":...") and other fields (event, id, retry) carry no payload
+            self._data.append(value[1:] if value.startswith(" ") else value)
+
+
+@dataclass
+class Delta:
+    """What one streamed JSON chunk adds."""
+
+    text: str = ""
+    has_content: bool = False  # new text, or (native) new tokens whose text is not complete yet
+    num_tokens: int | None = None  # new tokens, where the format tells (else one per content chunk)
+    error: str | None = None
+
+
+def _error_text(obj: dict[str, Any]) -> str | None:
+    err = obj.get("error")
+    if err is None and obj.get("object") == "error":
+        err = obj
+    if err is None:
+        return None
+    return str(err.get("message", err)) if isinstance(err, dict) else str(err)
+
+
+class StreamDecoder:
+    """Turns one request's stream of JSON chunks into deltas and remembers the server's token count.
+
+    OpenAI chunks carry new text (`choices[0].text` or `choices[0].delta.content`) and, with
+    `stream_options.include_usage`, a final chunk with `usage` and no choices; a server that reports usage
+    on every chunk (vLLM's continuous_usage_stats) also gives exact tokens per chunk. Native /generate
+    chunks are cumulative: the whole text so far and `meta_info.completion_tokens` (or `output_ids`).
+    """
+
+    def __init__(self, backend: str) -> None:
+        self.native = backend in NATIVE
+        self.chat = backend == "openai-chat"
+        self.completion_tokens: int | None = None  # the server's latest count
+        self._text_len = 0
+
+    def feed(self, obj: dict[str, Any]) -> Delta:
+        error = _error_text(obj)
+        if error is not None:
+            return Delta(error=error)
+        if self.native:
+            full = str(obj.get("text") or "")
+            text, self._text_len = full[self._text_len:], max(self._text_len, len(full))
+            count = (obj.get("meta_info") or {}).get("completion_tokens")
+            if count is None and obj.get("output_ids") is not None:
+                count = len(obj["output_ids"])
+            # native counts are cumulative from the first chunk on
+            new = None if count is None else int(count) - (self.completion_tokens or 0)
+        else:
+            choices = obj.get("choices") or []
+            text = ""
+            if choices and self.chat:
+                delta = choices[0].get("delta") or {}
+                text = delta.get("content") or delta.get("reasoning_content") or ""
+            elif choices:
+                text = choices[0].get("text") or ""
+            count = (obj.get("usage") or {}).get("completion_tokens")
+            # a lone final usage says nothing about one chunk; per-chunk usage does
+            prev = self.completion_tokens
+            new = None if count is None or prev is None else int(count) - prev
+        if count is not None:
+            self.completion_tokens = int(count)
+        content = bool(text) or (self.native and (new or 0) > 0)
+        return Delta(text=text, has_content=content, num_tokens=new)
+
+
+# ---- one request ---------------------------------------------------------------------------------
+def build_payload(backend: str, model: str | None, row: DatasetRow, ignore_eos: bool) -> dict[str, Any]:
+    if backend in NATIVE:
+        params: dict[str, Any] = {"max_new_tokens": row.output_len, "temperature": 0.0}
+        if ignore_eos:
+            params["ignore_eos"] = True
+        return {"text": row.prompt, "sampling_params": params, "stream": True}
+    payload: dict[str, Any] = {
+        "model": model,
+        "max_tokens": row.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if backend == "openai-chat":
+        payload["messages"] = [{"role": "user", "content": row.prompt}]
+    else:
+        payload["prompt"] = row.prompt
+    if ignore_eos:
+        payload["ignore_eos"] = True  # not OpenAI's; vLLM, SGLang and radixserve honour it
+    return payload
+
+
+async def send_request(
+    session: aiohttp.ClientSession, url: str, backend: str, payload: dict[str, Any], row: DatasetRow,
+    tokenizer: Tokenizer,
+) -> RequestOutput:
+    """Send one streaming request and time it; failures are recorded in the result, never raised."""
+    out = RequestOutput(prompt_len=row.prompt_len, output_len=row.output_len)
+    decoder, parser = StreamDecoder(backend), SSEParser()
+    out.start = time.perf_counter()
+    try:
+        async with session.post(url, json=payload) as resp:
+            if resp.status != 200:
+                body = (await resp.text())[:500]
+                raise BenchError(f"HTTP {resp.status}: {body}")
+            async for chunk in resp.content.iter_any():
+                now = time.perf_counter()  # arrival time, taken before parsing
+                for data in parser.feed(chunk):
+                    _apply(out, decoder, data, now)
+            for data in parser.close():
+                _apply(out, decoder, data, time.perf_counter())
+        out.finish(time.perf_counter())
+        out.output_tokens = (
+            decoder.completion_tokens if decoder.completion_tokens is not None
+            else count_tokens(tokenizer, out.generated_text)
+        )
+        out.success = True
+    except Exception as e:  # any failure is one failed request, reported with its text
+        out.finish(time.perf_counter())
+        out.error = f"{type(e).__name__}: {e}" if not isinstance(e, BenchError) else str(e)
+    return out
+
+
+def _apply(out: RequestOutput, decoder: StreamDecoder, data: str, now: float) -> None:
+    """Apply one SSE event's data to `out`."""
+    if data.strip() == "[DONE]":
+        return
+    delta = decoder.feed(json.loads(data))
+    if delta.error is not None:
+        raise BenchError(f"server error in stream: {delta.error}")
+    if delta.has_content:
+        out.on_content(now, delta.num_tokens if delta.num_tokens and delta.num_tokens > 0 else 1)
+        out.generated_text += delta.text
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def base_url_of(args: argparse.Namespace) -> str:
+    url = args.base_url or f"http://{args.host}:{args.port}"
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url  # an OpenAI SDK-style base works too
+
+
+async def fetch_model(session: aiohttp.ClientSession, base_url: str) -> str:
+    try:
+        async with session.get(f"{base_url}/v1/models") as resp:
+            resp.raise_for_status()
+            models = (await resp.json()).get("data") or []
+    except Exception as e:
+        raise BenchError(f"cannot list models at {base_url}/v1/models ({type(e).__name__}: {e}); "
+                         "pass --model") from e
+    if not models:
+        raise BenchError(f"{base_url}/v1/models lists no model; pass --model")
+    return str(models[0]["id"])
+
+
+async def arrivals(rows: Sequence[DatasetRow], rate: float, rng: random.Random) -> AsyncIterator[DatasetRow]:
+    """Rows at Poisson arrival times (exponential gaps, mean 1/rate); all at once for rate inf."""
+    for i, row in enumerate(rows):
+        if i > 0 and not math.isinf(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+        yield row
+
+
+async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]:
+    """Warm up, run every prompt, print the report, and return the result record (the JSON line)."""
+    base_url = base_url_of(args)
+    url = base_url + BACKENDS[args.backend]
+    ignore_eos = not args.disable_ignore_eos
+    rows = get_dataset(args, tokenizer, args.num_prompts, args.seed)
+    # warm-up prompts come from another seed so they leave nothing in a prefix cache for the timed ones
+    warmup_rows = get_dataset(args, tokenizer, args.warmup_requests, args.seed + 1) if args.warmup_requests else []
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    connector = aiohttp.TCPConnector(limit=0)  # aiohttp's default 100 connections would cap concurrency
+    async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT, headers=headers, connector=connector) as session:
+        model = args.model
+        if model is None and args.backend not in NATIVE:
+            model = await fetch_model(session, base_url)
+
+        async def one(row: DatasetRow) -> RequestOutput:
+            payload = build_payload(args.backend, model, row, ignore_eos)
+            return await send_request(session, url, args.backend, payload, row, tokenizer)
+
+        print(f"{args.backend} -> {url}, model {model or '(server default)'}, {len(rows)} prompts "
+              f"({sum(r.prompt_len for r in rows)} input tokens, {sum(r.output_len for r in rows)} output asked)")
+        for row in warmup_rows:
+            warm = await one(row)
+            if not warm.success:
+                raise BenchError(f"warm-up request failed: {warm.error}")
+
+        from tqdm import tqdm
+
+        pbar = tqdm(total=len(rows), disable=args.disable_tqdm)
+        limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+
+        async def limited(row: DatasetRow) -> RequestOutput:
+            async with limit or contextlib.nullcontext():
+                result = await one(row)
+            pbar.update(1)
+            return result
+
+        rng = random.Random(args.seed)
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(limited(row)) async for row in arrivals(rows, args.request_rate, rng)]
+        outputs = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        pbar.close()
+
+    metrics = compute_metrics(outputs, duration)
+    header = [
+        ("Backend", args.backend),
+        ("Traffic request rate", args.request_rate),
+        ("Max request concurrency", args.max_concurrency or "not set"),
+    ]
+    print(format_report(metrics, header))
+    errors = list(dict.fromkeys(o.error for o in outputs if not o.success))[:MAX_ERRORS_KEPT]
+    for err in errors:
+        print(f"failed request: {err}")
+    ok = [o for o in outputs if o.success]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": args.backend, "base_url": base_url, "model": model, "tokenizer": args.tokenizer,
+        "dataset_name": args.dataset_name, "num_prompts": args.num_prompts,
+        "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
+        "random_range_ratio": args.random_range_ratio, "request_rate": args.request_rate,
+        "max_concurrency": args.max_concurrency, "seed": args.seed, "ignore_eos": ignore_eos,
+        "warmup_requests": args.warmup_requests,
+        **metrics.as_dict(),
+        "input_lens": [o.prompt_len for o in ok], "output_lens": [o.output_tokens for o in ok],
+        "errors": errors,
+    }
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    parser = argparse.ArgumentParser(prog="python -m radixserve.bench_serving", description=summary)
+    g = parser.add_argument_group("server")
+    g.add_argument("--backend", default="openai", choices=list(BACKENDS))
+    g.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:30000 (overrides --host/--port)")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=30000)
+    g.add_argument("--model", default=None, help="model name to send (default: the first id of /v1/models)")
+    g.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder, .gguf file or 'smollm2-135m-instruct' (default: the bundled one)")
+    g = parser.add_argument_group("workload")
+    g.add_argument("--dataset-name", default="random", choices=list(DATASETS))
+    g.add_argument("--num-prompts", type=int, default=1000)
+    g.add_argument("--random-input-len", type=int, default=1024)
+    g.add_argument("--random-output-len", type=int, default=1024)
+    g.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths are uniform in [len*ratio, len]; 1.0 makes every length exact")
+    g.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (default inf: all at once)")
+    g.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--disable-ignore-eos", action="store_true",
+                   help="let requests stop at EOS (by default ignore_eos makes outputs as long as asked)")
+    g.add_argument("--warmup-requests", type=int, default=1, help="untimed requests sent one by one first")
+    g = parser.add_argument_group("output")
+    g.add_argument("--disable-tqdm", action="store_true")
+    g.add_argument("--output-file", default=None, help="append the result as one JSON line")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag for values that make no benchmark."""
+    for name in ("num_prompts", "random_input_len", "random_output_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1; got {getattr(args, name)}")
+    if not 0.0 <= args.random_range_ratio <= 1.0:
+        raise ValueError(f"--random-range-ratio: must be in [0, 1]; got {args.random_range_ratio}")
+    if not args.request_rate > 0:
+        raise ValueError(f"--request-rate: must be > 0 (inf for all at once); got {args.request_rate}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency: must be >= 1; got {args.max_concurrency}")
+    if args.warmup_requests < 0:
+        raise ValueError(f"--warmup-requests: must be >= 0; got {args.warmup_requests}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"bench_serving: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from radixserve.bench.serving_dataset import load_bench_tokenizer
+
+        tokenizer = load_bench_tokenizer(args.tokenizer)
+    except Exception as e:
+        print(f"bench_serving: error: cannot load tokenizer {args.tokenizer or '(bundled)'}: {e}; "
+              "pass --tokenizer", file=sys.stderr)
+        return 2
+    try:
+        record = asyncio.run(run_benchmark(args, tokenizer))
+    except BenchError as e:
+        print(f"bench_serving: error: {e}", file=sys.stderr)
+        return 1
+    if args.output_file:
+        with open(args.output_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"appended the result to {args.output_file}")
+    return 0 if record["completed"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Start a real `python -m radixserve.launch_server` process for a test module, and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    log_path: str
+    api_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(args: list[str], log_path: str, api_key: str | None = None, timeout: float = 180) -> ServerProcess:
+    port = free_port()
+    cmd = [sys.executable, "-m", "radixserve.launch_server", "--port", str(port), *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    server = ServerProcess(proc, port, log_path, api_key)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server did not become healthy in {timeout}s:\n{server.log()}")
+
+
+def pool_state(server: ServerProcess) -> dict:
+    info = httpx.get(server.url + "/get_server_info", headers=server.headers(), timeout=30).json()
+    return info["internal_states"][0]
+
+
+def assert_pool_whole(server: ServerProcess, timeout: float = 10) -> None:
+    """After flushing the prefix cache, every KV slot and request row is free."""
+    deadline = time.time() + timeout
+    while True:
+        r = httpx.post(server.url + "/flush_cache", headers=server.headers(), timeout=30)
+        state = pool_state(server)
+        whole = (r.status_code == 200 and state["kv_available"] == state["kv_total"]
+                 and state["req_rows_available"] == state["req_rows_total"])
+        if whole:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"pool not whole: flush={r.status_code} {r.text!r} state={state}")
+        time.sleep(0.2)

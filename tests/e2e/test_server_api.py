@@ -1,0 +1,254 @@
+"""A real server on the bundled model, driven by the openai client and raw HTTP: OpenAI and native
+endpoints, concurrency, metrics, the bad-input matrix and client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.server_utils import assert_pool_whole, pool_state, start_server
+
+API_KEY = "sk-test-radixserve"
+BODY_LIMIT = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("server") / "server.log")
+    srv = start_server(["--dtype", "float32", "--max-request-body-size", str(BODY_LIMIT),
+                        "--served-model-name", "smol"], log, api_key=API_KEY)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def post(server, path: str, body=None, content: bytes | None = None, headers=None):
+    h = {**server.headers(), **(headers or {})}
+    if content is not None:
+        return httpx.post(server.url + path, content=content, headers=h, timeout=120)
+    return httpx.post(server.url + path, json=body, headers=h, timeout=120)
+
+
+# ---- OpenAI API -------------------------------------------------------------------
+def test_models(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["smol"]
+
+
+def test_completion_single_list_echo_logprobs(client):
+    one = client.completions.create(model="smol", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
+    assert one.choices[0].text and one.usage.completion_tokens == 6
+    many = client.completions.create(model="smol", prompt=["1, 2, 3, 4,", "The capital of France is"],
+                                     max_tokens=6, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1]
+    assert many.choices[0].text == one.choices[0].text
+    echo = client.completions.create(model="smol", prompt="1, 2, 3, 4,", max_tokens=4, temperature=0,
+                                     echo=True, logprobs=2)
+    assert echo.choices[0].text.startswith("1, 2, 3, 4,")
+    lp = echo.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.tokens) == echo.usage.prompt_tokens + echo.usage.completion_tokens
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+
+
+def test_chat_plain_and_streaming_agree(client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0)
+    text = plain.choices[0].message.content
+    assert "Paris" in text and plain.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_chat_top_logprobs_n_stop_seed(client):
+    messages = [{"role": "user", "content": "Count from 1 to 10."}]
+    lp = client.chat.completions.create(model="smol", messages=messages, max_tokens=5, temperature=0,
+                                        logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    two = client.chat.completions.create(model="smol", messages=messages, max_tokens=8, n=2,
+                                         temperature=1.0, seed=11)
+    assert len(two.choices) == 2
+    again = client.chat.completions.create(model="smol", messages=messages, max_tokens=8, n=2,
+                                           temperature=1.0, seed=11)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]
+    full = client.chat.completions.create(model="smol", messages=messages, max_tokens=40, temperature=0)
+    text = full.choices[0].message.content
+    cut = text[5:8]
+    stopped = client.chat.completions.create(model="smol", messages=messages, max_tokens=40, temperature=0,
+                                             stop=[cut])
+    assert stopped.choices[0].message.content == text[: text.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_usage_reports_cached_tokens(client):
+    messages = [{"role": "user", "content": "Tell me a fact about the moon. " * 4}]
+    client.chat.completions.create(model="smol", messages=messages, max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model="smol", messages=messages, max_tokens=2, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+
+
+# ---- native API ----------------------------------------------------------------------
+def test_generate_plain_batch_stream(server):
+    params = {"temperature": 0, "max_new_tokens": 8}
+    one = post(server, "/generate", {"text": "The capital of France is", "sampling_params": params}).json()
+    assert one["meta_info"]["completion_tokens"] == 8 and one["text"]
+    batch = post(server, "/generate", {"text": ["The capital of France is", "1, 2, 3,"],
+                                       "sampling_params": params}).json()
+    assert isinstance(batch, list) and batch[0]["output_ids"] == one["output_ids"]
+    ids = post(server, "/generate", {"input_ids": one["output_ids"][:3], "sampling_params": params}).json()
+    assert ids["meta_info"]["prompt_tokens"] == 3
+    with httpx.stream("POST", server.url + "/generate", headers=server.headers(), timeout=60,
+                      json={"text": "The capital of France is", "sampling_params": params, "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["output_ids"] == one["output_ids"] and last["text"] == one["text"]
+
+
+def test_tokenize_detokenize_info_load(server):
+    tok = post(server, "/tokenize", {"text": "hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    assert post(server, "/detokenize", {"tokens": tok["tokens"]}).json()["text"] == "hello world"
+    h = server.headers()
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/health_generate", headers=h, timeout=60).status_code == 200
+    info = httpx.get(server.url + "/get_model_info", headers=h).json()
+    assert info["is_generation"] is True
+    load = httpx.get(server.url + "/get_load", headers=h).json()
+    assert load[0]["num_reqs"] == 0
+    server_info = httpx.get(server.url + "/get_server_info", headers=h).json()
+    assert server_info["max_total_num_tokens"] > 0 and server_info["page_size"] == 1
+
+
+# ---- concurrency ------------------------------------------------------------------------
+def test_64_concurrent_streams_match_sequential(server):
+    prompts = [f"Write one sentence about the number {i}." for i in range(64)]
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+    async def stream_one(p: str) -> str:
+        s = await client.completions.create(model="smol", prompt=p, max_tokens=12, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in s if c.choices])
+
+    async def run() -> list[str]:
+        return list(await asyncio.gather(*(stream_one(p) for p in prompts)))
+
+    concurrent = asyncio.run(run())
+    sync = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    sequential = [sync.completions.create(model="smol", prompt=p, max_tokens=12, temperature=0).choices[0].text
+                  for p in prompts]
+    assert concurrent == sequential
+    assert_pool_whole(server)
+
+
+def test_metrics_parse_and_move(server, client):
+    def scrape() -> dict[str, float]:
+        text = httpx.get(server.url + "/metrics").text
+        values = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                values[s.name] = values.get(s.name, 0.0) + s.value
+        return values
+
+    before = scrape()
+    client.completions.create(model="smol", prompt="Hello there", max_tokens=5, temperature=0)
+    after = scrape()
+    assert after["radixserve:generation_tokens_total"] >= before.get("radixserve:generation_tokens_total", 0) + 5
+    assert after["radixserve:prompt_tokens_total"] > before.get("radixserve:prompt_tokens_total", 0)
+    assert after["radixserve:time_to_first_token_seconds_count"] > before.get(
+        "radixserve:time_to_first_token_seconds_count", 0)
+    assert after["radixserve:e2e_request_latency_seconds_count"] > before.get(
+        "radixserve:e2e_request_latency_seconds_count", 0)
+    assert after["radixserve:inter_token_latency_seconds_count"] > before.get(
+        "radixserve:inter_token_latency_seconds_count", 0)
+    for name in ("radixserve:num_running_reqs", "radixserve:num_queue_reqs", "radixserve:token_usage",
+                 "radixserve:cache_hit_rate", "radixserve:gen_throughput"):
+        assert name in after
+
+
+# ---- bad input --------------------------------------------------------------------------
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+BAD_INPUTS = {
+    "malformed_json": (CHAT, None, b'{"model": "smol", "messages": [', 400),
+    "wrong_field_type": (CHAT, {"model": "smol", "messages": "hello"}, None, 400),
+    "wrong_number_type": (CHAT, {"model": "smol", "messages": MSG, "temperature": "hot"}, None, 400),
+    "prompt_too_long": ("/v1/completions", {"model": "smol", "prompt": "hello " * 9000, "max_tokens": 4}, None, 400),
+    "max_tokens_too_large": (CHAT, {"model": "smol", "messages": MSG, "max_tokens": 10**6}, None, 400),
+    "negative_temperature": (CHAT, {"model": "smol", "messages": MSG, "temperature": -1}, None, 400),
+    "top_p_above_one": (CHAT, {"model": "smol", "messages": MSG, "top_p": 1.5}, None, 400),
+    "unknown_model": (CHAT, {"model": "gpt-17", "messages": MSG}, None, 404),
+    "empty_messages": (CHAT, {"model": "smol", "messages": []}, None, 400),
+    "not_utf8": (CHAT, None, b'{"model": "smol", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
+    "body_too_large": (CHAT, None, b'{"x": "' + b"a" * (BODY_LIMIT + 10) + b'"}', 413),
+    "unknown_route": ("/v1/nothing", {"a": 1}, None, 404),
+    "bad_sampling_key": ("/generate", {"text": "hi", "sampling_params": {"temprature": 1}}, None, 400),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_envelope(server, case):
+    path, body, raw, status = BAD_INPUTS[case]
+    r = post(server, path, body, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and set(err) >= {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["missing", "wrong"])
+def test_api_key_required(server, headers):
+    r = httpx.post(server.url + CHAT, json={"model": "smol", "messages": MSG}, headers=headers)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/health").status_code == 200  # open without a key
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_after_bad_inputs_server_is_whole(server, client):
+    out = client.chat.completions.create(model="smol", messages=MSG, max_tokens=4, temperature=0)
+    assert out.choices[0].message.content is not None
+    assert_pool_whole(server)
+
+
+# ---- disconnects -------------------------------------------------------------------------
+def test_disconnect_mid_stream_aborts_and_frees(server):
+    body = {"model": "smol", "prompt": "Tell me a very long story.", "max_tokens": 2000, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers(),
+                      timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 5:
+                break
+    start = time.time()
+    while pool_state(server)["num_running"] and time.time() - start < 5:
+        time.sleep(0.05)
+    assert pool_state(server)["num_running"] == 0
+    assert time.time() - start < 1.5, "the abandoned request kept running"
+    assert_pool_whole(server)
+
+
+def test_disconnect_non_streaming_aborts(server):
+    body = {"model": "smol", "prompt": "Tell me a very long story.", "max_tokens": 2000, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=server.headers(), timeout=1.0)
+    start = time.time()
+    while pool_state(server)["num_running"] and time.time() - start < 5:
+        time.sleep(0.05)
+    assert time.time() - start < 1.5
+    assert_pool_whole(server)
