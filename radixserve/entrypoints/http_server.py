@@ -10,11 +10,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve import __version__
-from radixserve.entrypoints.errors import APIError, error_response
+from radixserve.entrypoints.errors import APIError, JSONBytes, error_response
 from radixserve.entrypoints.http_middleware import BodyTooLarge, GateMiddleware
 from radixserve.entrypoints.metrics import Metrics
 from radixserve.entrypoints.openai_common import (
@@ -74,7 +74,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="radixserve", version=__version__, default_response_class=ORJSONResponse)
+    app = FastAPI(title="radixserve", version=__version__, default_response_class=JSONBytes)
     app.add_middleware(GateMiddleware, state=state)
     serving = OpenAIServing(state.tm, state.served_model_name, state.args.chat_template)
     tm = state.tm

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import ORJSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from radixserve.entrypoints.errors import APIError, error_body
+from radixserve.entrypoints.errors import APIError, JSONBytes, error_body
 from radixserve.entrypoints.openai_common import (
     as_api_error,
     collect,
@@ -75,7 +75,7 @@ class OpenAIServing:
                 "finish_reason": finish_reason_of(res["meta_info"]),
                 "matched_stop": matched_stop_of(res["meta_info"]),
             })
-        return ORJSONResponse({
+        return JSONBytes({
             "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
             "choices": choices, "usage": usage_of(results, req.n),
         })
@@ -184,7 +184,7 @@ class OpenAIServing:
             "finish_reason": finish_reason_of(res["meta_info"]),
             "matched_stop": matched_stop_of(res["meta_info"]),
         } for i, res in enumerate(results)]
-        return ORJSONResponse({
+        return JSONBytes({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
             "choices": choices, "usage": usage_of(results, req.n),
         })

@@ -1,0 +1,93 @@
+"""Server lifecycle: graceful SIGTERM with streams in flight, and exit when a child process dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.server_utils import start_server
+from tests.helpers import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama"))
+    make_tiny_model("llama", path, seed=9)
+    return path
+
+
+def descendants(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def all_gone(pids: list[int], timeout: float = 10) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
+    srv = start_server(["--model-path", model_dir, "--dtype", "float32", "--shutdown-timeout", "60"],
+                       str(tmp_path / "server.log"))
+    children = descendants(srv.proc.pid)
+    results: list[tuple[int, str]] = []
+
+    def stream(i: int) -> None:
+        body = {"input_ids": [5 + i, 6, 7, 8], "stream": True,
+                "sampling_params": {"max_new_tokens": 500, "ignore_eos": True, "temperature": 0}}
+        with httpx.stream("POST", srv.url + "/generate", json=body, timeout=120) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        results.append((r.status_code, lines[-1] if lines else ""))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline:  # wait until all 8 are running
+        info = httpx.get(srv.url + "/get_server_info", timeout=10).json()["internal_states"][0]
+        if info["num_running"] + info["num_waiting"] == 8:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the 8 streams were never in flight together")
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(srv.url + "/health", timeout=10).status_code == 503
+    late = httpx.post(srv.url + "/generate", json={"text": "hi"}, timeout=10)
+    assert late.status_code == 503 and "error" in late.json()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 8 and all(code == 200 and last == "data: [DONE]" for code, last in results), results
+    assert srv.proc.wait(60) == 0, srv.log()
+    assert all_gone(children), "child processes outlived the server"
+
+
+def test_child_death_exits_nonzero(model_dir, tmp_path):
+    srv = start_server(["--model-path", model_dir, "--dtype", "float32"], str(tmp_path / "server.log"))
+    children = descendants(srv.proc.pid)
+    # the scheduler and detokenizer are multiprocessing "spawn" children (the scheduler starts first)
+    workers = [p for p in children if "spawn_main" in " ".join(psutil.Process(p).cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    assert srv.proc.wait(30) != 0
+    assert "process died" in srv.log()
+    assert all_gone(children)
+
+
+def test_bad_flag_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "radixserve.launch_server", "--disaggregation-mode", "prefill"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--disaggregation-mode" in proc.stderr
