@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    # structured output (xgrammar): at most one of these
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +93,36 @@ class SamplingParams:
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         self._check_ranges()
+        self._check_grammar()
+
+    def grammar_spec(self):
+        """The structured-output constraint, or None."""
+        if self.json_schema is None and self.regex is None and self.ebnf is None:
+            return None
+        from radixserve.constrained import GrammarSpec
+
+        return GrammarSpec.from_fields(json_schema=self.json_schema, regex=self.regex, ebnf=self.ebnf)
+
+    def _check_grammar(self) -> None:
+        if isinstance(self.json_schema, dict):
+            self.json_schema = json.dumps(self.json_schema)
+        for name in ("json_schema", "regex", "ebnf"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SamplingParamsError(f"{name} must be a string, got {type(value).__name__}")
+        try:
+            spec = self.grammar_spec()
+            if spec is None:
+                return
+            from radixserve.constrained import validate_spec
+
+            validate_spec(spec)
+        except ValueError as e:
+            raise SamplingParamsError(str(e)) from None
+        if self.min_new_tokens > 0:
+            raise SamplingParamsError(
+                "min_new_tokens cannot be combined with json_schema, regex or ebnf (the grammar decides the end)"
+            )
 
     def _check_types(self) -> None:
         for name in _FLOAT_FIELDS:

@@ -5,8 +5,9 @@ and reports throughput, TTFT, ITL, TPOT and E2E latency.
         --random-input-len 512 --random-output-len 128 --request-rate 8 --output-file serving.jsonl
 
 Backends: `openai` (/v1/completions), `openai-chat` (/v1/chat/completions), `radixserve` and `sglang`
-(native /generate). Every request streams (SSE); input tokens are counted with the bench tokenizer on the
-raw prompt, so a chat template's tokens are not in the input totals.
+(native /generate). Every request streams (SSE). Input tokens are counted with the bench tokenizer
+(--tokenizer; the bundled SmolLM2 one by default, so pass the served model's for another model) on the raw
+prompt, so a chat template's tokens are not in the input totals.
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[
     ok = [o for o in outputs if o.success]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": args.backend, "base_url": base_url, "model": model, "tokenizer": args.tokenizer,
+        "backend": args.backend, "base_url": base_url, "model": model, "tokenizer": args.tokenizer or "bundled",
         "dataset_name": args.dataset_name, "num_prompts": args.num_prompts,
         "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
         "random_range_ratio": args.random_range_ratio, "request_rate": args.request_rate,

@@ -26,6 +26,7 @@ class Req:
     params: SamplingParams
     eos_ids: set[int]
     stop_checker: StopChecker | None = None
+    grammar: Any = None  # a constrained.GrammarMatcher for structured output
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1

@@ -10,6 +10,7 @@ import zmq
 
 from radixserve.cache.chunk import ChunkCache
 from radixserve.cache.radix import RadixCache
+from radixserve.constrained import GrammarBackend, GrammarError, allocate_bitmask, apply_bitmask
 from radixserve.detokenize import StopChecker
 from radixserve.ipc import PortArgs, pull_socket, push_socket
 from radixserve.layers.sampler import Sampler
@@ -68,6 +69,7 @@ class Scheduler:
             args.max_prefill_tokens, self.runner.plan.max_running_requests, self.page_size,
         )
         self.sampler = Sampler()
+        self.grammar_backend: GrammarBackend | None = None  # built on the first structured request
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
@@ -155,8 +157,13 @@ class Scheduler:
             return self.reject(
                 msg.rid, f"the prompt has {n} tokens; the KV cache holds {self.runner.plan.max_total_tokens}", n
             )
+        try:
+            grammar = self.new_grammar(params)
+        except GrammarError as e:
+            return self.reject(msg.rid, str(e), n)
         req = Req(
             rid=msg.rid, origin_input_ids=list(msg.input_ids), params=params, eos_ids=self.eos_ids,
+            grammar=grammar,
             stop_checker=StopChecker(self.tokenizer, params.stop) if params.stop else None,
             return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
             logprob_start_len=msg.logprob_start_len, stream=msg.stream, max_new_tokens=max_new,
@@ -167,6 +174,17 @@ class Scheduler:
             return None
         self.waiting.append(req)
         return None
+
+    def new_grammar(self, params: SamplingParams):
+        spec = params.grammar_spec()
+        if spec is None:
+            return None
+        if self.grammar_backend is None:
+            # compact JSON: small models otherwise pad structured output with whitespace up to the limit
+            self.grammar_backend = GrammarBackend(
+                self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids), any_whitespace=False
+            )
+        return self.grammar_backend.new_matcher(spec)  # compiled once per distinct schema (LRU)
 
     def abort(self, rid: str) -> None:
         for req in list(self.waiting):
@@ -239,6 +257,12 @@ class Scheduler:
 
     # ---- running batches -----------------------------------------------------
     def sample(self, reqs: list[Req], logits: torch.Tensor):
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and r is not self.chunked_req]
+        if rows:  # structured output: tokens the grammar forbids get -inf before sampling
+            bitmask = allocate_bitmask(len(reqs), self.runner.vocab_size)
+            for i in rows:
+                reqs[i].grammar.fill_bitmask(bitmask, i)
+            apply_bitmask(logits, bitmask, rows)
         seeds = [
             None if r.params.seed is None else (r.params.seed * 1_000_003 + len(r.output_ids)) % (1 << 62)
             for r in reqs
@@ -319,7 +343,12 @@ class Scheduler:
                 values, idx = sampled.top_logprobs
                 k = req.top_logprobs_num
                 req.output_top_logprobs.append(list(zip(values[i, :k].tolist(), idx[i, :k].tolist())))
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            req.finish_reason = {"type": "abort", "message": f"token {token} violates the grammar"}
+            return
         req.check_finished()
+        if req.grammar is not None and not req.finished and req.grammar.is_terminated():
+            req.finish_reason = {"type": "stop", "matched": token}  # the grammar's end (EOS)
 
     def record_prompt_logprobs(self, req: Req, entry) -> None:
         if not req.input_token_logprobs and req.logprob_start_len == 0:

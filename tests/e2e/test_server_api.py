@@ -252,3 +252,34 @@ def test_disconnect_non_streaming_aborts(server):
         time.sleep(0.05)
     assert time.time() - start < 1.5
     assert_pool_whole(server)
+
+
+# ---- structured output ----------------------------------------------------------------------
+def test_chat_json_schema_output_validates(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    out = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Give me a person as JSON."}], max_tokens=80,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+    )
+    data = json.loads(out.choices[0].message.content)
+    jsonschema.validate(data, schema)
+    obj = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Describe a cat as a JSON object with two keys."}],
+        max_tokens=200, temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_regex_extra_and_bad_schema(server, client):
+    import re
+
+    out = client.completions.create(model="smol", prompt="Phone:", max_tokens=20, temperature=0,
+                                    extra_body={"regex": "[0-9]{3}-[0-9]{4}"})
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", out.choices[0].text)
+    bad = post(server, "/v1/completions", {"model": "smol", "prompt": "x", "regex": "([a-"})
+    assert bad.status_code == 400 and "regex" in bad.json()["error"]["message"]
