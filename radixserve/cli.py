@@ -1,4 +1,4 @@
-"""The `radixserve` console script: `radixserve generate ...` (and later `serve`, `router`)."""
+"""The `radixserve` console script: `radixserve serve ...`, `radixserve generate ...`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import sys
 
 from radixserve import __version__
 
-USAGE = """usage: radixserve {generate,version} [ARGS]
+USAGE = """usage: radixserve {serve,generate,version} [ARGS]
 
+  serve      start the HTTP server (python -m radixserve.launch_server)
   generate   run prompts through the offline engine (python -m radixserve.generate)
   version    print the version
 """
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("version", "--version"):
         print(f"radixserve {__version__}")
         return 0
+    if command == "serve":
+        from radixserve.launch_server import main as serve_main
+
+        return serve_main(rest)
     if command == "generate":
         from radixserve.generate import main as generate_main
 

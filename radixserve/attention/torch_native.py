@@ -1,7 +1,9 @@
-"""Reference attention over the paged KV pool with torch's scaled_dot_product_attention.
+"""Reference attention over the paged KV pool, in plain torch.
 
 Runs on CPU and CUDA. Extend attends each request's new tokens to its cached prefix plus the
-causal part of the new tokens; decode gathers every request's KV into one padded batch.
+causal part of the new tokens (scaled_dot_product_attention); decode gathers every request's KV
+into one padded batch; in half precision it does grouped-query attention as two batched matmuls,
+which on CPU is several times faster than SDPA for a single query.
 """
 
 from __future__ import annotations
@@ -60,9 +62,22 @@ class TorchNativeBackend(AttentionBackend):
         pool = batch.kv_pool
         pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
-        keys = k_buf[self._decode_slots].transpose(1, 2).to(q.dtype)  # [bs, Hk, L, D]
-        values = v_buf[self._decode_slots].transpose(1, 2).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=self._decode_mask, scale=layer.scaling, enable_gqa=True
-        )
-        return out.squeeze(2)
+        bs, max_len = self._decode_slots.shape
+        kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
+        group = layer.num_heads // kv_heads
+        flat = self._decode_slots.reshape(-1)
+        # index_select over flat slots is much cheaper than advanced indexing on CPU
+        keys = k_buf.index_select(0, flat).view(bs, max_len, kv_heads, head_dim).to(q.dtype)
+        values = v_buf.index_select(0, flat).view(bs, max_len, kv_heads, head_dim).to(q.dtype)
+        if q.dtype == torch.float32:  # fp32: torch's fused kernel wins
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=self._decode_mask,
+                scale=layer.scaling, enable_gqa=True,
+            )
+            return out.squeeze(2)
+        # grouped-query attention as two batched matmuls: q [bs, Hk, group, D] x K^T [bs, Hk, D, L]
+        scores = torch.matmul(q.view(bs, kv_heads, group, head_dim), keys.permute(0, 2, 3, 1)).float()
+        scores.mul_(layer.scaling).masked_fill_(~self._decode_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [bs, Hk, group, D]
+        return out.reshape(bs, layer.num_heads, head_dim)

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths are uniform in [input_len*(1-ratio), input_len]; 0 means exactly input-len")
     g.add_argument("--output-len", type=int, default=128, help="new tokens per prompt (EOS ignored)")
     g.add_argument("--seed", type=int, default=0, help="seed for the random prompt token ids and lengths")
-    g.add_argument("--dtype", default="float32", choices=CHOICES["dtype"])
+    g.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
     g = parser.add_argument_group("engine (forwarded to radixserve; unset means the engine default)")
     g.add_argument("--max-running-requests", type=int, default=None)
     g.add_argument("--chunked-prefill-size", type=int, default=None)
