@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 
 import orjson
@@ -15,6 +16,8 @@ class JSONBytes(Response):
 
     def render(self, content: object) -> bytes:
         return orjson.dumps(content)
+
+logger = logging.getLogger("radixserve.http")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -48,4 +51,5 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONBytes:
+    logger.log(logging.ERROR if status >= 500 else logging.INFO, "error %d: %s", status, message)
     return JSONBytes(error_body(status, message, param, code), status_code=status)

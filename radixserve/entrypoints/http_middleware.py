@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -13,6 +14,7 @@ from radixserve.entrypoints.errors import error_body
 if TYPE_CHECKING:
     from radixserve.entrypoints.http_server import ServerState
 
+logger = logging.getLogger("radixserve.http")
 OPEN_PATHS = {"/health", "/metrics"}  # no API key, and answered while starting or draining
 
 
@@ -21,6 +23,7 @@ class BodyTooLarge(Exception):
 
 
 async def send_error(send: Any, status: int, message: str) -> None:
+    logger.info("error %d: %s", status, message)
     body = orjson.dumps(error_body(status, message))
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
