@@ -195,9 +195,16 @@ def load_hf_model(source: Any, dtype: str, device: str) -> Any:
 
     torch_dtype = getattr(torch, dtype)
     if source.kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(
-            source.model_path, gguf_file=os.path.basename(source.gguf_file), dtype=torch_dtype
-        )
+        # Dense weights, dequantized once, exactly as radixserve holds them: transformers' own GGUF
+        # path keeps the weights quantized and dequantizes inside every matmul, a different workload.
+        from radixserve.loader.weights import iter_weights
+
+        model = AutoModelForCausalLM.from_config(source.hf_config, dtype=torch_dtype)
+        state = {name: t.to(torch_dtype) for name, t in iter_weights(source)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"weights do not fit transformers' model: {missing[:3]} {unexpected[:3]}")
+        model.tie_weights()
     elif source.kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(source.model_path, dtype=torch_dtype)
     else:  # dummy: random weights of the same shape still time the same work

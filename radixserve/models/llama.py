@@ -14,7 +14,7 @@ from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from radixserve.layers.logits import LogitsOutput, compute_logits
 from radixserve.layers.norm import RMSNorm
-from radixserve.layers.rotary import RotaryEmbedding
+from radixserve.layers.rotary import RotaryEmbedding, apply_rotary
 from radixserve.loader import config as cfgutil
 from radixserve.model_executor.forward_batch import ForwardBatch
 
@@ -22,7 +22,7 @@ from radixserve.model_executor.forward_batch import ForwardBatch
 class LlamaAttention(nn.Module):
     qkv_bias_default = False
 
-    def __init__(self, cfg, layer_id: int, max_positions: int, qk_norm: bool = False) -> None:
+    def __init__(self, cfg, layer_id: int, qk_norm: bool = False) -> None:
         super().__init__()
         hidden, head_dim = cfg.hidden_size, cfg_head_dim(cfg)
         bias = bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
@@ -32,23 +32,23 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=False)
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.head_dim = head_dim
-        self.rotary = RotaryEmbedding(
-            head_dim, max_positions, cfgutil.rope_theta(cfg), cfgutil.rope_scaling(cfg)
-        )
+        self.num_q_heads = self.q_size // head_dim
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = AttentionLayerSpec(
             layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.q_size // self.head_dim, self.head_dim)
-        k = k.reshape(-1, self.kv_size // self.head_dim, self.head_dim)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        tokens = qkv.shape[0]
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.reshape(tokens, -1, self.head_dim)  # q heads then k heads: rotated in one go
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1), v, batch)
+            qk = torch.cat((self.q_norm(qk[:, : self.num_q_heads]), self.k_norm(qk[:, self.num_q_heads :])), dim=1)
+        qk = apply_rotary(qk, *rope)
+        q, k = qk[:, : self.num_q_heads], qk[:, self.num_q_heads :]
+        out = self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), v, batch)
         return self.o_proj(out)
 
 
@@ -64,21 +64,22 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_id: int, max_positions: int, qk_norm: bool) -> None:
+    def __init__(self, cfg, layer_id: int, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_id, max_positions, qk_norm)
+        self.self_attn = LlamaAttention(cfg, layer_id, qk_norm)
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+        batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, batch)
+        x = self.self_attn(rope, x, batch)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -98,8 +99,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(
+            cfgutil.head_dim(cfg), max_positions, cfgutil.rope_theta(cfg), cfgutil.rope_scaling(cfg)
+        )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, max_positions, self.qk_norm) for i in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, i, self.qk_norm) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -114,9 +118,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, prompt_top_k: int = 0) -> LogitsOutput:
         x = self.embed_tokens(batch.input_ids)
+        rope = self.rotary.cos_sin(batch.positions, x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(batch.positions, x, residual, batch)
+            x, residual = layer(rope, x, residual, batch)
         x, _ = self.norm(x, residual)
         return compute_logits(x, self.lm_head, batch, prompt_top_k)
 
