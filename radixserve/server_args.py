@@ -56,6 +56,8 @@ class ServerArgs:
     # Kernels
     attention_backend: str | None = None
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None
+    disable_overlap_schedule: bool = False
     enable_torch_compile: bool = False
     enable_two_batch_overlap: bool = False
     # Parallelism
@@ -111,6 +113,7 @@ class ServerArgs:
         self._check_int("dist_timeout", minimum=1)
         self._check_int("disaggregation_bootstrap_port", minimum=1, maximum=65535)
         self._check_int("max_request_body_size", minimum=1)
+        self._check_int("cuda_graph_max_bs", minimum=1)
         if not isinstance(self.shutdown_timeout, int | float) or self.shutdown_timeout < 0:
             raise ServerArgsError(f"--shutdown-timeout: must be >= 0 seconds; got {self.shutdown_timeout!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
@@ -163,7 +166,6 @@ class ServerArgs:
             (self.moe_a2a_backend != "none",
              f"--moe-a2a-backend {self.moe_a2a_backend}: needs DeepEP, which is not installed; use 'none'"),
             (self.enable_torch_compile, f"--enable-torch-compile: torch.compile {pending}"),
-            (self.attention_backend == "triton", f"--attention-backend triton: {pending}; use torch_native"),
         ]
         for hit, message in checks:
             if hit:
@@ -218,6 +220,8 @@ class ServerArgs:
         g = parser.add_argument_group("kernels")
         add(g, "attention_backend", "attention implementation (default: torch_native)")
         add(g, "disable_cuda_graph", "do not capture CUDA graphs")
+        add(g, "cuda_graph_max_bs", "largest decode batch run through CUDA graphs (default 256)", type=int)
+        add(g, "disable_overlap_schedule", "run scheduling and the GPU strictly in turn")
         add(g, "enable_torch_compile", "torch.compile the model for small batches")
         add(g, "enable_two_batch_overlap", "overlap two micro-batches")
         g = parser.add_argument_group("parallelism")
@@ -252,7 +256,7 @@ def resolved_defaults(args: ServerArgs, on_gpu: bool) -> dict[str, Any]:
         "chunked_prefill_size": args.chunked_prefill_size if args.chunked_prefill_size is not None
         else (8192 if on_gpu else 2048),
         "mem_fraction_static": args.mem_fraction_static if args.mem_fraction_static is not None else 0.9,
-        "attention_backend": args.attention_backend or "torch_native",
+        "attention_backend": args.attention_backend or ("triton" if on_gpu else "torch_native"),
     }
 
 

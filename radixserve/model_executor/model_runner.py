@@ -16,6 +16,7 @@ from radixserve.loader import config as cfgutil
 from radixserve.loader.dummy import init_dummy_weights
 from radixserve.loader.source import ModelSource
 from radixserve.loader.weights import iter_weights
+from radixserve.model_executor.cuda_graph import CudaGraphRunner
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.models.registry import model_class_for
 from radixserve.server_args import ServerArgs
@@ -52,6 +53,18 @@ def resolve_dtype(name: str, cfg, device: torch.device) -> torch.dtype:
     return torch.float16 if cfgutil.torch_dtype_of(cfg) == torch.float16 else torch.bfloat16
 
 
+def make_attention_backend(name: str | None, device: torch.device):
+    """torch_native everywhere; triton (the default on CUDA) needs a GPU."""
+    name = name or ("triton" if device.type == "cuda" else "torch_native")
+    if name == "torch_native":
+        return TorchNativeBackend()
+    if device.type != "cuda":
+        raise ValueError("--attention-backend triton: needs a CUDA device; use torch_native on CPU")
+    from radixserve.attention.triton_backend import TritonBackend
+
+    return TritonBackend()
+
+
 @dataclass
 class MemoryPlan:
     max_total_tokens: int
@@ -76,8 +89,11 @@ class ModelRunner:
             self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype, device,
         )
         self.allocator = KVAllocator(self.plan.max_total_tokens, self.page_size, device)
-        self.attn_backend = TorchNativeBackend()
+        self.attn_backend = make_attention_backend(args.attention_backend, device)
         self.vocab_size = self.cfg.vocab_size
+        self.graph_runner: CudaGraphRunner | None = None
+        if self.use_cuda_graph:
+            self.graph_runner = CudaGraphRunner(self, self.cuda_graph_max_bs)
 
     def _load_model(self, source: ModelSource) -> torch.nn.Module:
         cls = model_class_for(self.cfg)
@@ -102,7 +118,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = self.args.mem_fraction_static if self.args.mem_fraction_static is not None else 0.9
             used = total - free
-            budget = int(total * fraction) - used
+            budget = int(total * fraction) - used - self._cuda_graph_reserve()
             if budget <= 0:
                 raise ValueError(
                     f"--mem-fraction-static {fraction}: the weights already use {used / 2**30:.1f} GiB of "
@@ -126,7 +142,25 @@ class ModelRunner:
         )
         return MemoryPlan(capacity, max_running)
 
+    @property
+    def use_cuda_graph(self) -> bool:
+        return (self.device.type == "cuda" and not self.args.disable_cuda_graph
+                and hasattr(self.attn_backend, "init_cuda_graph_state"))
+
+    @property
+    def cuda_graph_max_bs(self) -> int:
+        return min(self.args.cuda_graph_max_bs or 256, self.plan.max_running_requests)
+
+    def _cuda_graph_reserve(self) -> int:
+        """Bytes kept out of the KV pool for the captured graphs' activations and logits."""
+        if self.args.disable_cuda_graph:
+            return 0
+        max_bs = self.args.cuda_graph_max_bs or 256
+        return (512 << 20) + max_bs * self.cfg.vocab_size * 4 * 2
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, prompt_top_k: int = 0) -> LogitsOutput:
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return LogitsOutput(self.graph_runner.replay(batch))
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch, prompt_top_k)

@@ -420,5 +420,6 @@ class Scheduler:
         logger.info(
             "Decode batch, #running-req: %d, #token: %d, token usage: %.2f, cuda graph: %s, "
             "gen throughput (token/s): %.2f, #queue-req: %d",
-            len(self.running), num_tokens, self.token_usage(), False, throughput, len(self.waiting),
+            len(self.running), num_tokens, self.token_usage(), self.runner.graph_runner is not None, throughput,
+            len(self.waiting),
         )

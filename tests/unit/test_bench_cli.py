@@ -37,10 +37,10 @@ def test_defaults():
     args = build_parser().parse_args([])
     assert args.model_path is None
     assert (args.num_prompts, args.input_len, args.output_len, args.range_ratio) == (64, 128, 128, 0.0)
-    assert args.dtype == "float32" and not args.compare_transformers
+    assert args.dtype == "auto" and not args.compare_transformers
     assert args.hf_batch_size is None and args.hf_batch1_prompts == 4 and args.result_file is None
     # unset engine flags are left to the engine's own defaults
-    assert engine_kwargs(args) == {"model_path": None, "dtype": "float32", "log_level": "warning"}
+    assert engine_kwargs(args) == {"model_path": None, "dtype": "auto", "log_level": "warning"}
 
 
 def test_engine_flags_forwarded():

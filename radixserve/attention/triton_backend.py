@@ -1,0 +1,150 @@
+"""Attention backend running the Triton kernels over the paged KV pool.
+
+Per batch, init_forward_metadata computes everything the layers share: device index tensors (one
+host-to-device copy for extend, one small device op for decode), the longest lengths as Python ints
+taken from the CPU copies (so no layer ever syncs with the device), and the decode split plan. The
+device tensors are views into persistent buffers filled in place, which is what CUDA-graph capture
+needs: their addresses stay put once the buffers have grown to the largest batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixserve.attention.base import AttentionBackend, AttentionLayerSpec
+from radixserve.attention.kernels.decode_attention import (
+    MIN_SPLIT_TOKENS,
+    DecodeWorkspace,
+    decode_attention,
+    fill_num_splits,
+    num_sms,
+    plan_max_splits,
+)
+from radixserve.attention.kernels.extend_attention import extend_attention
+
+if TYPE_CHECKING:
+    from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+@dataclass
+class ExtendMetadata:
+    prefix_lens: torch.Tensor  # [bs] int64, device
+    extend_lens: torch.Tensor  # [bs] int64, device
+    extend_start_loc: torch.Tensor  # [bs] int64, device: offset of each request's first new token
+    max_extend_len: int
+
+
+@dataclass
+class DecodeMetadata:
+    bs: int
+    max_len: int
+    max_splits: int
+    num_splits: torch.Tensor  # [bs] int32, device
+    workspace: DecodeWorkspace | None = None  # built by the first layer, once q_heads is known
+
+
+class _BufferPool:
+    """Named device buffers that only grow; callers get views of the leading elements."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            # Grow geometrically so a slowly rising batch size reallocates rarely.
+            cap = max(numel, 2 * buf.numel() if buf is not None else 0, 64)
+            buf = torch.empty(cap, dtype=dtype, device=device)
+            self._bufs[name] = buf
+        return buf[:numel]
+
+
+class TritonBackend(AttentionBackend):
+    def __init__(self, min_split_tokens: int = MIN_SPLIT_TOKENS) -> None:
+        self.min_split_tokens = min_split_tokens
+        self._buffers = _BufferPool()
+        self._num_sms: int | None = None
+        self._extend: ExtendMetadata | None = None
+        self._decode: DecodeMetadata | None = None
+
+    # ---- metadata -------------------------------------------------------------------------------
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        if batch.is_decode:
+            self._decode = self._decode_metadata(batch)
+        else:
+            self._extend = self._extend_metadata(batch)
+
+    def _extend_metadata(self, batch: ForwardBatch) -> ExtendMetadata:
+        assert batch.extend_lens_cpu is not None and batch.prefix_lens_cpu is not None
+        extend_lens = batch.extend_lens_cpu.to(torch.int64)
+        starts = torch.cumsum(extend_lens, 0) - extend_lens
+        host = torch.stack([batch.prefix_lens_cpu.to(torch.int64), extend_lens, starts])  # [3, bs]
+        dev = self._buffers.get("extend", host.numel(), torch.int64, batch.seq_lens.device).view(3, -1)
+        dev.copy_(host, non_blocking=True)  # one copy for all three
+        max_extend_len = int(extend_lens.max()) if extend_lens.numel() else 0
+        return ExtendMetadata(dev[0], dev[1], dev[2], max_extend_len)
+
+    def _decode_metadata(self, batch: ForwardBatch) -> DecodeMetadata:
+        device = batch.seq_lens.device
+        bs = batch.batch_size
+        max_len = int(batch.seq_lens_cpu.max()) if bs else 0
+        if self._num_sms is None:
+            self._num_sms = num_sms(device)
+        # CUDA-graph hook: at capture, plan max_splits from the context length
+        # (batch.req_to_token.shape[1]) rather than max_len, so the grid is fixed per bucket; on
+        # replay only num_splits is refilled (in place) from the static seq_lens.
+        max_splits = plan_max_splits(max_len, bs, batch.kv_pool.num_kv_heads, self._num_sms, self.min_split_tokens)
+        num_splits = self._buffers.get("num_splits", bs, torch.int32, device)
+        fill_num_splits(num_splits, batch.seq_lens, max_splits, self.min_split_tokens)
+        return DecodeMetadata(bs, max_len, max_splits, num_splits)
+
+    def _decode_workspace(self, meta: DecodeMetadata, num_heads: int, head_dim: int,
+                          device: torch.device) -> DecodeWorkspace:
+        ws = meta.workspace
+        if ws is not None and ws.acc.shape[1] == num_heads and ws.acc.shape[3] == head_dim:
+            return ws
+        n_acc = meta.bs * num_heads * meta.max_splits * head_dim
+        n_lse = meta.bs * num_heads * meta.max_splits
+        flat = self._buffers.get("decode_ws", n_acc + n_lse, torch.float32, device)
+        meta.workspace = DecodeWorkspace(
+            meta.max_splits, meta.num_splits,
+            flat[:n_acc].view(meta.bs, num_heads, meta.max_splits, head_dim),
+            flat[n_acc:].view(meta.bs, num_heads, meta.max_splits),
+        )
+        return meta.workspace
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def forward_extend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec, batch: ForwardBatch
+    ) -> torch.Tensor:
+        meta = self._extend
+        assert meta is not None, "init_forward_metadata was not called for this extend batch"
+        pool = batch.kv_pool
+        # The new tokens' K/V go into the pool first: the kernel reads all keys through req_to_token.
+        pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        out = q.new_empty(q.shape)
+        return extend_attention(
+            q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices,
+            meta.prefix_lens, meta.extend_lens, meta.extend_start_loc, out, layer.scaling, meta.max_extend_len,
+        )
+
+    def forward_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec, batch: ForwardBatch
+    ) -> torch.Tensor:
+        meta = self._decode
+        assert meta is not None, "init_forward_metadata was not called for this decode batch"
+        pool = batch.kv_pool
+        pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        out = q.new_empty(q.shape)
+        ws = self._decode_workspace(meta, q.shape[1], q.shape[2], q.device)
+        return decode_attention(
+            q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, out,
+            layer.scaling, meta.max_len, ws,
+        )

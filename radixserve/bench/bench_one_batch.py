@@ -1,0 +1,399 @@
+"""Static-batch latency: one prefill and a decode loop on a ModelRunner, with no scheduler loop.
+
+    python -m radixserve.bench_one_batch --model-path radixserve/configs/llama-3.1-8b --load-format dummy \\
+        --batch-size 1 32 --input-len 1024 --output-len 16 --result-file one_batch.jsonl
+
+Every (batch size, input length) pair gets --warmup untimed runs, then one timed run: a prefill of
+batch x input tokens, then output_len - 1 decode steps. Batches are built by the scheduler's own
+build_extend_batch / build_decode_batch and sampled greedily by its Sampler, so the timings cover
+the real per-step path (batch building, forward, sampling, the host copy of the new ids). The KV
+pool is sized to the largest run unless --max-total-tokens says otherwise, and reset between runs.
+
+Beside each timing it prints the work the step cannot avoid: the bytes a decode step must read
+(weights + the batch's KV) and the FLOPs of the prefill, as achieved GB/s and TFLOP/s; on CUDA also
+the time the step would take at --peak-gbps / --peak-tflops (defaults: measured H100 figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from radixserve.server_args import CHOICES, ServerArgs, ServerArgsError
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+WARMUP_MAX_OUTPUT = 32  # warm-up decodes this many steps at most: enough to settle allocators
+
+
+# ---- physical limits ---------------------------------------------------------------------------
+@dataclass
+class ModelCost:
+    """What a forward pass must move and compute, whatever the kernels: the roofline inputs."""
+
+    params: int  # distinct parameters (a tied embedding counts once)
+    weight_bytes: int  # bytes a decode step reads: every weight but the unread embedding rows
+    layer_matmul_params: int  # weights every token multiplies through (decoder layers)
+    lm_head_params: int  # applied once per request in prefill, not per token
+    kv_bytes_per_token: int
+    num_layers: int
+    num_q_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, runner: Any) -> ModelCost:
+        model = runner.model
+        unique = {id(p): p for p in model.parameters()}.values()
+        params = sum(p.numel() for p in unique)
+        total_bytes = sum(p.numel() * p.element_size() for p in unique)
+        embed = model.embed_tokens.weight
+        lm_head = model.lm_head.weight
+        tied = embed is lm_head
+        # an untied embedding is only gathered row by row: a decode step reads bs rows of it
+        weight_bytes = total_bytes - (0 if tied else embed.numel() * embed.element_size())
+        layer_params = sum(p.numel() for p in model.layers.parameters() if p.dim() >= 2)
+        spec = model.layers[0].self_attn.attn
+        return cls(
+            params=params, weight_bytes=weight_bytes, layer_matmul_params=layer_params,
+            lm_head_params=lm_head.numel(), kv_bytes_per_token=runner.kv_pool.bytes_per_token(),
+            num_layers=len(model.layers), num_q_heads=spec.num_heads, head_dim=spec.head_dim,
+        )
+
+    def decode_bytes(self, batch: int, context: float) -> float:
+        """One decode step: all weights once, plus the KV of `context` tokens for each request."""
+        return self.weight_bytes + self.kv_bytes_per_token * batch * context
+
+    def prefill_flops(self, batch: int, input_len: int) -> float:
+        """2 FLOPs per multiply-add: layer weights per token, LM head per request, causal attention."""
+        tokens = batch * input_len
+        linear = 2.0 * (self.layer_matmul_params * tokens + self.lm_head_params * batch)
+        # QK^T and PV, each 2 * head_dim per (query, visible key) pair and head
+        pairs = batch * input_len * (input_len + 1) / 2
+        attention = 4.0 * self.num_layers * self.num_q_heads * self.head_dim * pairs
+        return linear + attention
+
+
+# ---- one measured configuration -----------------------------------------------------------------
+@dataclass
+class RunResult:
+    run_name: str
+    batch_size: int
+    input_len: int
+    output_len: int
+    prefill_latency_s: float
+    prefill_throughput_tok_s: float
+    decode_median_ms: float | None
+    decode_mean_ms: float | None
+    decode_throughput_tok_s: float | None
+    total_latency_s: float
+    total_throughput_tok_s: float
+    decode_bytes_per_step: float
+    decode_achieved_gbps: float | None
+    prefill_flops: float
+    prefill_achieved_tflops: float
+    decode_floor_ms: float | None = None  # at the peak bandwidth (CUDA only)
+    prefill_floor_s: float | None = None  # at the peak FLOP rate (CUDA only)
+
+
+def summarize(
+    name: str, bs: int, input_len: int, output_len: int, prefill_s: float, steps: list[float],
+    cost: ModelCost, peaks: tuple[float, float] | None,
+) -> RunResult:
+    decode_s, median = sum(steps), statistics.median(steps) if steps else None
+    mean = decode_s / len(steps) if steps else None
+    # decode step i (1-based) attends over input_len + i tokens: use the mean context
+    context = input_len + (len(steps) + 1) / 2
+    step_bytes = cost.decode_bytes(bs, context)
+    flops, total = cost.prefill_flops(bs, input_len), prefill_s + decode_s
+    result = RunResult(
+        run_name=name, batch_size=bs, input_len=input_len, output_len=output_len,
+        prefill_latency_s=prefill_s, prefill_throughput_tok_s=bs * input_len / prefill_s,
+        decode_median_ms=None if median is None else median * 1e3,
+        decode_mean_ms=None if mean is None else mean * 1e3,
+        decode_throughput_tok_s=None if median is None else bs / median,
+        total_latency_s=total, total_throughput_tok_s=bs * (input_len + output_len) / total,
+        decode_bytes_per_step=step_bytes,
+        decode_achieved_gbps=None if median is None else step_bytes / median / 1e9,
+        prefill_flops=flops, prefill_achieved_tflops=flops / prefill_s / 1e12,
+    )
+    if peaks is not None:  # (GB/s, TFLOP/s)
+        result.decode_floor_ms = step_bytes / peaks[0] / 1e6 if steps else None
+        result.prefill_floor_s = flops / peaks[1] / 1e12
+    return result
+
+
+# ---- driving the runner --------------------------------------------------------------------------
+class BatchDriver:
+    """Runs prefill and decode steps of lightweight Reqs through the scheduler's batch builders."""
+
+    def __init__(self, runner: Any, seed: int) -> None:
+        from radixserve.cache.chunk import ChunkCache
+        from radixserve.layers.sampler import Sampler
+
+        self.runner = runner
+        # no prefix sharing: every run pays for its whole prompt
+        self.cache = ChunkCache(runner.req_to_token_pool, runner.allocator, runner.page_size)
+        self.sampler = Sampler()
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def timed(self, fn: Callable[[], None]) -> float:
+        cuda = self.runner.device.type == "cuda"
+        if cuda:  # kernels still queued from before must not count, nor ours escape the timer
+            torch.cuda.synchronize(self.runner.device)
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.runner.req_to_token_pool.clear()
+        self.runner.allocator.clear()
+
+    def new_reqs(self, bs: int, input_len: int, output_len: int) -> list[Any]:
+        from radixserve.sampling_params import SamplingParams
+        from radixserve.scheduler.req import Req, ReqStage
+
+        params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
+        ids = torch.randint(0, self.runner.vocab_size, (bs, input_len), generator=self.gen).tolist()
+        reqs = []
+        for i, prompt in enumerate(ids):
+            req = Req(rid=f"bench-{i}", origin_input_ids=prompt, params=params, eos_ids=set(),
+                      max_new_tokens=output_len)
+            req.req_pool_idx = self.runner.req_to_token_pool.alloc()
+            req.extend_len, req.stage = input_len, ReqStage.PREFILLING
+            reqs.append(req)
+        return reqs
+
+    def sample(self, reqs: list[Any], logits: torch.Tensor) -> list[int]:
+        from radixserve.sampling_batch import SamplingBatch
+
+        n = len(reqs)
+        batch = SamplingBatch.build(
+            [r.params for r in reqs], [r.output_ids for r in reqs], [r.origin_input_ids for r in reqs],
+            [[]] * n, [None] * n, self.runner.vocab_size, self.runner.device,
+        )
+        return self.sampler(logits, batch, return_logprob=False).next_token_ids.tolist()
+
+    def prefill(self, reqs: list[Any]) -> None:
+        from radixserve.scheduler.batch import build_extend_batch
+
+        out = self.runner.forward(build_extend_batch(reqs, self.runner, self.cache))
+        for req, token in zip(reqs, self.sample(reqs, out.next_token_logits)):
+            req.kv_committed_len += req.extend_len
+            req.output_ids.append(token)
+
+    def decode(self, reqs: list[Any]) -> None:
+        from radixserve.scheduler.batch import build_decode_batch
+
+        out = self.runner.forward(build_decode_batch(reqs, self.runner, self.cache))
+        for req, token in zip(reqs, self.sample(reqs, out.next_token_logits)):
+            req.kv_committed_len += 1
+            req.output_ids.append(token)
+
+    @torch.inference_mode()
+    def run(self, bs: int, input_len: int, output_len: int) -> tuple[float, list[float]]:
+        """(prefill seconds, seconds of each decode step), from an empty KV pool."""
+        self.reset()
+        try:
+            reqs = self.new_reqs(bs, input_len, output_len)
+            prefill_s = self.timed(lambda: self.prefill(reqs))
+            steps = [self.timed(lambda: self.decode(reqs)) for _ in range(output_len - 1)]
+        finally:
+            self.reset()
+        return prefill_s, steps
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+def resolve_model_path(path: str) -> str:
+    """A path, or the bare name of a packaged config (llama-3.1-8b, tiny-llama, ...)."""
+    if not os.path.exists(path) and os.path.isfile(os.path.join(CONFIGS_DIR, path, "config.json")):
+        return os.path.join(CONFIGS_DIR, path)
+    return path
+
+
+def server_args_for(args: argparse.Namespace) -> ServerArgs:
+    runs = [(b, i) for b in args.batch_size for i in args.input_len]
+    needed = max(b * (i + args.output_len) for b, i in runs)
+    return ServerArgs(
+        model_path=resolve_model_path(args.model_path), load_format=args.load_format, dtype=args.dtype,
+        device=args.device, attention_backend=args.attention_backend,
+        disable_cuda_graph=args.disable_cuda_graph, mem_fraction_static=args.mem_fraction_static,
+        # a pool (and request table) just big enough for the largest run: nothing wasted, no OOM
+        max_total_tokens=args.max_total_tokens or needed, max_running_requests=max(args.batch_size),
+        context_length=max(args.input_len) + args.output_len, random_seed=args.seed,
+    )
+
+
+def build_runner(sargs: ServerArgs) -> Any:
+    from radixserve.loader import config as cfgutil
+    from radixserve.loader.source import resolve_model_source
+    from radixserve.model_executor.model_runner import ModelRunner, resolve_device
+
+    source = resolve_model_source(sargs.model_path, sargs.load_format, sargs.tokenizer_path)
+    limit = cfgutil.context_length(source.hf_config)
+    if limit is not None and sargs.context_length > limit:
+        raise ValueError(f"input + output ({sargs.context_length}) exceeds the model's context length {limit}")
+    return ModelRunner(sargs, source, resolve_device(sargs.device), sargs.context_length)
+
+
+def environment(runner: Any, args: argparse.Namespace) -> dict[str, Any]:
+    device = runner.device
+    env: dict[str, Any] = {
+        "model_path": resolve_model_path(args.model_path), "load_format": args.load_format,
+        "dtype": str(runner.dtype).replace("torch.", ""), "device": str(device),
+        "attention_backend": args.attention_backend or "torch_native",
+        # what actually ran, in case the runner ignores or falls back from the requested backend
+        "attention_backend_class": type(runner.attn_backend).__name__,
+        "disable_cuda_graph": args.disable_cuda_graph, "kv_pool_tokens": runner.plan.max_total_tokens,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["peak_gbps"], env["peak_tflops"] = args.peak_gbps, args.peak_tflops
+    return env
+
+
+# ---- report --------------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(results: list[RunResult], cuda: bool) -> str:
+    header = ["batch", "input", "output", "prefill s", "prefill tok/s", "decode med ms", "decode mean ms",
+              "decode tok/s", "total s", "decode GB/s", "prefill TFLOP/s"]
+    if cuda:
+        header += ["decode floor ms", "prefill floor s"]
+    rows = [header]
+    for r in results:
+        row = [str(r.batch_size), str(r.input_len), str(r.output_len), _fmt(r.prefill_latency_s, ".4f"),
+               _fmt(r.prefill_throughput_tok_s, ".1f"), _fmt(r.decode_median_ms, ".3f"),
+               _fmt(r.decode_mean_ms, ".3f"), _fmt(r.decode_throughput_tok_s, ".1f"),
+               _fmt(r.total_latency_s, ".3f"), _fmt(r.decode_achieved_gbps, ".1f"),
+               _fmt(r.prefill_achieved_tflops, ".2f")]
+        if cuda:
+            row += [_fmt(r.decode_floor_ms, ".3f"), _fmt(r.prefill_floor_s, ".4f")]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def limits_note(results: list[RunResult], args: argparse.Namespace) -> str:
+    lines = [f"limits: {args.peak_gbps:.0f} GB/s memory, {args.peak_tflops:.0f} TFLOP/s dense (--peak-gbps, "
+             "--peak-tflops); a floor is the step's unavoidable bytes or FLOPs at that peak"]
+    for r in results:
+        bw = "-" if r.decode_achieved_gbps is None else f"{100 * r.decode_achieved_gbps / args.peak_gbps:.0f}%"
+        fl = f"{100 * r.prefill_achieved_tflops / args.peak_tflops:.0f}%"
+        lines.append(f"  batch {r.batch_size} x input {r.input_len}: decode at {bw} of peak bandwidth "
+                     f"({r.decode_bytes_per_step / 1e9:.2f} GB/step), prefill at {fl} of peak FLOP/s")
+    return "\n".join(lines)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m radixserve.bench_one_batch",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True,
+                        help="model folder, or a packaged config name such as llama-3.1-8b")
+    parser.add_argument("--load-format", default="auto", choices=CHOICES["load_format"],
+                        help="'dummy' builds random weights from config.json alone")
+    parser.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
+    parser.add_argument("--device", default="auto", choices=CHOICES["device"])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
+    parser.add_argument("--output-len", type=int, default=16, help="tokens per request, the prefill's included")
+    parser.add_argument("--attention-backend", default=None, choices=CHOICES["attention_backend"])
+    parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--mem-fraction-static", type=float, default=None)
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help="KV pool tokens (default: what the largest batch x (input + output) needs)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each timed one")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the dummy weights and prompt ids")
+    parser.add_argument("--run-name", default="default")
+    parser.add_argument("--result-file", default=None, help="append one JSON line per configuration")
+    parser.add_argument("--peak-gbps", type=float, default=3000.0, help="memory bandwidth limit (H100: ~3000)")
+    parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense FLOP/s limit (H100 bf16: ~800)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "input_len"):
+        if min(getattr(args, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: every value must be >= 1")
+    if args.output_len < 1:
+        raise ValueError(f"--output-len: must be >= 1; got {args.output_len}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup: must be >= 0; got {args.warmup}")
+    if args.peak_gbps <= 0 or args.peak_tflops <= 0:
+        raise ValueError("--peak-gbps and --peak-tflops must be > 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        sargs = server_args_for(args)
+        unbuilt = sargs.unbuilt_feature()
+        if unbuilt:
+            raise ServerArgsError(unbuilt)
+        runner = build_runner(sargs)
+    except (ValueError, ServerArgsError) as e:
+        print(f"bench_one_batch: error: {e}", file=sys.stderr)
+        return 2
+    env = environment(runner, args)
+    cuda = runner.device.type == "cuda"
+    cost = ModelCost.of(runner)
+    print(f"model {env['model_path']} ({cost.params / 1e6:,.1f} M params, {cost.weight_bytes / 1e6:,.1f} MB "
+          f"read per decode step), {env['dtype']} on {env.get('gpu', env['device'])}, attention "
+          f"{env['attention_backend_class']}, KV pool {env['kv_pool_tokens']} tokens, torch {env['torch']}")
+    driver = BatchDriver(runner, args.seed)
+    peaks = (args.peak_gbps, args.peak_tflops) if cuda else None
+    results: list[RunResult] = []
+    for bs in args.batch_size:
+        for input_len in args.input_len:
+            record: dict[str, Any] = {
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **env, "params": cost.params, "weight_bytes": cost.weight_bytes,
+                "kv_bytes_per_token": cost.kv_bytes_per_token,
+            }
+            try:
+                for _ in range(args.warmup):
+                    driver.run(bs, input_len, min(args.output_len, WARMUP_MAX_OUTPUT))
+                prefill_s, steps = driver.run(bs, input_len, args.output_len)
+            except RuntimeError as e:  # CUDA OOM included
+                # one shape that does not fit should not lose the others' figures
+                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                print(f"batch {bs} x input {input_len}: failed: {message}", file=sys.stderr)
+                record.update(run_name=args.run_name, batch_size=bs, input_len=input_len,
+                              output_len=args.output_len, error=message)
+            else:
+                result = summarize(args.run_name, bs, input_len, args.output_len, prefill_s, steps, cost, peaks)
+                results.append(result)
+                record.update(asdict(result))
+                print(f"batch {bs} x input {input_len}: prefill {result.prefill_latency_s:.4f} s, decode "
+                      f"median {_fmt(result.decode_median_ms, '.3f')} ms/step", flush=True)
+            if args.result_file:
+                with open(args.result_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+    print()
+    print(format_table(results, cuda))
+    if cuda and results:
+        print(limits_note(results, args))
+    if args.result_file:
+        print(f"appended {len(args.batch_size) * len(args.input_len)} lines to {args.result_file}")
+    return 0 if len(results) == len(args.batch_size) * len(args.input_len) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

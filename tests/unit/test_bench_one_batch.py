@@ -1,0 +1,80 @@
+"""bench_one_batch end to end on CPU: the tiny dummy Llama, two batch sizes, one JSON line each."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from radixserve.bench.bench_one_batch import CONFIGS_DIR, ModelCost, build_parser, check_args, main
+
+TINY = os.path.join(CONFIGS_DIR, "tiny-llama")
+TIMED_FIELDS = (
+    "prefill_latency_s", "prefill_throughput_tok_s", "decode_median_ms", "decode_mean_ms",
+    "decode_throughput_tok_s", "total_latency_s", "total_throughput_tok_s", "decode_bytes_per_step",
+    "decode_achieved_gbps", "prefill_flops", "prefill_achieved_tflops",
+)
+
+
+@pytest.mark.timeout(60)
+def test_tiny_llama_cpu_run(tmp_path, capsys):
+    result_file = tmp_path / "one_batch.jsonl"
+    rc = main([
+        "--model-path", TINY, "--load-format", "dummy", "--dtype", "float32", "--device", "cpu",
+        "--batch-size", "1", "2", "--input-len", "8", "--output-len", "4", "--run-name", "unit",
+        "--result-file", str(result_file),
+    ])
+    assert rc == 0
+    records = [json.loads(line) for line in result_file.read_text().splitlines()]
+    assert [r["batch_size"] for r in records] == [1, 2]
+    for r in records:
+        assert "error" not in r
+        assert (r["run_name"], r["input_len"], r["output_len"]) == ("unit", 8, 4)
+        assert (r["device"], r["dtype"], r["load_format"]) == ("cpu", "float32", "dummy")
+        assert r["attention_backend_class"]
+        for name in TIMED_FIELDS:
+            assert isinstance(r[name], float) and math.isfinite(r[name]) and r[name] > 0, name
+        # the figures must agree with each other, not just be positive
+        assert r["prefill_throughput_tok_s"] == pytest.approx(r["batch_size"] * 8 / r["prefill_latency_s"])
+        assert r["decode_throughput_tok_s"] == pytest.approx(r["batch_size"] / (r["decode_median_ms"] / 1e3))
+        assert r["total_latency_s"] >= r["prefill_latency_s"]
+        assert r["total_latency_s"] == pytest.approx(r["prefill_latency_s"] + 3 * r["decode_mean_ms"] / 1e3)
+        assert r["decode_floor_ms"] is None and r["prefill_floor_s"] is None  # limits are for CUDA only
+        assert r["params"] == 139584 and r["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    out = capsys.readouterr().out
+    assert "prefill tok/s" in out and "decode tok/s" in out
+
+
+def test_bare_config_name_and_single_output_token(tmp_path):
+    # output 1 has no decode step: decode figures are absent, not zero or NaN
+    result_file = tmp_path / "r.jsonl"
+    rc = main(["--model-path", "tiny-llama", "--load-format", "dummy", "--dtype", "float32", "--device", "cpu",
+               "--input-len", "4", "--output-len", "1", "--warmup", "0", "--result-file", str(result_file)])
+    assert rc == 0
+    (r,) = [json.loads(line) for line in result_file.read_text().splitlines()]
+    assert r["decode_median_ms"] is None and r["decode_throughput_tok_s"] is None
+    assert r["prefill_latency_s"] > 0
+
+
+def test_too_long_for_the_model_is_an_error(capsys):
+    rc = main(["--model-path", TINY, "--load-format", "dummy", "--device", "cpu", "--input-len", "1020",
+               "--output-len", "8"])
+    assert rc == 2
+    assert "context length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--input-len", "0"], ["--output-len", "0"],
+                                  ["--warmup", "-1"]])
+def test_bad_workload_rejected(argv):
+    with pytest.raises(ValueError, match=argv[0]):
+        check_args(build_parser().parse_args(["--model-path", TINY, *argv]))
+
+
+def test_prefill_flops_formula():
+    cost = ModelCost(params=0, weight_bytes=100, layer_matmul_params=10, lm_head_params=5, kv_bytes_per_token=2,
+                     num_layers=1, num_q_heads=1, head_dim=1)
+    # 2 tokens of 1 request: linear 2*(10*2 + 5*1) = 50; causal pairs 3, attention 4*3 = 12
+    assert cost.prefill_flops(1, 2) == 62
+    assert cost.decode_bytes(batch=2, context=3) == 100 + 2 * 2 * 3
