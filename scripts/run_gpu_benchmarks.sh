@@ -9,7 +9,7 @@
 # Knobs (environment variables):
 #   QUICK=1                 smaller shapes, for a smoke run of a minute or two
 #   MODEL=path|name         default radixserve/configs/llama-3.1-8b (dummy weights, bf16)
-#   DTYPE=bfloat16          WARMUP=1          STEP_TIMEOUT=300 (seconds per bench command)
+#   DTYPE=bfloat16          WARMUP=1          STEP_TIMEOUT=120 (seconds per bench command)
 #   DEVICE=cuda             INSTALL_WHEELS=1  (DEVICE=cpu INSTALL_WHEELS=0 MODEL=tiny-llama DTYPE=float32
 #                           QUICK=1 smoke-tests this script on a CPU box)
 #   ATTENTION_BACKEND=      passed as --attention-backend when set (torch_native, triton)
@@ -19,6 +19,7 @@
 #   OFFLINE=auto|1|0        bench_offline_throughput: auto runs it only if a tiny tokenizer-less
 #                           probe passes (the engine's detokenizer needs a tokenizer today)
 #   OFFLINE_PROMPTS=64 OFFLINE_INPUT=512 OFFLINE_OUTPUT=128
+# worst case, every step timing out: 3 x 120 + 90 + 120 s, inside the device tool's 10-minute limit
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ MODEL=${MODEL:-radixserve/configs/llama-3.1-8b}
 DTYPE=${DTYPE:-bfloat16}
 DEVICE=${DEVICE:-cuda}
 WARMUP=${WARMUP:-1}
-STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+STEP_TIMEOUT=${STEP_TIMEOUT:-120}
 PEAK_GBPS=${PEAK_GBPS:-3000}
 PEAK_TFLOPS=${PEAK_TFLOPS:-800}
 OFFLINE=${OFFLINE:-auto}
@@ -89,7 +90,7 @@ done
 offline_note=""
 if [[ $OFFLINE == auto ]]; then
   echo "=== probing bench_offline_throughput on a tokenizer-less dummy model" | tee -a "$LOG"
-  if timeout 180 python3 -m radixserve.bench_offline_throughput --model-path radixserve/configs/tiny-llama \
+  if timeout 90 python3 -m radixserve.bench_offline_throughput --model-path radixserve/configs/tiny-llama \
       --load-format dummy --device "$DEVICE" --num-prompts 2 --input-len 8 --output-len 2 --hf-batch1-prompts 0 \
       >>"$LOG" 2>&1; then
     OFFLINE=1

@@ -49,15 +49,17 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def make_tiny_model(arch: str, path: str, seed: int = 0, shard: bool = False):
-    """Random-weight model of the given architecture saved to path with the bundled tokenizer."""
+def make_tiny_model(arch: str, path: str, seed: int = 0, shard: bool = False, tokenizer: bool = True):
+    """Random-weight model of the given architecture saved to path (with the bundled tokenizer unless
+    tokenizer=False: then requests must use input_ids)."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.save_pretrained(path, max_shard_size="1MB" if shard else "2GB")
-    bundled_tokenizer().save_pretrained(path)
+    if tokenizer:
+        bundled_tokenizer().save_pretrained(path)
     return model
 
 

@@ -69,6 +69,38 @@ class TritonBackend(AttentionBackend):
         self._num_sms: int | None = None
         self._extend: ExtendMetadata | None = None
         self._decode: DecodeMetadata | None = None
+        self._graph_splits: dict[int, int] = {}  # captured batch size -> its fixed max_splits
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+
+    def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, num_kv_heads: int,
+                              context_len: int, device: torch.device) -> None:
+        """Grow every buffer to its largest size now, so that views taken at capture keep their
+        addresses for every later replay."""
+        self._num_sms = num_sms(device)
+        worst = max(bs * self._plan(context_len, bs, num_kv_heads) for bs in range(1, max_bs + 1))
+        self._buffers.get("num_splits", max_bs, torch.int32, device)
+        self._buffers.get("decode_ws", worst * num_heads * (head_dim + 1), torch.float32, device)
+
+    def _plan(self, max_len: int, bs: int, num_kv_heads: int) -> int:
+        return plan_max_splits(max_len, bs, num_kv_heads, self._num_sms, self.min_split_tokens)
+
+    def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
+        """Decode metadata for a graph bucket: the split grid is planned for the longest possible
+        context, since the graph is replayed for any lengths."""
+        bs = batch.batch_size
+        max_len = batch.req_to_token.shape[1]
+        max_splits = self._plan(max_len, bs, batch.kv_pool.num_kv_heads)
+        self._graph_splits[bs] = max_splits
+        num_splits = self._buffers.get("num_splits", bs, torch.int32, batch.seq_lens.device)
+        fill_num_splits(num_splits, batch.seq_lens, max_splits, self.min_split_tokens)
+        self._decode = DecodeMetadata(bs, max_len, max_splits, num_splits)
+
+    def init_forward_metadata_replay(self, batch: ForwardBatch, real_bs: int) -> None:
+        """Refill, in place, what the captured kernels read: the per-request split counts."""
+        bs = batch.batch_size
+        num_splits = self._buffers.get("num_splits", bs, torch.int32, batch.seq_lens.device)
+        fill_num_splits(num_splits, batch.seq_lens, self._graph_splits[bs], self.min_split_tokens)
 
     # ---- metadata -------------------------------------------------------------------------------
 
@@ -94,10 +126,8 @@ class TritonBackend(AttentionBackend):
         max_len = int(batch.seq_lens_cpu.max()) if bs else 0
         if self._num_sms is None:
             self._num_sms = num_sms(device)
-        # CUDA-graph hook: at capture, plan max_splits from the context length
-        # (batch.req_to_token.shape[1]) rather than max_len, so the grid is fixed per bucket; on
-        # replay only num_splits is refilled (in place) from the static seq_lens.
-        max_splits = plan_max_splits(max_len, bs, batch.kv_pool.num_kv_heads, self._num_sms, self.min_split_tokens)
+        # (CUDA graphs use init_forward_metadata_capture/replay instead: a grid fixed per bucket.)
+        max_splits = self._plan(max_len, bs, batch.kv_pool.num_kv_heads)
         num_splits = self._buffers.get("num_splits", bs, torch.int32, device)
         fill_num_splits(num_splits, batch.seq_lens, max_splits, self.min_split_tokens)
         return DecodeMetadata(bs, max_len, max_splits, num_splits)

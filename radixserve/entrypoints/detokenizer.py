@@ -31,6 +31,8 @@ class Detokenizer:
         self.states: dict[str, DetokState] = {}
 
     def process(self, out: ReqOutput) -> ReqOutput:
+        if self.tokenizer is None:  # a config-only model (dummy weights): token ids, no text
+            return out
         state = self.states.get(out.rid)
         if state is None:
             state = DetokState(IncrementalDetokenizer(

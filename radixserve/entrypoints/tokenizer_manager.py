@@ -175,6 +175,8 @@ class TokenizerManager:
             return list(ids)
         if not isinstance(req.text, str):
             raise RequestError("text must be a string")
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send input_ids instead of text")
         return self.tokenizer.encode(req.text)
 
     def validate(self, req: SingleRequest, ids: list[int]) -> SamplingParams:

@@ -2,7 +2,7 @@
 the bucket. Padding rows read request row 0 (the dummy row) and write their KV to the dummy page,
 so they never touch a real request's cache.
 
-The attention backend must support capture: `init_cuda_graph_state(max_bs)`,
+The attention backend must support capture: `init_cuda_graph_state(max_bs, ...)`,
 `init_forward_metadata_capture(batch)` and `init_forward_metadata_replay(batch, bs)`, all of which
 keep their device buffers at fixed addresses.
 """
@@ -44,7 +44,10 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
-        runner.attn_backend.init_cuda_graph_state(self.max_bs)
+        attn = runner.model.layers[0].self_attn.attn
+        runner.attn_backend.init_cuda_graph_state(
+            self.max_bs, attn.num_heads, attn.head_dim, attn.num_kv_heads, runner.context_len, dev
+        )
         self.capture()
 
     def static_batch(self, bs: int) -> ForwardBatch:

@@ -118,7 +118,9 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = self.args.mem_fraction_static if self.args.mem_fraction_static is not None else 0.9
             used = total - free
-            budget = int(total * fraction) - used - self._cuda_graph_reserve()
+            # the request table ([rows, context] int64) lives beside the KV pool
+            rows = (self.args.max_running_requests or 512) + 1
+            budget = int(total * fraction) - used - self._cuda_graph_reserve() - rows * self.context_len * 8
             if budget <= 0:
                 raise ValueError(
                     f"--mem-fraction-static {fraction}: the weights already use {used / 2**30:.1f} GiB of "

@@ -157,6 +157,8 @@ class Scheduler:
             return self.reject(
                 msg.rid, f"the prompt has {n} tokens; the KV cache holds {self.runner.plan.max_total_tokens}", n
             )
+        if self.tokenizer is None and (params.stop or params.grammar_spec() is not None):
+            return self.reject(msg.rid, "stop strings and structured output need a tokenizer; this model has none", n)
         try:
             grammar = self.new_grammar(params)
         except GrammarError as e:
