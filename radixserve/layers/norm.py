@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+try:  # the fused Triton kernels serve CUDA tensors; CPU keeps the torch code below
+    from radixserve.layers import fused
+except ImportError:
+    fused = None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float = 1e-6) -> None:
@@ -21,6 +26,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda and fused is not None:
+            return fused.rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

@@ -8,6 +8,11 @@ import math
 import torch
 from torch import nn
 
+try:  # the fused Triton kernel serves CUDA tensors
+    from radixserve.layers import fused
+except ImportError:
+    fused = None
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
@@ -46,6 +51,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
         self.head_dim = head_dim
+
+    def rotate_fn(self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        """A function rotating qk [T, H, D] for these positions: the fused kernel in place on CUDA,
+        else torch ops on cos/sin looked up once for every layer."""
+        if device.type == "cuda" and fused is not None:
+            return lambda qk: fused.rotary_inplace(qk, positions, self.cos_cache, self.sin_cache)
+        cos, sin = self.cos_sin(positions, dtype)
+        return lambda qk: apply_rotary(qk, cos, sin)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, 1, D] cos and sin for these positions: looked up once per forward, shared by all layers."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from radixserve.loader.errors import ModelLoadError, first_line
 from radixserve.loader.gguf import cached_convert
 from radixserve.loader.source import ModelSource
+
+logger = logging.getLogger(__name__)
 
 
 def load_gguf_tokenizer(gguf_file: str, trust_remote_code: bool = False) -> Any:
@@ -35,6 +38,9 @@ def load_gguf_tokenizer(gguf_file: str, trust_remote_code: bool = False) -> Any:
     return cached_convert(gguf_file, "tokenizer", load_cached, convert)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any | None:
     """The tokenizer for `source` (a transformers tokenizer), or None for a dummy model without one."""
     path = source.tokenizer_path
@@ -42,6 +48,10 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> A
         return None
     if os.path.isfile(path) and path.lower().endswith(".gguf"):
         return load_gguf_tokenizer(path, trust_remote_code)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        # weights without a tokenizer (e.g. an architecture for benchmarks): serve token ids only
+        logger.warning("no tokenizer files in %s: requests must send input_ids", path)
+        return None
     from transformers import AutoTokenizer
 
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from radixserve.layers.logits import LogitsOutput, compute_logits
 from radixserve.layers.norm import RMSNorm
-from radixserve.layers.rotary import RotaryEmbedding, apply_rotary
+from radixserve.layers.rotary import RotaryEmbedding
 from radixserve.loader import config as cfgutil
 from radixserve.model_executor.forward_batch import ForwardBatch
 
@@ -39,14 +39,15 @@ class LlamaAttention(nn.Module):
             layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, rope: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         tokens = qkv.shape[0]
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.reshape(tokens, -1, self.head_dim)  # q heads then k heads: rotated in one go
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, : self.num_q_heads]), self.k_norm(qk[:, self.num_q_heads :])), dim=1)
-        qk = apply_rotary(qk, *rope)
+        qk = rope(qk)
         q, k = qk[:, : self.num_q_heads], qk[:, self.num_q_heads :]
         out = self.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), v, batch)
         return self.o_proj(out)
@@ -72,7 +73,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+        self, rope: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
@@ -118,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, prompt_top_k: int = 0) -> LogitsOutput:
         x = self.embed_tokens(batch.input_ids)
-        rope = self.rotary.cos_sin(batch.positions, x.dtype)
+        rope = self.rotary.rotate_fn(batch.positions, x.dtype, x.device)
         residual = None
         for layer in self.layers:
             x, residual = layer(rope, x, residual, batch)

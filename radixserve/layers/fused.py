@@ -1,0 +1,112 @@
+"""Fused Triton kernels for the element-wise work between GEMMs: RMSNorm (with the residual add),
+SiLU-and-mul, and rotary embedding in place. Each replaces 4-10 small torch kernels per call; they
+run on CUDA (and under TRITON_INTERPRET=1 for tests). The torch code in norm.py / activation.py /
+rotary.py stays the reference and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
+                    eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        # round the sum to the activation dtype first, as the unfused `x + residual` does
+        x = (x + r).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+        x = x.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / n_cols
+    normed = (x * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_stride + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(
+        out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x [..., H]. With residual: returns (norm(x + residual), x + residual)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows, cols = x2.shape
+    out = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    res2 = res_out = None
+    if residual is not None:
+        res2 = residual.reshape(-1, cols)
+        if res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+        res_out = torch.empty_like(out)
+    block = triton.next_power_of_2(cols)
+    _rmsnorm_kernel[(rows,)](
+        x2, res2 if res2 is not None else x2, weight, out, res_out if res_out is not None else out, cols,
+        x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0), eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    )
+    if residual is None:
+        return out.view(shape)
+    return out.view(shape), res_out.view(shape)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2N] (gate then up) -> silu(gate) * up [..., N]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows, n = x2.shape[0], x2.shape[1] // 2
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](x2, out, n, x2.stride(0), BLOCK=block)
+    return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, n_heads, x_stride_t, x_stride_h, cache_stride,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    pos = tl.load(pos_ptr + tok)
+    dmask = dims < HALF
+    cos = tl.load(cos_ptr + pos * cache_stride + dims, mask=dmask, other=0.0)
+    sin = tl.load(sin_ptr + pos * cache_stride + dims, mask=dmask, other=0.0)
+    mask = (heads[:, None] < n_heads) & dmask[None, :]
+    base = x_ptr + tok * x_stride_t + heads[:, None] * x_stride_h + dims[None, :]
+    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    tl.store(base, (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype), mask=mask)
+    tl.store(base + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype), mask=mask)
+
+
+def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                   sin_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, D] (neox layout) in place; cos/sin caches [max_pos, D] fp32 (halves repeated)."""
+    tokens, heads, dim = x.shape
+    assert x.stride(-1) == 1
+    half = dim // 2
+    block_h = min(16, triton.next_power_of_2(heads))
+    _rotary_kernel[(tokens, triton.cdiv(heads, block_h))](
+        x, positions, cos_cache, sin_cache, heads, x.stride(0), x.stride(1), cos_cache.stride(0),
+        HALF=half, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half),
+    )
+    return x
