@@ -87,7 +87,10 @@ def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
     rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
     starts = torch.tensor([r.kv_committed_len for r in reqs], dtype=torch.int64)
     prefix_lens = starts.tolist()
-    last_slots = table[rows.to(table.device), (starts - 1).clamp(min=0).to(table.device)].tolist()
+    if allocator.page_size == 1:
+        last_slots = [0] * len(reqs)  # every token takes a fresh page: no need to read the table (a sync)
+    else:
+        last_slots = table[rows.to(table.device), (starts - 1).clamp(min=0).to(table.device)].tolist()
     slots = allocator.alloc_decode(prefix_lens, last_slots)
     if slots is None:
         need = sum(allocator.page_size for n in prefix_lens if n % allocator.page_size == 0)
