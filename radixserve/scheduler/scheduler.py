@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -211,9 +212,31 @@ class Scheduler:
         return bool(self.waiting or self.running or self.chunked_req)
 
     def event_loop(self) -> None:
+        profile_steps = int(os.environ.get("RADIXSERVE_PROFILE_STEPS", "0"))
         while True:
             self.recv_requests(block=not self.has_work())
+            if profile_steps and self.has_work():
+                self.profile(profile_steps)
+                profile_steps = 0
             self.step()
+
+    def profile(self, steps: int) -> None:
+        """Developer aid (RADIXSERVE_PROFILE_STEPS=N): cProfile the next N busy steps into the log."""
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        start = time.perf_counter()
+        prof.enable()
+        for _ in range(steps):
+            self.recv_requests(block=False)
+            self.step()
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+        logger.info("profile of %d steps (%.2f ms/step):\n%s", steps,
+                    (time.perf_counter() - start) / steps * 1e3, out.getvalue())
 
     def step(self) -> None:
         self.drop_aborted()
