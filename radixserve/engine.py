@@ -8,6 +8,7 @@ import atexit
 import logging
 import multiprocessing as mp
 import queue
+import socket
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -39,30 +40,46 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
     tokenizer = load_tokenizer(source)  # also warms the on-disk tokenizer cache for the children
     ports = PortArgs.new()
     ctx = mp.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    scheduler = ctx.Process(
-        target=run_scheduler_process, args=(args, ports, writer), name="radixserve-scheduler", daemon=True
-    )
-    detokenizer = ctx.Process(
-        target=run_detokenizer_process, args=(args, ports, source), name="radixserve-detokenizer", daemon=True
-    )
-    scheduler.start()
-    detokenizer.start()
-    procs = [scheduler, detokenizer]
+    dist_init = f"tcp://{args.dist_init_addr}" if args.dist_init_addr else f"tcp://127.0.0.1:{free_port()}"
+    procs: list[mp.Process] = []
+    readers = []
+    for rank in args.node_ranks():
+        reader, writer = ctx.Pipe(duplex=False)
+        name = "radixserve-scheduler" if args.tp_size == 1 else f"radixserve-scheduler-tp{rank}"
+        procs.append(ctx.Process(target=run_scheduler_process, args=(args, ports, writer, rank, dist_init),
+                                 name=name, daemon=True))
+        readers.append(reader)
+    if args.node_rank == 0:  # other nodes run scheduler ranks only
+        procs.append(ctx.Process(target=run_detokenizer_process, args=(args, ports, source),
+                                 name="radixserve-detokenizer", daemon=True))
+    for p in procs:
+        p.start()
     try:
-        while not reader.poll(0.5):
-            if not scheduler.is_alive():
-                raise EngineStartError(f"scheduler process exited with code {scheduler.exitcode} while starting")
-        info = reader.recv()
+        infos = [wait_ready(reader, proc) for reader, proc in zip(readers, procs)]
     except BaseException:
         for p in procs:
             kill_process_tree(p.pid)
         raise
-    if info.get("status") != "ready":
+    failed = [i for i in infos if i.get("status") != "ready"]
+    if failed:
         for p in procs:
             kill_process_tree(p.pid)
-        raise EngineStartError(info.get("message", "scheduler failed to start"))
+        raise EngineStartError(failed[0].get("message", "scheduler failed to start"))
+    info = infos[0]
     return ports, procs, info, tokenizer, source
+
+
+def wait_ready(reader, proc: mp.Process) -> dict[str, Any]:
+    while not reader.poll(0.5):
+        if not proc.is_alive():
+            raise EngineStartError(f"{proc.name} process exited with code {proc.exitcode} while starting")
+    return reader.recv()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def liveness_check(procs: list[mp.Process]) -> str | None:

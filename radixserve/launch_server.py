@@ -91,7 +91,61 @@ async def warm_up(state, server: DrainingServer) -> None:
     logger.info("The server is fired up and ready to roll! (http://%s:%d)", state.args.host, state.args.port)
 
 
+def serve_follower(args: ServerArgs) -> int:
+    """A node other than node 0: run this node's scheduler ranks and answer /health on --port."""
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    from radixserve.engine import EngineStartError, launch_backend, liveness_check
+    from radixserve.entrypoints.errors import error_response
+    from radixserve.utils.process import kill_process_tree
+
+    try:
+        _, procs, _, _, _ = launch_backend(args)
+    except (ValueError, EngineStartError) as e:
+        logger.error("%s", e)
+        return 1
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        dead = liveness_check(procs)
+        return error_response(503, dead) if dead else Response(status_code=200)
+
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
+    exit_code = 0
+
+    async def watch() -> None:
+        nonlocal exit_code
+        while not server.should_exit:
+            await asyncio.sleep(0.2)
+            dead = liveness_check(procs)
+            if dead:
+                logger.error("%s; exiting", dead)
+                exit_code = 1
+                server.should_exit = True
+
+    async def run() -> None:
+        task = asyncio.ensure_future(watch())
+        try:
+            await server.serve()
+        finally:
+            task.cancel()
+
+    try:
+        logger.info("node %d of %d: TP ranks %s up; /health on port %d", args.node_rank, args.nnodes,
+                    list(args.node_ranks()), args.port)
+        asyncio.run(run())
+        return exit_code
+    finally:
+        for p in procs:
+            kill_process_tree(p.pid)
+
+
 def serve(args: ServerArgs) -> int:
+    if args.node_rank > 0:
+        return serve_follower(args)
     from radixserve.engine import EngineStartError, launch_backend, liveness_check
     from radixserve.entrypoints.http_server import ServerState, create_app
     from radixserve.entrypoints.metrics import Metrics

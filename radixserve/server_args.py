@@ -131,6 +131,15 @@ class ServerArgs:
             raise ServerArgsError(
                 f"{flag_name('mem_fraction_static')}: must be in (0, 1); got {self.mem_fraction_static}"
             )
+        if self.tp_size % self.nnodes:
+            raise ServerArgsError(
+                f"--tp-size ({self.tp_size}) must be a multiple of --nnodes ({self.nnodes}): each node runs "
+                "the same number of ranks"
+            )
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ServerArgsError("--dist-init-addr HOST:PORT (node 0's address) is required with --nnodes > 1")
+        if self.dist_init_addr is not None and ":" not in self.dist_init_addr:
+            raise ServerArgsError(f"--dist-init-addr: expected HOST:PORT; got {self.dist_init_addr!r}")
         if self.node_rank >= self.nnodes:
             raise ServerArgsError(
                 f"--node-rank: must be below --nnodes ({self.nnodes}); got {self.node_rank}"
@@ -147,14 +156,19 @@ class ServerArgs:
         if maximum is not None and value > maximum:
             raise ServerArgsError(f"{flag_name(name)}: must be <= {maximum}; got {value}")
 
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    def node_ranks(self) -> range:
+        """The TP ranks this node runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
     def unbuilt_feature(self) -> str | None:
         """The first accepted flag whose feature this build does not have yet, as one line."""
         pending = "is accepted but not built yet in this radixserve version"
         checks = [
-            (self.tp_size > 1, f"--tp-size {self.tp_size}: tensor parallelism {pending}; use --tp-size 1"),
             (self.dp_size > 1, f"--dp-size {self.dp_size}: data parallelism {pending}; use --dp-size 1"),
-            (self.nnodes > 1, f"--nnodes {self.nnodes}: multi-node serving {pending}; use --nnodes 1"),
-            (self.dist_init_addr is not None, f"--dist-init-addr: multi-node serving {pending}"),
             (self.disaggregation_mode != "null",
              f"--disaggregation-mode {self.disaggregation_mode}: PD disaggregation {pending}"),
             (self.disaggregation_ib_device is not None,

@@ -1,25 +1,65 @@
-"""Tensor-parallel group state. Single-rank for now; layers already ask it for rank and size."""
+"""Tensor-parallel group state: which rank this process is, and the collectives layers use.
+
+Each scheduler process is one TP rank. `init_tensor_parallel` joins torch.distributed (NCCL on
+GPUs, gloo on CPUs) and keeps a gloo group beside it for broadcasting Python objects (new
+requests) from rank 0, so that every rank takes the same scheduling decisions."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
 class ParallelState:
     tp_rank: int = 0
     tp_size: int = 1
-    group: object | None = None
+    group: object | None = None  # device collectives (all-reduce, all-gather)
+    cpu_group: object | None = None  # object broadcasts (gloo)
 
 
 _STATE = ParallelState()
 
 
-def set_parallel_state(tp_rank: int, tp_size: int, group: object | None = None) -> None:
+def set_parallel_state(tp_rank: int, tp_size: int, group: object | None = None,
+                       cpu_group: object | None = None) -> None:
     global _STATE
-    _STATE = ParallelState(tp_rank, tp_size, group)
+    _STATE = ParallelState(tp_rank, tp_size, group, cpu_group)
+
+
+def init_tensor_parallel(tp_rank: int, tp_size: int, init_method: str, device: torch.device,
+                         timeout_s: float) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        dist.init_process_group(backend, init_method=init_method, world_size=tp_size, rank=tp_rank,
+                                timeout=timeout, **({"device_id": device} if device.type == "cuda" else {}))
+    except Exception as e:  # most often: node 0 unreachable, or a node missing, within --dist-timeout
+        raise RuntimeError(
+            f"rank {tp_rank} could not join the {tp_size} ranks at {init_method} within {timeout_s:.0f}s "
+            f"(--dist-timeout): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    set_parallel_state(tp_rank, tp_size, dist.group.WORLD, cpu_group)
+
+
+def setup_fingerprint(args) -> dict:
+    """What every node must agree on."""
+    return {"model_path": args.model_path, "load_format": args.load_format, "dtype": args.dtype,
+            "tp_size": args.tp_size, "dp_size": args.dp_size, "nnodes": args.nnodes,
+            "page_size": args.page_size, "context_length": args.context_length}
+
+
+def check_same_setup(tp_rank: int, fingerprint: dict) -> None:
+    gathered: list = [None] * _STATE.tp_size
+    dist.all_gather_object(gathered, fingerprint, group=_STATE.cpu_group)
+    for rank, other in enumerate(gathered):
+        if other != fingerprint:
+            diff = {k: (fingerprint.get(k), other.get(k)) for k in fingerprint if fingerprint.get(k) != other.get(k)}
+            raise RuntimeError(f"rank {tp_rank} and rank {rank} were started with different settings: {diff}")
 
 
 def get_tp_rank() -> int:
@@ -33,7 +73,7 @@ def get_tp_size() -> int:
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _STATE.tp_size == 1:
         return x
-    torch.distributed.all_reduce(x, group=_STATE.group)
+    dist.all_reduce(x, group=_STATE.group)
     return x
 
 
@@ -41,5 +81,30 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if _STATE.tp_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_STATE.tp_size)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=_STATE.group)
+    dist.all_gather(parts, x.contiguous(), group=_STATE.group)
     return torch.cat(parts, dim=-1)
+
+
+def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values everywhere (sampled tokens: all ranks must append the same ones)."""
+    if _STATE.tp_size > 1:
+        dist.broadcast(x, src=0, group=_STATE.group)
+    return x
+
+
+def tp_broadcast_objects(objs: list | None) -> list:
+    """Rank 0's list of Python objects, on every rank."""
+    if _STATE.tp_size == 1:
+        return objs or []
+    box = [objs if _STATE.tp_rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=_STATE.cpu_group)
+    return box[0] or []
+
+
+def tp_min_int(value: int) -> int:
+    """The smallest value over all ranks (KV capacity must agree)."""
+    if _STATE.tp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_STATE.cpu_group)
+    return int(t.item())

@@ -22,10 +22,11 @@ def _divide(n: int, d: int, what: str) -> int:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's rows (outputs) split across ranks; output stays split."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 out_per_rank: int | None = None) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.out_per_rank = _divide(out_features, self.tp_size, "output size")
+        self.out_per_rank = out_per_rank or _divide(out_features, self.tp_size, "output size")
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
@@ -55,42 +56,58 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
+def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """(first, count) of the KV heads a rank holds when there are at least as many heads as ranks:
+    as even as possible, so e.g. 3 KV heads over 2 ranks give 2 + 1."""
+    base, extra = divmod(num_kv_heads, tp_size)
+    return tp_rank * base + min(tp_rank, extra), base + (1 if tp_rank < extra else 0)
+
+
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k, v projections in one matmul. KV heads are split across ranks, or replicated when the
-    TP size exceeds the number of KV heads (each rank then holds the one KV head its q heads use)."""
+    """q, k, v projections in one matmul. Each rank holds whole GQA groups (a KV head with its q
+    heads), split as evenly as possible, so head counts need not divide by the TP size. With fewer
+    KV heads than ranks, KV heads are replicated and the q heads split evenly."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
-        tp = get_tp_size()
-        self.num_heads = _divide(num_heads, tp, "number of attention heads")
+        tp, rank = get_tp_size(), get_tp_rank()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"attention heads ({num_heads}) are not a multiple of KV heads ({num_kv_heads})")
+        group = num_heads // num_kv_heads
         if num_kv_heads >= tp:
-            self.num_kv_heads = _divide(num_kv_heads, tp, "number of KV heads")
-            self.kv_replicas = 1
+            kv_start, kv_count = kv_head_range(num_kv_heads, tp, rank)
+            self.q_head_start, self.num_heads = kv_start * group, kv_count * group
         else:
-            self.num_kv_heads = 1
-            self.kv_replicas = _divide(tp, num_kv_heads, "tensor parallel size over KV heads")
+            replicas = _divide(tp, num_kv_heads, "tensor parallel size over KV heads")
+            kv_start, kv_count = rank // replicas, 1
+            self.num_heads = _divide(num_heads, tp, "number of attention heads")
+            self.q_head_start = rank * self.num_heads
+        self.kv_head_start, self.num_kv_heads = kv_start, kv_count
         self.head_dim = head_dim
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        out_total = (self.q_size + 2 * self.kv_size) * tp
-        super().__init__(hidden, out_total, bias)
+        super().__init__(hidden, 0, bias, out_per_rank=self.q_size + 2 * self.kv_size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        d = self.head_dim
         if shard_id == "q":
-            offset, size, start = 0, self.q_size, self.tp_rank * self.q_size
+            offset, size, start = 0, self.q_size, self.q_head_start * d
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size = self.kv_size
-            start = (self.tp_rank // self.kv_replicas) * self.kv_size
+            size, start = self.kv_size, self.kv_head_start * d
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with W's columns (inputs) split; partial sums are all-reduced across ranks."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 in_range: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.in_per_rank = _divide(in_features, self.tp_size, "input size")
+        if in_range is None:  # an even split
+            per_rank = _divide(in_features, self.tp_size, "input size")
+            in_range = (self.tp_rank * per_rank, per_rank)
+        self.in_start, self.in_per_rank = in_range
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
@@ -99,8 +116,7 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = self._bias_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        n = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp_rank * n, n))
+        param.data.copy_(loaded.narrow(1, self.in_start, self.in_per_rank))
 
     @staticmethod
     def _bias_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:

@@ -11,6 +11,7 @@ import torch
 from radixserve.attention.torch_native import TorchNativeBackend
 from radixserve.cache.allocator import KVAllocator
 from radixserve.cache.pools import KVPool, ReqToTokenPool
+from radixserve.distributed.parallel_state import tp_min_int
 from radixserve.layers.logits import LogitsOutput
 from radixserve.loader import config as cfgutil
 from radixserve.loader.dummy import init_dummy_weights
@@ -135,6 +136,7 @@ class ModelRunner:
             capacity = self.args.max_total_tokens if self.device.type == "cpu" else min(
                 capacity, self.args.max_total_tokens
             )
+        capacity = tp_min_int(capacity)  # every TP rank must hold the same number of tokens
         page = self.args.page_size
         capacity = capacity // page * page
         if capacity < page:

@@ -29,7 +29,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             hidden, head_dim, cfg.num_attention_heads, cfgutil.num_kv_heads(cfg), bias=bias
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=False)
+        qkv = self.qkv_proj
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=False,
+                                        in_range=(qkv.q_head_start * head_dim, qkv.q_size))
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.head_dim = head_dim
         self.num_q_heads = self.q_size // head_dim

@@ -13,15 +13,18 @@ from radixserve.utils.logging import configure_logging
 from radixserve.utils.process import die_with_parent
 
 
-def run_scheduler_process(args: ServerArgs, ports: PortArgs, ready: Connection) -> None:
+def run_scheduler_process(args: ServerArgs, ports: PortArgs, ready: Connection, tp_rank: int = 0,
+                          dist_init_method: str | None = None) -> None:
     die_with_parent()
     faulthandler.enable()
-    configure_logging(args.log_level, "scheduler")
+    # rank 0 logs the batches; the other ranks only warnings and errors
+    level = args.log_level if tp_rank == 0 else "warning"
+    configure_logging(level, "scheduler" if args.tp_size == 1 else f"scheduler TP{tp_rank}")
     logger = logging.getLogger("radixserve.scheduler")
     try:
         from radixserve.scheduler.scheduler import Scheduler
 
-        scheduler = Scheduler(args, ports)
+        scheduler = Scheduler(args, ports, tp_rank, dist_init_method)
     except Exception as e:  # report the start-up failure to the parent as one clear line
         logger.debug("%s", traceback.format_exc())
         ready.send({"status": "error", "message": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError)

@@ -13,6 +13,13 @@ from radixserve.cache.chunk import ChunkCache
 from radixserve.cache.radix import RadixCache
 from radixserve.constrained import GrammarBackend, GrammarError, allocate_bitmask, apply_bitmask
 from radixserve.detokenize import StopChecker
+from radixserve.distributed.parallel_state import (
+    check_same_setup,
+    init_tensor_parallel,
+    setup_fingerprint,
+    tp_broadcast_objects,
+    tp_broadcast_tensor,
+)
 from radixserve.ipc import PortArgs, pull_socket, push_socket
 from radixserve.layers.sampler import Sampler
 from radixserve.loader import config as cfgutil
@@ -47,9 +54,19 @@ RETRACT_DECODE_STEPS = 20
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, ports: PortArgs) -> None:
+    def __init__(self, args: ServerArgs, ports: PortArgs, tp_rank: int = 0,
+                 dist_init_method: str | None = None) -> None:
         self.args = args
+        self.tp_rank = tp_rank
         self.device = resolve_device(args.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", args.base_gpu_id + tp_rank % args.ranks_per_node)
+            torch.cuda.set_device(self.device)
+        if args.tp_size > 1:
+            if self.device.type == "cpu":  # ranks share the cores
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
+            init_tensor_parallel(tp_rank, args.tp_size, dist_init_method, self.device, args.dist_timeout or 600)
+            check_same_setup(tp_rank, setup_fingerprint(args))
         source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path)
         cfg = source.hf_config
         self.context_len = args.context_length or cfgutil.context_length(cfg)
@@ -80,10 +97,13 @@ class Scheduler:
         self.last_log_time = time.perf_counter()
         self.tokens_since_log = 0
         self.last_gen_throughput = 0.0
-        ctx = zmq.Context.instance()
-        self.recv_sock = pull_socket(ctx, ports.scheduler_input)
-        self.detok_sock = push_socket(ctx, ports.detokenizer_input)
-        self.reply_sock = push_socket(ctx, ports.tokenizer_input)
+        # only rank 0 talks to the other processes; the other ranks follow its broadcasts
+        self.recv_sock = self.detok_sock = self.reply_sock = None
+        if tp_rank == 0:
+            ctx = zmq.Context.instance()
+            self.recv_sock = pull_socket(ctx, ports.scheduler_input)
+            self.detok_sock = push_socket(ctx, ports.detokenizer_input)
+            self.reply_sock = push_socket(ctx, ports.tokenizer_input)
 
     # ---- info -------------------------------------------------------------
     def info(self) -> dict:
@@ -111,10 +131,22 @@ class Scheduler:
 
     # ---- intake -----------------------------------------------------------
     def recv_requests(self, block: bool) -> None:
-        timeout = 1000 if block else 0
-        while self.recv_sock.poll(timeout):
-            self.handle(self.recv_sock.recv_pyobj())
-            timeout = 0
+        msgs: list[object] = []
+        if self.recv_sock is not None:
+            timeout = 1000 if block else 0
+            while self.recv_sock.poll(timeout):
+                msgs.append(self.recv_sock.recv_pyobj())
+                timeout = 0
+        for msg in tp_broadcast_objects(msgs):  # every rank handles the same messages in order
+            self.handle(msg)
+
+    def send_detok(self, batch: BatchOut) -> None:
+        if self.detok_sock is not None:
+            self.detok_sock.send_pyobj(batch)
+
+    def reply(self, msg: object) -> None:
+        if self.reply_sock is not None:
+            self.reply_sock.send_pyobj(msg)
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, TokenizedGenerateReq):
@@ -122,16 +154,16 @@ class Scheduler:
         elif isinstance(msg, AbortReq):
             self.abort(msg.rid)
         elif isinstance(msg, FlushCacheReq):
-            self.reply_sock.send_pyobj(self.flush_cache())
+            self.reply(self.flush_cache())
         elif isinstance(msg, GetStateReq):
-            self.reply_sock.send_pyobj(self.state())
+            self.reply(self.state())
         else:
             logger.error("unknown message %r", type(msg).__name__)
 
     def reject(self, rid: str, message: str, prompt_tokens: int = 0) -> None:
         logger.info("request %s rejected: %s", rid, message)
         reason = {"type": "abort", "message": message, "status_code": 400}
-        self.detok_sock.send_pyobj(BatchOut([ReqOutput(rid, [], reason, prompt_tokens, 0, 0)]))
+        self.send_detok(BatchOut([ReqOutput(rid, [], reason, prompt_tokens, 0, 0)]))
 
     def add_request(self, msg: TokenizedGenerateReq) -> None:
         n = len(msg.input_ids)
@@ -299,7 +331,9 @@ class Scheduler:
         )
         want_logprob = any(r.return_logprob for r in reqs)
         top_k = max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0)
-        return self.sampler(logits, batch, want_logprob, top_k)
+        out = self.sampler(logits, batch, want_logprob, top_k)
+        tp_broadcast_tensor(out.next_token_ids)  # ranks sample alike, but must never diverge
+        return out
 
     def run_extend(self, reqs: list[Req]) -> None:
         try:
@@ -420,7 +454,7 @@ class Scheduler:
                     req.sent_input_logprobs = len(req.input_token_logprobs)
             outs.append(out)
         if outs:
-            self.detok_sock.send_pyobj(BatchOut(outs))
+            self.send_detok(BatchOut(outs))
 
     # ---- logs -------------------------------------------------------------------
     def token_usage(self) -> float:

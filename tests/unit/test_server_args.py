@@ -69,7 +69,7 @@ def test_choice_errors_list_allowed_values():
 
 @pytest.mark.parametrize(
     "kwargs, flag",
-    [({"tp_size": 2}, "--tp-size"), ({"dp_size": 2}, "--dp-size"),
+    [({"tp_size": 2, "nnodes": 2}, "--tp-size"), ({"dp_size": 2}, "--dp-size"),
      ({"disaggregation_mode": "decode"}, "--disaggregation-mode"),
      ({"enable_torch_compile": True}, "--enable-torch-compile"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
@@ -81,8 +81,8 @@ def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
 
 
 def test_cli_exits_with_one_clear_line():
-    proc = subprocess.run([sys.executable, "-m", "radixserve.generate", "--tp-size", "2"],
+    proc = subprocess.run([sys.executable, "-m", "radixserve.generate", "--dp-size", "2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--tp-size 2" in lines[0]
+    assert len(lines) == 1 and "--dp-size 2" in lines[0]
