@@ -131,6 +131,10 @@ class ServerArgs:
             raise ServerArgsError(
                 f"{flag_name('mem_fraction_static')}: must be in (0, 1); got {self.mem_fraction_static}"
             )
+        if self.node_rank >= self.nnodes:
+            raise ServerArgsError(
+                f"--node-rank: must be below --nnodes ({self.nnodes}); got {self.node_rank}"
+            )
         if self.tp_size % self.nnodes:
             raise ServerArgsError(
                 f"--tp-size ({self.tp_size}) must be a multiple of --nnodes ({self.nnodes}): each node runs "
@@ -140,10 +144,6 @@ class ServerArgs:
             raise ServerArgsError("--dist-init-addr HOST:PORT (node 0's address) is required with --nnodes > 1")
         if self.dist_init_addr is not None and ":" not in self.dist_init_addr:
             raise ServerArgsError(f"--dist-init-addr: expected HOST:PORT; got {self.dist_init_addr!r}")
-        if self.node_rank >= self.nnodes:
-            raise ServerArgsError(
-                f"--node-rank: must be below --nnodes ({self.nnodes}); got {self.node_rank}"
-            )
 
     def _check_int(self, name: str, minimum: int | None = None, maximum: int | None = None) -> None:
         value = getattr(self, name)

@@ -11,7 +11,7 @@ import pytest
 from radixserve.server_args import ServerArgs, ServerArgsError
 
 RUNBOOK_FLAGS = [
-    "--model-path m", "--host 0.0.0.0", "--port 30001", "--tp-size 1", "--dp-size 1", "--page-size 4",
+    "--model-path m", "--host 0.0.0.0", "--port 30001", "--tp-size 2", "--dp-size 1", "--page-size 4",
     "--chunked-prefill-size 8192", "--mem-fraction-static 0.85", "--max-running-requests 256",
     "--max-total-tokens 100000", "--context-length 4096", "--decode-log-interval 40",
     "--max-prefill-tokens 16384", "--enable-two-batch-overlap", "--disable-radix-cache",
@@ -53,6 +53,8 @@ def test_runbook_defaults():
         ({"schedule_policy": "random"}, "--schedule-policy"),
         ({"dtype": "int3"}, "--dtype"),
         ({"nnodes": 2, "node_rank": 2}, "--node-rank"),
+        ({"nnodes": 2, "tp_size": 3, "dist_init_addr": "h:1"}, "--tp-size"),
+        ({"nnodes": 2, "tp_size": 2}, "--dist-init-addr"),
         ({"port": 70000}, "--port"),
         ({"max_total_tokens": "many"}, "--max-total-tokens"),
     ],
@@ -69,7 +71,7 @@ def test_choice_errors_list_allowed_values():
 
 @pytest.mark.parametrize(
     "kwargs, flag",
-    [({"tp_size": 2, "nnodes": 2}, "--tp-size"), ({"dp_size": 2}, "--dp-size"),
+    [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2}, "--dp-size"),
      ({"disaggregation_mode": "decode"}, "--disaggregation-mode"),
      ({"enable_torch_compile": True}, "--enable-torch-compile"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
