@@ -20,6 +20,7 @@ from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerMan
 from radixserve.ipc import PortArgs
 from radixserve.loader.source import resolve_model_source
 from radixserve.loader.tokenizer import load_tokenizer
+from radixserve.scheduler.dp_controller import run_dp_controller_process
 from radixserve.scheduler.process import run_scheduler_process
 from radixserve.server_args import ServerArgs, ServerArgsError
 from radixserve.utils.process import kill_process_tree
@@ -40,22 +41,29 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
     tokenizer = load_tokenizer(source)  # also warms the on-disk tokenizer cache for the children
     ports = PortArgs.new()
     ctx = mp.get_context("spawn")
-    dist_init = f"tcp://{args.dist_init_addr}" if args.dist_init_addr else f"tcp://127.0.0.1:{free_port()}"
     procs: list[mp.Process] = []
     readers = []
-    for rank in args.node_ranks():
-        reader, writer = ctx.Pipe(duplex=False)
-        name = "radixserve-scheduler" if args.tp_size == 1 else f"radixserve-scheduler-tp{rank}"
-        procs.append(ctx.Process(target=run_scheduler_process, args=(args, ports, writer, rank, dist_init),
-                                 name=name, daemon=True))
-        readers.append(reader)
+    if args.dp_size > 1:
+        procs.append(ctx.Process(target=run_dp_controller_process, args=(args, ports),
+                                 name="radixserve-dp-controller", daemon=True))
+    for dp_rank in range(args.dp_size):
+        group_ports = ports.for_dp_group(dp_rank) if args.dp_size > 1 else ports
+        dist_init = f"tcp://{args.dist_init_addr}" if args.dist_init_addr else f"tcp://127.0.0.1:{free_port()}"
+        for rank in args.node_ranks():
+            reader, writer = ctx.Pipe(duplex=False)
+            name = "radixserve-scheduler" + (f"-dp{dp_rank}" if args.dp_size > 1 else "") + (
+                f"-tp{rank}" if args.tp_size > 1 else "")
+            procs.append(ctx.Process(target=run_scheduler_process,
+                                     args=(args, group_ports, writer, rank, dist_init, dp_rank),
+                                     name=name, daemon=True))
+            readers.append((reader, procs[-1]))
     if args.node_rank == 0:  # other nodes run scheduler ranks only
         procs.append(ctx.Process(target=run_detokenizer_process, args=(args, ports, source),
                                  name="radixserve-detokenizer", daemon=True))
     for p in procs:
         p.start()
     try:
-        infos = [wait_ready(reader, proc) for reader, proc in zip(readers, procs)]
+        infos = [wait_ready(reader, proc) for reader, proc in readers]
     except BaseException:
         for p in procs:
             kill_process_tree(p.pid)

@@ -14,11 +14,22 @@ class PortArgs:
     scheduler_input: str  # API -> scheduler: requests, aborts, control
     detokenizer_input: str  # scheduler -> detokenizer: token ids
     tokenizer_input: str  # detokenizer and scheduler -> API: text and control replies
+    # With --dp-size > 1 the DP controller sits between the API and the schedulers: it binds
+    # scheduler_input, and collects the schedulers' control replies and load reports.
+    control_reply: str = ""  # "" -> replies go straight to tokenizer_input
+    load_report: str = ""  # "" -> no controller to report load to
 
     @staticmethod
     def new() -> PortArgs:
         base = tempfile.mkdtemp(prefix="radixserve-")
         return PortArgs(*(f"ipc://{os.path.join(base, name)}" for name in ("sched", "detok", "tok")))
+
+    def for_dp_group(self, dp_rank: int) -> PortArgs:
+        """The endpoints of DP group dp_rank: its own input, shared detokenizer and API, and the
+        controller's reply and load sockets."""
+        base = self.scheduler_input[len("ipc://"):]
+        return PortArgs(f"ipc://{base}-dp{dp_rank}", self.detokenizer_input, self.tokenizer_input,
+                        control_reply=f"ipc://{base}-replies", load_report=f"ipc://{base}-load")
 
 
 def push_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

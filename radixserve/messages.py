@@ -58,6 +58,19 @@ class SchedulerState:
     num_retractions: int
     gen_throughput: float = 0.0
     num_tokens: int = 0  # tokens held by running requests
+    dp_rank: int = 0
+    per_dp: list[SchedulerState] = field(default_factory=list)  # filled by the DP controller
+
+
+@dataclass
+class LoadReport:
+    """A scheduler's load, sent to the DP controller whenever it changes."""
+
+    dp_rank: int
+    num_reqs: int  # running + waiting
+    num_waiting: int
+    outstanding_tokens: int  # prompt + tokens still to generate, over its requests
+    received: int = 0  # requests received in all (lets the controller count those still in transit)
 
 
 @dataclass

@@ -168,7 +168,8 @@ class ServerArgs:
         """The first accepted flag whose feature this build does not have yet, as one line."""
         pending = "is accepted but not built yet in this radixserve version"
         checks = [
-            (self.dp_size > 1, f"--dp-size {self.dp_size}: data parallelism {pending}; use --dp-size 1"),
+            (self.dp_size > 1 and self.nnodes > 1,
+             f"--dp-size {self.dp_size} with --nnodes {self.nnodes}: multi-node data parallelism {pending}"),
             (self.disaggregation_mode != "null",
              f"--disaggregation-mode {self.disaggregation_mode}: PD disaggregation {pending}"),
             (self.disaggregation_ib_device is not None,

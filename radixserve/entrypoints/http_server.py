@@ -141,8 +141,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/get_load")
     async def get_load():
         s = await tm.get_state()
-        return [{"dp_rank": 0, "num_reqs": s.num_running + s.num_waiting, "num_waiting_reqs": s.num_waiting,
-                 "num_tokens": s.num_tokens}]
+        return [{"dp_rank": g.dp_rank, "num_reqs": g.num_running + g.num_waiting, "num_waiting_reqs": g.num_waiting,
+                 "num_tokens": g.num_tokens} for g in (s.per_dp or [s])]
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():

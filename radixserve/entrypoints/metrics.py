@@ -34,6 +34,8 @@ class Metrics:
         self.kv_total_tokens = gauge("kv_total_tokens", "KV pool capacity in tokens")
         self.cache_hit_rate = gauge("cache_hit_rate", "Prompt tokens served from the prefix cache / all")
         self.gen_throughput = gauge("gen_throughput", "Generation throughput (token/s) at the last log")
+        self.dp_num_reqs = Gauge(PREFIX + "dp_num_reqs", "Requests in flight per DP group",
+                                 ["model_name", "dp_rank"], registry=r)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests")
         self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests")
         self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache")
@@ -80,4 +82,6 @@ class Metrics:
             self.kv_total_tokens.labels(**lab).set(state.kv_total)
             self.gen_throughput.labels(**lab).set(state.gen_throughput)
             self.cache_hit_rate.labels(**lab).set(self._cached_total / max(1, self._prompt_total))
+            for group in state.per_dp or [state]:
+                self.dp_num_reqs.labels(dp_rank=str(group.dp_rank), **lab).set(group.num_running + group.num_waiting)
         return generate_latest(self.registry)

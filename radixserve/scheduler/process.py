@@ -14,17 +14,18 @@ from radixserve.utils.process import die_with_parent
 
 
 def run_scheduler_process(args: ServerArgs, ports: PortArgs, ready: Connection, tp_rank: int = 0,
-                          dist_init_method: str | None = None) -> None:
+                          dist_init_method: str | None = None, dp_rank: int = 0) -> None:
     die_with_parent()
     faulthandler.enable()
     # rank 0 logs the batches; the other ranks only warnings and errors
     level = args.log_level if tp_rank == 0 else "warning"
-    configure_logging(level, "scheduler" if args.tp_size == 1 else f"scheduler TP{tp_rank}")
+    name = "scheduler" + (f" DP{dp_rank}" if args.dp_size > 1 else "") + (f" TP{tp_rank}" if args.tp_size > 1 else "")
+    configure_logging(level, name)
     logger = logging.getLogger("radixserve.scheduler")
     try:
         from radixserve.scheduler.scheduler import Scheduler
 
-        scheduler = Scheduler(args, ports, tp_rank, dist_init_method)
+        scheduler = Scheduler(args, ports, tp_rank, dist_init_method, dp_rank)
     except Exception as e:  # report the start-up failure to the parent as one clear line
         logger.debug("%s", traceback.format_exc())
         ready.send({"status": "error", "message": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError)

@@ -31,6 +31,7 @@ from radixserve.messages import (
     FlushCacheReply,
     FlushCacheReq,
     GetStateReq,
+    LoadReport,
     ReqOutput,
     SchedulerState,
     TokenizedGenerateReq,
@@ -55,12 +56,14 @@ RETRACT_DECODE_STEPS = 20
 
 class Scheduler:
     def __init__(self, args: ServerArgs, ports: PortArgs, tp_rank: int = 0,
-                 dist_init_method: str | None = None) -> None:
+                 dist_init_method: str | None = None, dp_rank: int = 0) -> None:
         self.args = args
         self.tp_rank = tp_rank
+        self.dp_rank = dp_rank
         self.device = resolve_device(args.device)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", args.base_gpu_id + tp_rank % args.ranks_per_node)
+            gpu = dp_rank * args.tp_size + tp_rank % args.ranks_per_node
+            self.device = torch.device("cuda", args.base_gpu_id + gpu)
             torch.cuda.set_device(self.device)
         if args.tp_size > 1:
             if self.device.type == "cpu":  # ranks share the cores
@@ -98,12 +101,16 @@ class Scheduler:
         self.tokens_since_log = 0
         self.last_gen_throughput = 0.0
         # only rank 0 talks to the other processes; the other ranks follow its broadcasts
-        self.recv_sock = self.detok_sock = self.reply_sock = None
+        self.recv_sock = self.detok_sock = self.reply_sock = self.load_sock = None
+        self.last_load: tuple[int, int, int, int] | None = None
+        self.num_received = 0
         if tp_rank == 0:
             ctx = zmq.Context.instance()
             self.recv_sock = pull_socket(ctx, ports.scheduler_input)
             self.detok_sock = push_socket(ctx, ports.detokenizer_input)
-            self.reply_sock = push_socket(ctx, ports.tokenizer_input)
+            self.reply_sock = push_socket(ctx, ports.control_reply or ports.tokenizer_input)
+            if ports.load_report:
+                self.load_sock = push_socket(ctx, ports.load_report)
 
     # ---- info -------------------------------------------------------------
     def info(self) -> dict:
@@ -127,7 +134,19 @@ class Scheduler:
             num_running=len(self.running) + (self.chunked_req is not None), num_waiting=len(self.waiting),
             new_token_ratio=self.new_token_ratio, num_retractions=self.num_retractions,
             gen_throughput=self.last_gen_throughput, num_tokens=sum(r.seq_len for r in self.running),
+            dp_rank=self.dp_rank,
         )
+
+    def report_load(self) -> None:
+        """Tell the DP controller our load when it changed (requests in flight, tokens they need)."""
+        if self.load_sock is None:
+            return
+        reqs = self.running + self.waiting + ([self.chunked_req] if self.chunked_req else [])
+        load = (len(reqs), len(self.waiting),
+                sum(len(r.origin_input_ids) + r.remaining_new_tokens() for r in reqs), self.num_received)
+        if load != self.last_load:
+            self.last_load = load
+            self.load_sock.send_pyobj(LoadReport(self.dp_rank, *load))
 
     # ---- intake -----------------------------------------------------------
     def recv_requests(self, block: bool) -> None:
@@ -166,6 +185,7 @@ class Scheduler:
         self.send_detok(BatchOut([ReqOutput(rid, [], reason, prompt_tokens, 0, 0)]))
 
     def add_request(self, msg: TokenizedGenerateReq) -> None:
+        self.num_received += 1
         n = len(msg.input_ids)
         try:
             params = SamplingParams.from_dict(msg.sampling_params)
@@ -251,6 +271,7 @@ class Scheduler:
                 self.profile(profile_steps)
                 profile_steps = 0
             self.step()
+            self.report_load()
 
     def profile(self, steps: int) -> None:
         """Developer aid (RADIXSERVE_PROFILE_STEPS=N): cProfile the next N busy steps into the log."""

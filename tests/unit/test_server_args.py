@@ -71,7 +71,7 @@ def test_choice_errors_list_allowed_values():
 
 @pytest.mark.parametrize(
     "kwargs, flag",
-    [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2}, "--dp-size"),
+    [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
      ({"disaggregation_mode": "decode"}, "--disaggregation-mode"),
      ({"enable_torch_compile": True}, "--enable-torch-compile"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
@@ -83,8 +83,8 @@ def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
 
 
 def test_cli_exits_with_one_clear_line():
-    proc = subprocess.run([sys.executable, "-m", "radixserve.generate", "--dp-size", "2"],
+    proc = subprocess.run([sys.executable, "-m", "radixserve.generate", "--enable-two-batch-overlap"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--dp-size 2" in lines[0]
+    assert len(lines) == 1 and "--enable-two-batch-overlap" in lines[0]

@@ -1,0 +1,157 @@
+"""The data-parallel controller (--dp-size > 1): one process between the API and the DP groups.
+
+It sends each new request to one group by --load-balance-method, sends aborts and control
+requests to every group, and merges the groups' control replies into one. Load comes from the
+groups themselves (LoadReport, sent whenever it changes), plus what was dispatched since."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, fields
+
+import zmq
+
+from radixserve.ipc import PortArgs, pull_socket, push_socket
+from radixserve.messages import (
+    AbortReq,
+    FlushCacheReply,
+    FlushCacheReq,
+    GetStateReq,
+    LoadReport,
+    SchedulerState,
+    TokenizedGenerateReq,
+)
+from radixserve.server_args import ServerArgs
+from radixserve.utils.logging import configure_logging
+from radixserve.utils.process import die_with_parent
+
+logger = logging.getLogger("radixserve.dp_controller")
+
+
+@dataclass
+class GroupLoad:
+    reported_reqs: int = 0  # from the group's last LoadReport
+    reported_tokens: int = 0
+    in_transit: deque[int] = field(default_factory=deque)  # tokens of requests sent, not yet received
+
+    @property
+    def num_reqs(self) -> int:
+        return self.reported_reqs + len(self.in_transit)
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return self.reported_tokens + sum(self.in_transit)
+
+
+class LoadBalancer:
+    """Picks a DP group for each request."""
+
+    def __init__(self, method: str, dp_size: int) -> None:
+        self.method = method
+        self.loads = [GroupLoad() for _ in range(dp_size)]
+        self.sent = [0] * dp_size
+        self._cycle = itertools.cycle(range(dp_size))
+
+    def pick(self, req: TokenizedGenerateReq) -> int:
+        if self.method == "round_robin":
+            group = next(self._cycle)
+        elif self.method == "shortest_queue":
+            group = min(range(len(self.loads)), key=lambda g: (self.loads[g].num_reqs, g))
+        else:  # minimum_tokens
+            group = min(range(len(self.loads)), key=lambda g: (self.loads[g].outstanding_tokens, g))
+        # counted until the group reports having received it (a request may come and go between reports)
+        tokens = len(req.input_ids) + int(req.sampling_params.get("max_new_tokens") or 0)
+        self.loads[group].in_transit.append(tokens)
+        self.sent[group] += 1
+        return group
+
+    def update(self, report: LoadReport) -> None:
+        load = self.loads[report.dp_rank]
+        load.reported_reqs, load.reported_tokens = report.num_reqs, report.outstanding_tokens
+        while len(load.in_transit) > self.sent[report.dp_rank] - report.received:
+            load.in_transit.popleft()
+
+
+def merge_states(states: list[SchedulerState]) -> SchedulerState:
+    states = sorted(states, key=lambda s: s.dp_rank)
+    total = SchedulerState(**{f.name: getattr(states[0], f.name) for f in fields(SchedulerState)})
+    for f in fields(SchedulerState):
+        if f.name in ("kv_total", "kv_available", "kv_evictable", "kv_protected", "req_rows_total",
+                      "req_rows_available", "num_running", "num_waiting", "num_retractions", "num_tokens",
+                      "gen_throughput"):
+            setattr(total, f.name, sum(getattr(s, f.name) for s in states))
+    total.per_dp = states
+    return total
+
+
+class DPController:
+    def __init__(self, args: ServerArgs, ports: PortArgs) -> None:
+        ctx = zmq.Context.instance()
+        self.dp_size = args.dp_size
+        self.recv = pull_socket(ctx, ports.scheduler_input)
+        group_ports = [ports.for_dp_group(g) for g in range(args.dp_size)]
+        self.groups = [push_socket(ctx, p.scheduler_input) for p in group_ports]
+        self.replies = pull_socket(ctx, group_ports[0].control_reply)
+        self.loads_in = pull_socket(ctx, group_ports[0].load_report)
+        self.to_api = push_socket(ctx, ports.tokenizer_input)
+        self.balancer = LoadBalancer(args.load_balance_method, args.dp_size)
+        self.pending: list[tuple[type, list]] = []  # control requests awaiting every group's reply
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.recv, self.replies, self.loads_in):
+            poller.register(sock, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self.loads_in in ready:
+                while self.loads_in.poll(0):
+                    self.balancer.update(self.loads_in.recv_pyobj())
+            if self.recv in ready:
+                while self.recv.poll(0):
+                    self.dispatch(self.recv.recv_pyobj())
+            if self.replies in ready:
+                while self.replies.poll(0):
+                    self.collect(self.replies.recv_pyobj())
+
+    def dispatch(self, msg: object) -> None:
+        if isinstance(msg, TokenizedGenerateReq):
+            self.groups[self.balancer.pick(msg)].send_pyobj(msg)
+        elif isinstance(msg, AbortReq):
+            for sock in self.groups:
+                sock.send_pyobj(msg)
+        elif isinstance(msg, FlushCacheReq | GetStateReq):
+            reply_type = FlushCacheReply if isinstance(msg, FlushCacheReq) else SchedulerState
+            self.pending.append((reply_type, []))
+            for sock in self.groups:
+                sock.send_pyobj(msg)
+        else:
+            logger.error("unknown message %r", type(msg).__name__)
+
+    def collect(self, reply: object) -> None:
+        for reply_type, got in self.pending:
+            if isinstance(reply, reply_type):
+                got.append(reply)
+                if len(got) == self.dp_size:
+                    self.pending.remove((reply_type, got))
+                    self.to_api.send_pyobj(self.merge(reply_type, got))
+                return
+
+    @staticmethod
+    def merge(reply_type: type, replies: list) -> object:
+        if reply_type is FlushCacheReply:
+            failed = [r.message for r in replies if not r.success]
+            return FlushCacheReply(not failed, "; ".join(failed))
+        return merge_states(replies)
+
+
+def run_dp_controller_process(args: ServerArgs, ports: PortArgs) -> None:
+    die_with_parent()
+    configure_logging(args.log_level, "dp controller")
+    try:
+        DPController(args, ports).run()
+    except Exception:
+        logger.error("DP controller crashed:\n%s", traceback.format_exc())
+        raise SystemExit(1) from None
