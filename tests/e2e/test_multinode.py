@@ -77,3 +77,22 @@ def test_node_that_cannot_reach_master_fails_within_timeout(model, tmp_path):
     assert proc.returncode != 0
     assert "could not join" in proc.stdout + proc.stderr
     assert time.time() - start < 90
+
+
+def test_nodes_that_disagree_fail_clearly(model, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.e2e.server_utils import REPO
+
+    path, _ = model
+    dist = f"127.0.0.1:{free_port()}"
+    common = ["--model-path", path, "--tp-size", "2", "--nnodes", "2", "--dist-init-addr", dist,
+              "--dist-timeout", "30"]
+    procs = [subprocess.Popen([sys.executable, "-m", "radixserve.launch_server", "--port", str(free_port()),
+                               "--node-rank", str(rank), "--page-size", str(1 + rank), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert any("started with different settings" in out and "page_size" in out for out in outputs), outputs
