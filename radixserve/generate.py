@@ -11,7 +11,7 @@ import json
 import sys
 
 from radixserve import __version__
-from radixserve.server_args import ServerArgs, ServerArgsError
+from radixserve.server_args import ServerArgs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        server_args = ServerArgs.from_cli_args(args)
-        unbuilt = server_args.unbuilt_feature()
-        if unbuilt:
-            raise ServerArgsError(unbuilt)
-    except ServerArgsError as e:
-        print(f"radixserve: error: {e}", file=sys.stderr)
-        return 2
+    server_args = ServerArgs.from_cli_or_exit(args)
     from radixserve.engine import Engine
 
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,

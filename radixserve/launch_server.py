@@ -13,7 +13,7 @@ import time
 import uvicorn
 
 from radixserve import __version__
-from radixserve.server_args import BUNDLED_MODEL_NAME, ServerArgs, ServerArgsError
+from radixserve.server_args import BUNDLED_MODEL_NAME, ServerArgs
 from radixserve.utils.logging import configure_logging
 
 logger = logging.getLogger("radixserve.server")
@@ -194,15 +194,7 @@ def serve(args: ServerArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        server_args = ServerArgs.from_cli_args(args)
-        unbuilt = server_args.unbuilt_feature()
-        if unbuilt:
-            raise ServerArgsError(unbuilt)
-    except ServerArgsError as e:
-        print(f"radixserve: error: {e}", file=sys.stderr)
-        return 2
+    server_args = ServerArgs.from_cli_or_exit(build_parser().parse_args(argv))
     configure_logging(server_args.log_level, "server")
     return serve(server_args)
 

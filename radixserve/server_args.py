@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,6 +264,19 @@ class ServerArgs:
     def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+    @classmethod
+    def from_cli_or_exit(cls, args: argparse.Namespace) -> ServerArgs:
+        """Validated args whose features are all built; otherwise one line on stderr and exit 2."""
+        try:
+            server_args = cls.from_cli_args(args)
+            unbuilt = server_args.unbuilt_feature()
+            if unbuilt:
+                raise ServerArgsError(unbuilt)
+        except ServerArgsError as e:
+            print(f"radixserve: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return server_args
 
 
 def resolved_defaults(args: ServerArgs, on_gpu: bool) -> dict[str, Any]:
