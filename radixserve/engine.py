@@ -16,7 +16,7 @@ from typing import Any
 
 from radixserve.entrypoints.detokenizer import run_detokenizer_process
 from radixserve.entrypoints.requests import expand_requests
-from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerManager
+from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerManager, collect
 from radixserve.ipc import PortArgs
 from radixserve.loader.source import resolve_model_source
 from radixserve.loader.tokenizer import load_tokenizer
@@ -146,19 +146,6 @@ class Engine:
             raise RuntimeError("the engine is shut down")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _collect(self, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
-        async def one(r: SingleRequest) -> dict[str, Any]:
-            last = None
-            async for out in self.tokenizer_manager.generate(r):
-                last = out
-            return last
-
-        # validate everything before anything runs, so one bad prompt fails the call cleanly
-        tm = self.tokenizer_manager
-        for r in reqs:
-            tm.validate(r, tm.tokenize(r))
-        return list(await asyncio.gather(*(one(r) for r in reqs)))
-
     # ---- public API ---------------------------------------------------------------
     def generate(
         self,
@@ -177,7 +164,7 @@ class Engine:
             if len(reqs) != 1:
                 raise ValueError("stream=True takes one prompt with n=1")
             return self._stream_sync(reqs[0])
-        outs = self._run(self._collect(reqs))
+        outs = self._run(collect(self.tokenizer_manager, reqs))
         return outs[0] if single else outs
 
     def _stream_sync(self, req: SingleRequest) -> Iterator[dict[str, Any]]:
@@ -222,7 +209,7 @@ class Engine:
             if len(reqs) != 1:
                 raise ValueError("stream=True takes one prompt with n=1")
             return self._stream_async(reqs[0])
-        fut = asyncio.run_coroutine_threadsafe(self._collect(reqs), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(collect(self.tokenizer_manager, reqs), self._loop)
         outs = await asyncio.wrap_future(fut)
         return outs[0] if single else outs
 

@@ -15,7 +15,13 @@ from fastapi import Request
 
 from radixserve.entrypoints.errors import APIError
 from radixserve.entrypoints.openai_protocol import SamplingExtras
-from radixserve.entrypoints.tokenizer_manager import RequestError, SingleRequest, TokenizerManager
+from radixserve.entrypoints.tokenizer_manager import (  # noqa: F401 (collect, validate_all re-exported)
+    RequestError,
+    SingleRequest,
+    TokenizerManager,
+    collect,
+    validate_all,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -81,33 +87,6 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     if isinstance(obj, str):
         return f"data: {obj}\n\n".encode()
     return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def validate_all(tm: TokenizerManager, reqs: list[SingleRequest]) -> None:
-    """Check every request before any runs, so that one bad prompt fails the whole call cleanly."""
-    for r in reqs:
-        if r.input_ids is None:
-            r.input_ids = tm.tokenize(r)  # tokenize once; generate() reuses the ids
-            r.text = None
-        tm.validate(r, r.input_ids)
-
-
-async def collect(tm: TokenizerManager, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
-    """Run requests to completion, all validated before any starts."""
-    validate_all(tm, reqs)
-
-    async def one(r: SingleRequest) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-        async for out in tm.generate(r):
-            last = out
-        return last
-
-    tasks = [asyncio.ensure_future(one(r)) for r in reqs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 async def merged_streams(

@@ -301,3 +301,30 @@ class TokenizerManager:
     @staticmethod
     def new_rid() -> str:
         return uuid.uuid4().hex
+
+
+def validate_all(tm: TokenizerManager, reqs: list[SingleRequest]) -> None:
+    """Check every request before any runs, so that one bad prompt fails the whole call cleanly."""
+    for r in reqs:
+        if r.input_ids is None:
+            r.input_ids = tm.tokenize(r)  # tokenize once; generate() reuses the ids
+            r.text = None
+        tm.validate(r, r.input_ids)
+
+
+async def collect(tm: TokenizerManager, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
+    """Run requests to completion, all validated before any starts."""
+    validate_all(tm, reqs)
+
+    async def one(r: SingleRequest) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        async for out in tm.generate(r):
+            last = out
+        return last
+
+    tasks = [asyncio.ensure_future(one(r)) for r in reqs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
