@@ -79,7 +79,9 @@ async def warm_up(state, server: DrainingServer) -> None:
 
     tm = state.tm
     try:
-        req = SingleRequest(rid="warmup-" + tm.new_rid(), text=None, input_ids=tm.tokenizer.encode("Hello")[:8] or [1],
+        # a config-only model (dummy weights) has no tokenizer: any in-vocabulary id will do
+        ids = tm.tokenizer.encode("Hello")[:8] if tm.tokenizer is not None else []
+        req = SingleRequest(rid="warmup-" + tm.new_rid(), text=None, input_ids=ids or [1],
                             sampling_params={"max_new_tokens": 2, "temperature": 0})
         await collect(tm, [req])
     except Exception as e:

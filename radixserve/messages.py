@@ -58,6 +58,7 @@ class SchedulerState:
     num_retractions: int
     gen_throughput: float = 0.0
     num_tokens: int = 0  # tokens held by running requests
+    overlapped_launches: int = 0  # batches launched while the previous one's tokens were unread
     dp_rank: int = 0
     per_dp: list[SchedulerState] = field(default_factory=list)  # filled by the DP controller
 

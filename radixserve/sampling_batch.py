@@ -9,6 +9,7 @@ import torch
 
 from radixserve.layers.penalties import PenaltyState
 from radixserve.sampling_params import SamplingParams
+from radixserve.utils.transfer import to_device
 
 # Temperatures below this are treated as greedy: dividing logits by ~0 overflows softmax.
 SAMPLING_EPS = 1e-5
@@ -106,7 +107,7 @@ class SamplingBatch:
                 seeds.append(int(seed))
         # One host-to-device copy for all per-row knobs (ids up to 2^24 are exact in float32).
         packed = torch.tensor([temps, top_ps, top_ks, min_ps, greedy], dtype=torch.float32)
-        packed = packed.reshape(5, bs).to(device)
+        packed = to_device(packed.reshape(5, bs), device)
         penalties = PenaltyState.build(params, output_ids, prompt_ids, eos_ids, vocab_size, device)
         return cls(
             temperatures=packed[0].view(bs, 1),

@@ -57,6 +57,13 @@ def main() -> None:
         eager = timed(fb)
         runner.graph_runner = saved
         print(f"decode bs={bs} ctx={ctx}: graph {with_graph:.2f} ms, eager {eager:.2f} ms")
+        if bs == 1:  # kernel times of one eager step (the graph replays the same kernels, minus launch gaps)
+            saved, runner.graph_runner = runner.graph_runner, None
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                runner.forward(fb)
+                torch.cuda.synchronize()
+            runner.graph_runner = saved
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
     fb = batch(ForwardMode.EXTEND, 8, 1024, 1024)
     print(f"prefill 8x1024: {timed(fb, 5):.1f} ms")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

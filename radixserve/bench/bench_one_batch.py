@@ -174,29 +174,34 @@ class BatchDriver:
             reqs.append(req)
         return reqs
 
-    def sample(self, reqs: list[Any], logits: torch.Tensor) -> list[int]:
+    def sample(self, reqs: list[Any], batch: Any, logits: torch.Tensor) -> list[int]:
         from radixserve.sampling_batch import SamplingBatch
+        from radixserve.scheduler.batch import record_sampled
 
         n = len(reqs)
-        batch = SamplingBatch.build(
+        params = SamplingBatch.build(
             [r.params for r in reqs], [r.output_ids for r in reqs], [r.origin_input_ids for r in reqs],
             [[]] * n, [None] * n, self.runner.vocab_size, self.runner.device,
         )
-        return self.sampler(logits, batch, return_logprob=False).next_token_ids.tolist()
+        next_ids = self.sampler(logits, params, return_logprob=False).next_token_ids
+        record_sampled(self.runner, batch, next_ids)  # the next decode batch reads its inputs there
+        return next_ids.tolist()
 
     def prefill(self, reqs: list[Any]) -> None:
         from radixserve.scheduler.batch import build_extend_batch
 
-        out = self.runner.forward(build_extend_batch(reqs, self.runner, self.cache))
-        for req, token in zip(reqs, self.sample(reqs, out.next_token_logits)):
+        batch = build_extend_batch(reqs, self.runner, self.cache)
+        out = self.runner.forward(batch)
+        for req, token in zip(reqs, self.sample(reqs, batch, out.next_token_logits)):
             req.kv_committed_len += req.extend_len
             req.output_ids.append(token)
 
     def decode(self, reqs: list[Any]) -> None:
         from radixserve.scheduler.batch import build_decode_batch
 
-        out = self.runner.forward(build_decode_batch(reqs, self.runner, self.cache))
-        for req, token in zip(reqs, self.sample(reqs, out.next_token_logits)):
+        batch = build_decode_batch(reqs, self.runner, self.cache)
+        out = self.runner.forward(batch)
+        for req, token in zip(reqs, self.sample(reqs, batch, out.next_token_logits)):
             req.kv_committed_len += 1
             req.output_ids.append(token)
 

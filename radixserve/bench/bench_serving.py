@@ -8,6 +8,11 @@ Backends: `openai` (/v1/completions), `openai-chat` (/v1/chat/completions), `rad
 (native /generate). Every request streams (SSE). Input tokens are counted with the bench tokenizer
 (--tokenizer; the bundled SmolLM2 one by default, so pass the served model's for another model) on the raw
 prompt, so a chat template's tokens are not in the input totals.
+
+--tokenize-prompt (native backends only) sends random token ids as `input_ids` instead of text: prompt
+lengths are exact, no tokenizer is loaded (so a config-only model with dummy weights can be benched), the
+ids are drawn from [0, vocab size) with the size taken from --vocab-size or the server's /get_server_info,
+and output tokens are the server's count (meta_info.completion_tokens, else the ids streamed).
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from typing import Any
 
 import aiohttp
 
-from radixserve.bench.serving_dataset import DATASETS, DatasetRow, Tokenizer, count_tokens, get_dataset
+from radixserve.bench.serving_dataset import (
+    DATASETS,
+    DatasetRow,
+    PromptSource,
+    Tokenizer,
+    TokenVocab,
+    count_tokens,
+    get_dataset,
+)
 from radixserve.bench.serving_metrics import RequestOutput, compute_metrics, format_report
 
 # backend -> endpoint path
@@ -155,7 +168,10 @@ def build_payload(backend: str, model: str | None, row: DatasetRow, ignore_eos: 
         params: dict[str, Any] = {"max_new_tokens": row.output_len, "temperature": 0.0}
         if ignore_eos:
             params["ignore_eos"] = True
-        return {"text": row.prompt, "sampling_params": params, "stream": True}
+        prompt: dict[str, Any] = {"text": row.prompt} if row.input_ids is None else {"input_ids": row.input_ids}
+        return {**prompt, "sampling_params": params, "stream": True}
+    if row.input_ids is not None:
+        raise ValueError(f"token-id prompts need a native backend ({', '.join(NATIVE)}); got {backend}")
     payload: dict[str, Any] = {
         "model": model,
         "max_tokens": row.output_len,
@@ -174,7 +190,7 @@ def build_payload(backend: str, model: str | None, row: DatasetRow, ignore_eos: 
 
 async def send_request(
     session: aiohttp.ClientSession, url: str, backend: str, payload: dict[str, Any], row: DatasetRow,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
 ) -> RequestOutput:
     """Send one streaming request and time it; failures are recorded in the result, never raised."""
     out = RequestOutput(prompt_len=row.prompt_len, output_len=row.output_len)
@@ -192,10 +208,12 @@ async def send_request(
             for data in parser.close():
                 _apply(out, decoder, data, time.perf_counter())
         out.finish(time.perf_counter())
-        out.output_tokens = (
-            decoder.completion_tokens if decoder.completion_tokens is not None
-            else count_tokens(tokenizer, out.generated_text)
-        )
+        if decoder.completion_tokens is not None:
+            out.output_tokens = decoder.completion_tokens
+        elif tokenizer is not None:
+            out.output_tokens = count_tokens(tokenizer, out.generated_text)
+        else:  # --tokenize-prompt against a server that gave no count: what the chunks carried
+            out.output_tokens = out.streamed_tokens
         out.success = True
     except Exception as e:  # any failure is one failed request, reported with its text
         out.finish(time.perf_counter())
@@ -235,6 +253,25 @@ async def fetch_model(session: aiohttp.ClientSession, base_url: str) -> str:
     return str(models[0]["id"])
 
 
+async def fetch_vocab_size(session: aiohttp.ClientSession, base_url: str) -> int:
+    """The served model's vocabulary size: radixserve's /get_server_info carries the scheduler's
+    `vocab_size` (the model's embedding rows, the bound /generate checks input_ids against)."""
+    tried = []
+    for route in ("/get_server_info", "/get_model_info"):
+        try:
+            async with session.get(base_url + route) as resp:
+                resp.raise_for_status()
+                info = await resp.json()
+        except Exception as e:
+            tried.append(f"{route}: {type(e).__name__}: {e}")
+            continue
+        size = info.get("vocab_size") if isinstance(info, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+        tried.append(f"{route}: no vocab_size")
+    raise BenchError(f"cannot learn the vocabulary size from {base_url} ({'; '.join(tried)}); pass --vocab-size")
+
+
 async def arrivals(rows: Sequence[DatasetRow], rate: float, rng: random.Random) -> AsyncIterator[DatasetRow]:
     """Rows at Poisson arrival times (exponential gaps, mean 1/rate); all at once for rate inf."""
     for i, row in enumerate(rows):
@@ -243,14 +280,17 @@ async def arrivals(rows: Sequence[DatasetRow], rate: float, rng: random.Random) 
         yield row
 
 
-async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]:
-    """Warm up, run every prompt, print the report, and return the result record (the JSON line)."""
+async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """Warm up, run every prompt, print the report, and return the result record (the JSON line).
+
+    `tokenizer` is None under --tokenize-prompt, which needs none."""
     base_url = base_url_of(args)
     url = base_url + BACKENDS[args.backend]
     ignore_eos = not args.disable_ignore_eos
-    rows = get_dataset(args, tokenizer, args.num_prompts, args.seed)
-    # warm-up prompts come from another seed so they leave nothing in a prefix cache for the timed ones
-    warmup_rows = get_dataset(args, tokenizer, args.warmup_requests, args.seed + 1) if args.warmup_requests else []
+    tokenize_prompt: bool = args.tokenize_prompt
+    vocab_size: int | None = args.vocab_size
+    if not tokenize_prompt and tokenizer is None:
+        raise BenchError("text prompts need a tokenizer")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     connector = aiohttp.TCPConnector(limit=0)  # aiohttp's default 100 connections would cap concurrency
@@ -258,12 +298,24 @@ async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[
         model = args.model
         if model is None and args.backend not in NATIVE:
             model = await fetch_model(session, base_url)
+        source: PromptSource
+        if tokenize_prompt:
+            if vocab_size is None:
+                vocab_size = await fetch_vocab_size(session, base_url)
+            source = TokenVocab(vocab_size)
+        else:
+            assert tokenizer is not None
+            source = tokenizer
+        rows = get_dataset(args, source, args.num_prompts, args.seed)
+        # warm-up prompts come from another seed so they leave nothing in a prefix cache for the timed ones
+        warmup_rows = get_dataset(args, source, args.warmup_requests, args.seed + 1) if args.warmup_requests else []
 
         async def one(row: DatasetRow) -> RequestOutput:
             payload = build_payload(args.backend, model, row, ignore_eos)
             return await send_request(session, url, args.backend, payload, row, tokenizer)
 
-        print(f"{args.backend} -> {url}, model {model or '(server default)'}, {len(rows)} prompts "
+        prompts = f"token-id prompts, vocab {vocab_size}" if tokenize_prompt else "text prompts"
+        print(f"{args.backend} -> {url}, model {model or '(server default)'}, {len(rows)} {prompts} "
               f"({sum(r.prompt_len for r in rows)} input tokens, {sum(r.output_len for r in rows)} output asked)")
         for row in warmup_rows:
             warm = await one(row)
@@ -301,7 +353,9 @@ async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[
     ok = [o for o in outputs if o.success]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": args.backend, "base_url": base_url, "model": model, "tokenizer": args.tokenizer or "bundled",
+        "backend": args.backend, "base_url": base_url, "model": model,
+        "tokenizer": None if tokenize_prompt else args.tokenizer or "bundled",
+        "tokenize_prompt": tokenize_prompt, "vocab_size": vocab_size,
         "dataset_name": args.dataset_name, "num_prompts": args.num_prompts,
         "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
         "random_range_ratio": args.random_range_ratio, "request_rate": args.request_rate,
@@ -326,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer folder, .gguf file or 'smollm2-135m-instruct' (default: the bundled one)")
+    g.add_argument("--tokenize-prompt", action="store_true",
+                   help="send integer ids (input_ids) instead of strings, so prompt lengths are exact; loads "
+                        "no tokenizer (works with a config-only model); native backends only")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="with --tokenize-prompt: draw ids from [0, N) (default: the server's vocab_size "
+                        "from /get_server_info)")
     g = parser.add_argument_group("workload")
     g.add_argument("--dataset-name", default="random", choices=list(DATASETS))
     g.add_argument("--num-prompts", type=int, default=1000)
@@ -359,6 +419,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-concurrency: must be >= 1; got {args.max_concurrency}")
     if args.warmup_requests < 0:
         raise ValueError(f"--warmup-requests: must be >= 0; got {args.warmup_requests}")
+    if args.tokenize_prompt:
+        if args.backend not in NATIVE:
+            raise ValueError(f"--tokenize-prompt: only the native backends ({', '.join(NATIVE)}) take input_ids; "
+                             f"got --backend {args.backend}")
+        if args.tokenizer is not None:
+            raise ValueError("--tokenizer: --tokenize-prompt loads no tokenizer; drop one of the two")
+    if args.vocab_size is not None:
+        if not args.tokenize_prompt:
+            raise ValueError("--vocab-size: only means something with --tokenize-prompt")
+        if args.vocab_size < 1:
+            raise ValueError(f"--vocab-size: must be >= 1; got {args.vocab_size}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,14 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"bench_serving: error: {e}", file=sys.stderr)
         return 2
-    try:
-        from radixserve.bench.serving_dataset import load_bench_tokenizer
+    tokenizer = None  # --tokenize-prompt needs none, so it works where none exists
+    if not args.tokenize_prompt:
+        try:
+            from radixserve.bench.serving_dataset import load_bench_tokenizer
 
-        tokenizer = load_bench_tokenizer(args.tokenizer)
-    except Exception as e:
-        print(f"bench_serving: error: cannot load tokenizer {args.tokenizer or '(bundled)'}: {e}; "
-              "pass --tokenizer", file=sys.stderr)
-        return 2
+            tokenizer = load_bench_tokenizer(args.tokenizer)
+        except Exception as e:
+            print(f"bench_serving: error: cannot load tokenizer {args.tokenizer or '(bundled)'}: {e}; "
+                  "pass --tokenizer", file=sys.stderr)
+            return 2
     try:
         record = asyncio.run(run_benchmark(args, tokenizer))
     except BenchError as e:

@@ -1,7 +1,8 @@
 """Prompts for bench_serving: the tokenizer that measures them and the datasets that make them.
 
 Only the `random` dataset exists today; another (sharegpt, ...) is one more DatasetFn in DATASETS plus
-the flags it reads.
+the flags it reads. A dataset gets a PromptSource: a tokenizer (text prompts), or under --tokenize-prompt
+a TokenVocab (token-id prompts, no tokenizer anywhere).
 """
 
 from __future__ import annotations
@@ -28,11 +29,22 @@ class Tokenizer(Protocol):
     def __len__(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class TokenVocab:
+    """What --tokenize-prompt draws prompts from instead of a tokenizer: ids in [0, size)."""
+
+    size: int
+
+
+PromptSource = Tokenizer | TokenVocab
+
+
 @dataclass
 class DatasetRow:
-    prompt: str
-    prompt_len: int  # tokens of `prompt` re-encoded by the bench tokenizer, without special tokens
+    prompt: str  # "" for a token-id row
+    prompt_len: int  # tokens of `prompt` re-encoded by the bench tokenizer (or len(input_ids)), no specials
     output_len: int  # tokens asked for (max_tokens / max_new_tokens)
+    input_ids: list[int] | None = None  # the prompt as token ids (--tokenize-prompt); sent instead of text
 
 
 def count_tokens(tokenizer: Tokenizer, text: str) -> int:
@@ -115,16 +127,39 @@ def sample_random_requests(
     return rows
 
 
-def _random_dataset(args: argparse.Namespace, tokenizer: Tokenizer, num_prompts: int, seed: int) -> list[DatasetRow]:
-    return sample_random_requests(
-        tokenizer, num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, seed
-    )
+def sample_random_token_requests(
+    vocab_size: int,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    seed: int,
+) -> list[DatasetRow]:
+    """`num_prompts` prompts of uniform random ids in [0, vocab_size), each exactly as long as drawn (no
+    text round trip). Lengths come from the rng first, as in sample_random_requests, so one seed gives
+    both modes the same lengths."""
+    if vocab_size < 1:
+        raise ValueError(f"the vocabulary size must be >= 1; got {vocab_size}")
+    rng = random.Random(seed)
+    input_lens = random_lengths(num_prompts, input_len, range_ratio, rng)
+    output_lens = random_lengths(num_prompts, output_len, range_ratio, rng)
+    # no special ids are left out: a prompt id is never decoded or parsed as a chat marker on the server
+    ids = range(vocab_size)
+    return [DatasetRow("", n_in, n_out, rng.choices(ids, k=n_in)) for n_in, n_out in zip(input_lens, output_lens)]
 
 
-DatasetFn = Callable[[argparse.Namespace, Tokenizer, int, int], list[DatasetRow]]
+def _random_dataset(args: argparse.Namespace, source: PromptSource, num_prompts: int, seed: int) -> list[DatasetRow]:
+    lengths = (num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, seed)
+    if isinstance(source, TokenVocab):
+        return sample_random_token_requests(source.size, *lengths)
+    return sample_random_requests(source, *lengths)
+
+
+DatasetFn = Callable[[argparse.Namespace, PromptSource, int, int], list[DatasetRow]]
 DATASETS: dict[str, DatasetFn] = {"random": _random_dataset}
 
 
-def get_dataset(args: argparse.Namespace, tokenizer: Tokenizer, num_prompts: int, seed: int) -> list[DatasetRow]:
-    """`num_prompts` rows of dataset `args.dataset_name`, drawn with `seed`."""
-    return DATASETS[args.dataset_name](args, tokenizer, num_prompts, seed)
+def get_dataset(args: argparse.Namespace, source: PromptSource, num_prompts: int, seed: int) -> list[DatasetRow]:
+    """`num_prompts` rows of dataset `args.dataset_name`, drawn with `seed`: text rows from a tokenizer,
+    token-id rows from a TokenVocab."""
+    return DATASETS[args.dataset_name](args, source, num_prompts, seed)

@@ -30,7 +30,8 @@ class RequestOutput:
     success: bool = False
     error: str = ""
     generated_text: str = ""
-    output_tokens: int = 0  # tokens produced: the server's usage count, else the bench tokenizer's
+    output_tokens: int = 0  # tokens produced: the server's count, else the bench tokenizer's, else streamed_tokens
+    streamed_tokens: int = 0  # tokens the content chunks carried (one per chunk where the format does not say)
     ttft: float = 0.0
     latency: float = 0.0  # E2E
     itl: list[float] = field(default_factory=list)
@@ -38,6 +39,7 @@ class RequestOutput:
 
     def on_content(self, now: float, num_tokens: int = 1) -> None:
         """Record a chunk with new content that arrived at `now` carrying `num_tokens` tokens."""
+        self.streamed_tokens += max(1, num_tokens)
         if self.last_chunk is None:
             self.ttft = now - self.start
         else:

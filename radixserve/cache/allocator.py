@@ -2,12 +2,14 @@
 
 Bookkeeping lives on the CPU in torch tensors: a stack of free page ids (alloc/free are O(pages
 touched), vectorised) and a per-page "is free" bitmap that catches double frees. Returned slots
-are moved to the allocator's device.
+are copied to the allocator's device without waiting for it (pinned, non-blocking).
 """
 
 from __future__ import annotations
 
 import torch
+
+from radixserve.utils.transfer import to_device
 
 
 class KVAllocator:
@@ -64,7 +66,7 @@ class KVAllocator:
         ps = self.page_size
         if ps == 1:
             pages = self._pop_pages(num_new)
-            return None if pages is None else pages.to(self.device)
+            return None if pages is None else to_device(pages, self.device)
 
         fill = min((-prefix_len) % ps, num_new)
         if fill:
@@ -79,7 +81,7 @@ class KVAllocator:
         if rest:
             parts.append((pages[:, None] * ps + self._offsets).reshape(-1)[:rest])
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out.to(self.device)
+        return to_device(out, self.device)
 
     def alloc_decode(self, prefix_lens: list[int], last_slots: list[int]) -> torch.Tensor | None:
         """One new slot for each of many sequences (a decode step), in one call.
@@ -93,7 +95,7 @@ class KVAllocator:
         ps = self.page_size
         if ps == 1:
             pages = self._pop_pages(n)
-            return None if pages is None else pages.to(self.device)
+            return None if pages is None else to_device(pages, self.device)
         lens = torch.as_tensor(prefix_lens, dtype=torch.int64)
         last = torch.as_tensor(last_slots, dtype=torch.int64).cpu()
         new_page = lens % ps == 0
@@ -108,7 +110,7 @@ class KVAllocator:
             return None
         out = last + 1
         out[new_page] = pages * ps
-        return out.to(self.device)
+        return to_device(out, self.device)
 
     # ---- free --------------------------------------------------------------------------------
 

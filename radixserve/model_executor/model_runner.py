@@ -85,6 +85,8 @@ class ModelRunner:
         self.plan = self._plan_memory()
         self.page_size = args.page_size
         self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests, context_len, device)
+        # newest sampled token of each request row: decode batches read their inputs from here
+        self.last_token = torch.zeros(self.plan.max_running_requests + 1, dtype=torch.int64, device=device)
         self.kv_pool = KVPool(
             self.plan.max_total_tokens, self.page_size, self.cfg.num_hidden_layers,
             self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype, device,

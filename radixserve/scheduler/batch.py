@@ -1,4 +1,9 @@
-"""Turn a list of requests into a ForwardBatch, allocating the KV slots of the new tokens."""
+"""Turn a list of requests into a ForwardBatch, allocating the KV slots of the new tokens.
+
+Nothing here waits for the device: host data goes up in one non-blocking copy per batch, and a decode
+batch reads its input tokens from the device (`ModelRunner.last_token`, written when the previous
+batch sampled them), so it can be built while that batch is still running (overlap scheduling).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.utils.transfer import upload_int64
 
 if TYPE_CHECKING:
     from radixserve.cache.base import PrefixCache
@@ -22,8 +28,9 @@ def alloc_slots(req: Req, n: int, runner: ModelRunner, cache: PrefixCache) -> to
     """Slots for the next n tokens of req, evicting cached prefixes when the pool is short."""
     table = runner.req_to_token_pool.req_to_token
     start = req.kv_committed_len
-    last_slot = int(table[req.req_pool_idx, start - 1]) if start > 0 else 0
     allocator = runner.allocator
+    # only a partly filled last page needs its slot (a device read); with pages of 1 there is none
+    last_slot = int(table[req.req_pool_idx, start - 1]) if start > 0 and allocator.page_size > 1 else 0
     slots = allocator.alloc_for_sequence(start, last_slot, n)
     if slots is None:
         need = allocator.pages_needed(start, n) * allocator.page_size
@@ -60,37 +67,41 @@ def build_extend_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
                 spans.append((i, offset + lo - start, offset + hi - start))
                 any_prompt_logprobs = True
         next_ids.extend(fill[start + 1 : start + n + 1] + [-1] * max(0, start + n + 1 - len(fill)))
-    seq_lens = torch.tensor([r.kv_committed_len + r.extend_len for r in reqs], dtype=torch.int64)
+    seq_lens = [r.kv_committed_len + r.extend_len for r in reqs]
+    uploads = [input_ids, positions, [r.req_pool_idx for r in reqs], seq_lens, logits_indices]
+    if any_prompt_logprobs:
+        uploads.append(next_ids)
+    dev = upload_int64(uploads, device)
     return ForwardBatch(
         mode=ForwardMode.EXTEND,
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device),
-        seq_lens=seq_lens.to(device),
-        seq_lens_cpu=seq_lens,
+        input_ids=dev[0],
+        positions=dev[1],
+        req_pool_indices=dev[2],
+        seq_lens=dev[3],
+        seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
         out_cache_loc=torch.cat(slots),
         req_to_token=runner.req_to_token_pool.req_to_token,
         kv_pool=runner.kv_pool,
         attn_backend=runner.attn_backend,
         extend_lens_cpu=torch.tensor([r.extend_len for r in reqs], dtype=torch.int64),
         prefix_lens_cpu=torch.tensor([r.kv_committed_len for r in reqs], dtype=torch.int64),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        logits_indices=dev[4],
         prompt_logprob_spans=spans,
-        prompt_next_ids=torch.tensor(next_ids, dtype=torch.int64, device=device) if any_prompt_logprobs else None,
+        prompt_next_ids=dev[5] if any_prompt_logprobs else None,
     )
 
 
-def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache) -> torch.Tensor:
-    """One slot per request for a decode step (one vectorised allocation), evicting if short."""
+def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache,
+                       rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """One slot per request for a decode step (one vectorised allocation), evicting if short.
+    rows and starts are the requests' table rows and KV lengths, on the device."""
     table = runner.req_to_token_pool.req_to_token
     allocator = runner.allocator
-    rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
-    starts = torch.tensor([r.kv_committed_len for r in reqs], dtype=torch.int64)
-    prefix_lens = starts.tolist()
+    prefix_lens = [r.kv_committed_len for r in reqs]
     if allocator.page_size == 1:
         last_slots = [0] * len(reqs)  # every token takes a fresh page: no need to read the table (a sync)
     else:
-        last_slots = table[rows.to(table.device), (starts - 1).clamp(min=0).to(table.device)].tolist()
+        last_slots = table[rows, (starts - 1).clamp(min=0)].tolist()
     slots = allocator.alloc_decode(prefix_lens, last_slots)
     if slots is None:
         need = sum(allocator.page_size for n in prefix_lens if n % allocator.page_size == 0)
@@ -98,23 +109,32 @@ def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
         slots = allocator.alloc_decode(prefix_lens, last_slots)
         if slots is None:
             raise OutOfKVError(f"need {need} KV slots, {allocator.available_size()} free")
-    table[rows.to(table.device), starts.to(table.device)] = slots.to(table.device)
+    table[rows, starts] = slots
     return slots
 
 
 def build_decode_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache) -> ForwardBatch:
-    device = runner.device
-    slots = alloc_decode_slots(reqs, runner, cache)
-    seq_lens = torch.tensor([r.seq_len for r in reqs], dtype=torch.int64)
+    """Each request's input is its newest token, read from runner.last_token on the device: the host
+    may not have it yet (Req.pending)."""
+    seq_lens = [r.seq_len for r in reqs]
+    rows, starts, dev_seq_lens = upload_int64(
+        [[r.req_pool_idx for r in reqs], [r.kv_committed_len for r in reqs], seq_lens], runner.device
+    )
+    slots = alloc_decode_slots(reqs, runner, cache, rows, starts)
     return ForwardBatch(
         mode=ForwardMode.DECODE,
-        input_ids=torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=device),
-        positions=(seq_lens - 1).to(device),
-        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device),
-        seq_lens=seq_lens.to(device),
-        seq_lens_cpu=seq_lens,
-        out_cache_loc=slots.to(device),
+        input_ids=runner.last_token[rows],
+        positions=dev_seq_lens - 1,
+        req_pool_indices=rows,
+        seq_lens=dev_seq_lens,
+        seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
+        out_cache_loc=slots,
         req_to_token=runner.req_to_token_pool.req_to_token,
         kv_pool=runner.kv_pool,
         attn_backend=runner.attn_backend,
     )
+
+
+def record_sampled(runner: ModelRunner, batch: ForwardBatch, next_ids: torch.Tensor) -> None:
+    """Keep each request's newest token on the device, where its next decode batch reads it."""
+    runner.last_token[batch.req_pool_indices] = next_ids

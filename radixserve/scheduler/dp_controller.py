@@ -81,7 +81,7 @@ def merge_states(states: list[SchedulerState]) -> SchedulerState:
     for f in fields(SchedulerState):
         if f.name in ("kv_total", "kv_available", "kv_evictable", "kv_protected", "req_rows_total",
                       "req_rows_available", "num_running", "num_waiting", "num_retractions", "num_tokens",
-                      "gen_throughput"):
+                      "gen_throughput", "overlapped_launches"):
             setattr(total, f.name, sum(getattr(s, f.name) for s in states))
     total.per_dp = states
     return total

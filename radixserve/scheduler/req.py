@@ -34,6 +34,9 @@ class Req:
     max_new_tokens: int = 0  # resolved against the context length
 
     output_ids: list[int] = field(default_factory=list)
+    # Tokens sampled on the device whose values the host has not read yet (overlap scheduling: the
+    # next batch is launched before the last one's results are processed). 0 or 1 between steps.
+    pending: int = 0
     stage: ReqStage = ReqStage.WAITING
     finish_reason: dict[str, Any] | None = None
     # KV bookkeeping, shared with the prefix cache
@@ -62,7 +65,12 @@ class Req:
 
     @property
     def seq_len(self) -> int:
-        return len(self.origin_input_ids) + len(self.output_ids)
+        return len(self.origin_input_ids) + self.num_generated
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens sampled so far, counting those still on the device."""
+        return len(self.output_ids) + self.pending
 
     @property
     def finished(self) -> bool:
@@ -72,8 +80,16 @@ class Req:
     def wants_prompt_logprobs(self) -> bool:
         return self.return_logprob and 0 <= self.logprob_start_len < len(self.origin_input_ids)
 
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling this request reads its generated tokens on the host (grammar, penalties, the
+        min_new_tokens EOS block), so its next batch waits until they are all there."""
+        p = self.params
+        return (self.grammar is not None or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+                or p.repetition_penalty != 1.0 or p.min_new_tokens > 0)
+
     def remaining_new_tokens(self) -> int:
-        return max(0, self.max_new_tokens - len(self.output_ids))
+        return max(0, self.max_new_tokens - self.num_generated)
 
     def check_finished(self) -> None:
         """Called after a token is appended."""

@@ -39,8 +39,9 @@ from radixserve.messages import (
 from radixserve.model_executor.model_runner import ModelRunner, resolve_device
 from radixserve.sampling_batch import SamplingBatch
 from radixserve.sampling_params import SamplingParams
-from radixserve.scheduler.batch import OutOfKVError, build_decode_batch, build_extend_batch
-from radixserve.scheduler.decode import free_kv_of, retract_for_decode
+from radixserve.scheduler.batch import OutOfKVError, build_decode_batch, build_extend_batch, record_sampled
+from radixserve.scheduler.decode import decode_tokens_needed, free_kv_of, retract_for_decode
+from radixserve.scheduler.inflight import InFlightBatch
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillPlanner
 from radixserve.scheduler.req import Req, ReqStage
@@ -94,6 +95,10 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
+        # overlap scheduling: the launched batch whose results are not processed yet
+        self.overlap = not args.disable_overlap_schedule
+        self.inflight: InFlightBatch | None = None
+        self.overlapped_launches = 0
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self.decode_steps = 0
@@ -134,7 +139,7 @@ class Scheduler:
             num_running=len(self.running) + (self.chunked_req is not None), num_waiting=len(self.waiting),
             new_token_ratio=self.new_token_ratio, num_retractions=self.num_retractions,
             gen_throughput=self.last_gen_throughput, num_tokens=sum(r.seq_len for r in self.running),
-            dp_rank=self.dp_rank,
+            dp_rank=self.dp_rank, overlapped_launches=self.overlapped_launches,
         )
 
     def report_load(self) -> None:
@@ -254,6 +259,7 @@ class Scheduler:
                 req.to_abort = True
 
     def flush_cache(self) -> FlushCacheReply:
+        self.resolve()
         if self.running or self.waiting or self.chunked_req:
             return FlushCacheReply(False, "requests are in flight; flush when idle")
         self.cache.reset()
@@ -261,7 +267,7 @@ class Scheduler:
 
     # ---- the loop ---------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked_req)
+        return bool(self.waiting or self.running or self.chunked_req or self.inflight)
 
     def event_loop(self) -> None:
         profile_steps = int(os.environ.get("RADIXSERVE_PROFILE_STEPS", "0"))
@@ -292,6 +298,33 @@ class Scheduler:
                     (time.perf_counter() - start) / steps * 1e3, out.getvalue())
 
     def step(self) -> None:
+        """Launch the next batch, then process the previous one's tokens. With overlap scheduling
+        that processing (and the next launch's building) runs while the device computes; without,
+        each batch is processed right after its launch."""
+        if self.inflight is not None and self.needs_resolved_state():
+            self.resolve()
+        launched = self.launch_next()
+        if launched is not None and self.inflight is not None:
+            self.overlapped_launches += 1
+        self.resolve()
+        self.inflight = launched
+        if not self.overlap:
+            self.resolve()
+
+    def needs_resolved_state(self) -> bool:
+        """Whether the next launch must see the in-flight tokens first: sampling that reads a
+        request's tokens (grammar, penalties, min_new_tokens), or a decode that may retract."""
+        if any(r.needs_host_tokens for r in self.running):
+            return True
+        free = self.runner.allocator.available_size() + self.cache.evictable_size()
+        return decode_tokens_needed(self.running, self.page_size) > free
+
+    def resolve(self) -> None:
+        if self.inflight is not None:
+            batch, self.inflight = self.inflight, None
+            self.process_batch(batch)
+
+    def launch_next(self) -> InFlightBatch | None:
         self.drop_aborted()
         waiting = order_waiting(
             self.waiting, self.args.schedule_policy, self.cache, not self.args.disable_radix_cache
@@ -302,12 +335,13 @@ class Scheduler:
             self.waiting = [r for r in self.waiting if id(r) not in admitted]
             self.chunked_req = plan.chunked_req
             self.log_prefill(plan)
-            self.run_extend(plan.reqs)
-        elif self.running:
+            return self.launch_extend(plan.reqs)
+        if self.running:
             retracted = retract_for_decode(self.running, self.runner, self.cache)
             if retracted:
                 self.on_retract(retracted)
-            self.run_decode()
+            return self.launch_decode()
+        return None
 
     def drop_aborted(self) -> None:
         gone = [r for r in self.running if r.to_abort]
@@ -342,7 +376,7 @@ class Scheduler:
                 reqs[i].grammar.fill_bitmask(bitmask, i)
             apply_bitmask(logits, bitmask, rows)
         seeds = [
-            None if r.params.seed is None else (r.params.seed * 1_000_003 + len(r.output_ids)) % (1 << 62)
+            None if r.params.seed is None else (r.params.seed * 1_000_003 + r.num_generated) % (1 << 62)
             for r in reqs
         ]
         batch = SamplingBatch.build(
@@ -356,7 +390,7 @@ class Scheduler:
         tp_broadcast_tensor(out.next_token_ids)  # ranks sample alike, but must never diverge
         return out
 
-    def run_extend(self, reqs: list[Req]) -> None:
+    def launch_extend(self, reqs: list[Req]) -> InFlightBatch | None:
         try:
             batch = build_extend_batch(reqs, self.runner, self.cache)
         except OutOfKVError as e:  # the planner's budget makes this a bug, but never hang on it
@@ -364,30 +398,33 @@ class Scheduler:
             for r in reqs:
                 r.finish_reason = {"type": "abort", "message": f"out of KV memory: {e}", "status_code": 503}
             self.chunked_req = None
-            return self.finish(reqs)
+            self.finish(reqs)
+            return None
         prompt_top_k = max((r.top_logprobs_num for r in reqs if r.wants_prompt_logprobs), default=0)
         out = self.runner.forward(batch, prompt_top_k)
         sampled = self.sample(reqs, out.next_token_logits)
-        ids = sampled.next_token_ids.tolist()
-        done: list[Req] = []
+        record_sampled(self.runner, batch, sampled.next_token_ids)
+        discarded: set[int] = set()
         for i, req in enumerate(reqs):
             req.kv_committed_len += req.extend_len
             if i in out.prompt_logprobs:
                 self.record_prompt_logprobs(req, out.prompt_logprobs[i])
-            if req is self.chunked_req:
+            if req is self.chunked_req:  # more of its prompt to go: no token yet
                 self.cache.cache_unfinished_req(req)
+                discarded.add(id(req))
                 continue
             if req.wants_prompt_logprobs:
                 req.prompt_logprobs_done = True
             req.stage = ReqStage.DECODING
-            self.append_token(req, ids[i], sampled, i)
-            (done if req.finished else self.running).append(req)
-        self.send_outputs([r for r in reqs if r is not self.chunked_req])
-        self.finish(done, send=False)
-        return None
+            req.pending += 1
+            self.running.append(req)  # it can decode before its first token reaches the host
+        return InFlightBatch.launch(reqs, True, sampled, discarded)
 
-    def run_decode(self) -> None:
-        reqs = self.running
+    def launch_decode(self) -> InFlightBatch | None:
+        # a request whose pending token is its last (max_new_tokens) needs no further step
+        reqs = [r for r in self.running if r.num_generated < r.max_new_tokens]
+        if not reqs:
+            return None
         try:
             batch = build_decode_batch(reqs, self.runner, self.cache)
         except OutOfKVError as e:
@@ -396,24 +433,40 @@ class Scheduler:
                 if r.kv_committed_len < r.seq_len - 1 or r.req_pool_idx is None:
                     continue
                 r.finish_reason = {"type": "abort", "message": f"out of KV memory: {e}", "status_code": 503}
-            self.running = [r for r in reqs if not r.finished]
-            return self.finish([r for r in reqs if r.finished])
+            self.running = [r for r in self.running if not r.finished]
+            self.finish([r for r in reqs if r.finished])
+            return None
         out = self.runner.forward(batch)
         sampled = self.sample(reqs, out.next_token_logits)
-        ids = sampled.next_token_ids.tolist()
-        for i, req in enumerate(reqs):
+        record_sampled(self.runner, batch, sampled.next_token_ids)
+        for req in reqs:
             req.kv_committed_len += 1
-            self.append_token(req, ids[i], sampled, i)
+            req.pending += 1
         self.decode_steps += 1
         self.tokens_since_log += len(reqs)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        self.send_outputs(reqs)
-        done = [r for r in reqs if r.finished]
-        self.running = [r for r in reqs if not r.finished]
-        self.finish(done, send=False)
         if self.decode_steps % self.args.decode_log_interval == 0:
             self.log_decode()
-        return None
+        return InFlightBatch.launch(reqs, False, sampled)
+
+    def process_batch(self, batch: InFlightBatch) -> None:
+        """Append the batch's tokens, stream them, and release the requests that finished. Requests
+        that finished or were aborted after this batch was launched drop their (extra) token."""
+        sampled = batch.wait()
+        ids = sampled.next_token_ids.tolist()
+        live: list[Req] = []
+        for i, req in enumerate(batch.reqs):
+            if req.finished or id(req) in batch.discarded:
+                continue
+            req.pending -= 1
+            self.append_token(req, ids[i], sampled, i)
+            live.append(req)
+        self.send_outputs(live)
+        done = [r for r in live if r.finished]
+        if done:
+            gone = {id(r) for r in done}
+            self.running = [r for r in self.running if id(r) not in gone]
+            self.finish(done, send=False)
 
     def append_token(self, req: Req, token: int, sampled, i: int) -> None:
         req.output_ids.append(token)

@@ -1,5 +1,6 @@
-"""The whole engine on a GPU: Triton attention and CUDA graphs give the same greedy tokens as
-transformers (fp32), and the same tokens with graphs on and off (bf16). Skipped without CUDA."""
+"""The whole engine on a GPU: Triton attention and CUDA graphs, with and without overlap scheduling,
+give the same greedy tokens as transformers (fp32), and the same tokens with graphs on and off (bf16).
+Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ def hf_greedy_cuda(model, ids: list[int]) -> list[int]:
     return new[: new.index(2) + 1] if 2 in new else new
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
 @pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graph", "eager"])
-def test_triton_fp32_matches_transformers(tiny, graphs):
+def test_triton_fp32_matches_transformers(tiny, graphs, overlap):
     from radixserve import Engine
 
     path, batch, expected = tiny
-    with Engine(model_path=path, dtype="float32", disable_cuda_graph=not graphs, page_size=4) as e:
+    with Engine(model_path=path, dtype="float32", disable_cuda_graph=not graphs, page_size=4,
+                disable_overlap_schedule=not overlap) as e:
         outs = e.generate(input_ids=batch, sampling_params={"temperature": 0, "max_new_tokens": MAX_NEW})
         assert [o["output_ids"] for o in outs] == expected
         again = e.generate(input_ids=batch, sampling_params={"temperature": 0, "max_new_tokens": MAX_NEW})

@@ -28,7 +28,15 @@ from radixserve.bench.bench_serving import (
     run_benchmark,
     send_request,
 )
-from radixserve.bench.serving_dataset import DatasetRow, random_prompt, sample_random_requests, sampling_ids
+from radixserve.bench.serving_dataset import (
+    DatasetRow,
+    TokenVocab,
+    get_dataset,
+    random_prompt,
+    sample_random_requests,
+    sample_random_token_requests,
+    sampling_ids,
+)
 from radixserve.bench.serving_metrics import LatencyStats, RequestOutput, compute_metrics, format_report
 
 
@@ -80,6 +88,26 @@ def test_random_prompts_reencode_to_target_with_bundled_tokenizer():
     got = [random_prompt(tok, t, ids, rng)[1] for t in targets]
     off = [g - t for g, t in zip(got, targets)]
     assert sum(d == 0 for d in off) >= 36 and max(map(abs, off)) <= 2, off
+
+
+def test_token_dataset_rows_have_exact_lengths_and_in_vocab_ids():
+    rows = sample_random_token_requests(50, 40, input_len=32, output_len=16, range_ratio=0.5, seed=7)
+    assert rows == sample_random_token_requests(50, 40, 32, 16, 0.5, seed=7)
+    assert rows != sample_random_token_requests(50, 40, 32, 16, 0.5, seed=8)
+    assert all(r.prompt == "" and r.input_ids is not None and r.prompt_len == len(r.input_ids) for r in rows)
+    assert all(16 <= r.prompt_len <= 32 and 8 <= r.output_len <= 16 for r in rows)
+    ids = [i for r in rows for i in r.input_ids or []]
+    assert min(ids) >= 0 and max(ids) < 50 and len(set(ids)) > 40  # the whole vocabulary is drawn from
+    # one seed gives the text and token modes the same lengths (WordTokenizer re-encodes exactly)
+    text_rows = sample_random_requests(WordTokenizer(), 40, 32, 16, 0.5, seed=7)
+    assert [(r.prompt_len, r.output_len) for r in rows] == [(r.prompt_len, r.output_len) for r in text_rows]
+    exact = sample_random_token_requests(128256, 5, 4096, 7, range_ratio=1.0, seed=0)
+    assert {(len(r.input_ids or []), r.prompt_len, r.output_len) for r in exact} == {(4096, 4096, 7)}
+    args = build_parser().parse_args(["--backend", "radixserve", "--tokenize-prompt", "--random-input-len", "9"])
+    via_args = get_dataset(args, TokenVocab(50), 3, seed=2)
+    assert via_args == sample_random_token_requests(50, 3, 9, args.random_output_len, 0.0, seed=2)
+    with pytest.raises(ValueError):
+        sample_random_token_requests(0, 1, 1, 1, 0.0, 0)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -184,6 +212,36 @@ def test_payloads_per_backend():
     assert native["sampling_params"] == {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
 
 
+def test_token_payloads_send_input_ids_and_no_text():
+    row = DatasetRow("", 3, 16, [4, 5, 6])
+    for backend in ("radixserve", "sglang"):
+        native = build_payload(backend, None, row, ignore_eos=True)
+        assert native == {"input_ids": [4, 5, 6], "stream": True,
+                          "sampling_params": {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}}
+    for backend in ("openai", "openai-chat"):
+        with pytest.raises(ValueError, match="native backend"):
+            build_payload(backend, "m", row, ignore_eos=True)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--backend", "openai", "--tokenize-prompt"], "--tokenize-prompt"),
+    (["--backend", "openai-chat", "--tokenize-prompt"], "--tokenize-prompt"),
+    (["--backend", "radixserve", "--tokenize-prompt", "--tokenizer", "x"], "--tokenizer"),
+    (["--backend", "radixserve", "--vocab-size", "100"], "--vocab-size"),
+    (["--backend", "radixserve", "--tokenize-prompt", "--vocab-size", "0"], "--vocab-size"),
+])
+def test_tokenize_prompt_flag_misuse_is_rejected(argv, flag, monkeypatch, capsys):
+    def no_tokenizer(name: str | None) -> None:
+        raise AssertionError("flags are checked before any tokenizer loads")
+
+    monkeypatch.setattr(serving_dataset, "load_bench_tokenizer", no_tokenizer)
+    assert main([*argv, "--num-prompts", "2", "--disable-tqdm"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}:" in err
+    if "openai" in argv:
+        assert "radixserve, sglang" in err
+
+
 def test_poisson_arrivals_have_the_asked_mean_gap(monkeypatch):
     gaps: list[float] = []
 
@@ -209,14 +267,22 @@ class FakeState:
     max_in_flight: int = 0
 
 
-def fake_streaming_app(state: FakeState, fail_every: int = 0, usage: bool = True) -> web.Application:
+def fake_streaming_app(state: FakeState, fail_every: int = 0, usage: bool = True, native_text: bool = True,
+                       native_counts: bool = True, vocab_size: int | None = None) -> web.Application:
     """A fake of the OpenAI and native /generate streaming formats, only for testing the bench client: it
     runs no model and stands for no real server. Each token is the word "w7 "; tokens come in chunks of
-    1, 2, 1, 2, ... so that multi-token chunks occur. Every `fail_every`-th request gets an HTTP 500."""
+    1, 2, 1, 2, ... so that multi-token chunks occur. Every `fail_every`-th request gets an HTTP 500.
+    Native chunks carry no text with `native_text=False` (a model without a tokenizer) and no token
+    counts with `native_counts=False`; `vocab_size` is served by /get_server_info when set."""
     app = web.Application()
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def server_info(request: web.Request) -> web.Response:
+        if vocab_size is None:
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        return web.json_response({"vocab_size": vocab_size, "internal_states": [{}]})
 
     async def stream(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -241,7 +307,10 @@ def fake_streaming_app(state: FakeState, fail_every: int = 0, usage: bool = True
             k = min(step, n - sent)
             sent, step, piece = sent + k, 3 - step, "w7 " * k
             if native:
-                await send({"text": "w7 " * sent, "output_ids": [7] * sent, "meta_info": {"completion_tokens": sent}})
+                chunk: dict[str, Any] = {"text": "w7 " * sent if native_text else ""}
+                if native_counts:
+                    chunk.update(output_ids=[7] * sent, meta_info={"completion_tokens": sent})
+                await send(chunk)
             elif request.path == "/v1/chat/completions":
                 await send({"choices": [{"index": 0, "delta": {"content": piece}}]})
             else:
@@ -253,6 +322,8 @@ def fake_streaming_app(state: FakeState, fail_every: int = 0, usage: bool = True
         return resp
 
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/get_server_info", server_info)
+    app.router.add_get("/get_model_info", server_info)
     for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
         app.router.add_post(path, stream)
     return app
@@ -280,7 +351,7 @@ def fake_server(**kwargs: Any) -> Iterator[tuple[FakeState, str]]:
 RESULT_FIELDS = {
     "date", "backend", "base_url", "model", "tokenizer", "dataset_name", "num_prompts", "random_input_len",
     "random_output_len", "random_range_ratio", "request_rate", "max_concurrency", "seed", "ignore_eos",
-    "warmup_requests", "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
+    "warmup_requests", "tokenize_prompt", "vocab_size", "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
     "request_throughput", "input_throughput", "output_throughput", "total_throughput", "concurrency",
     "input_lens", "output_lens", "errors",
 } | {f"{s}_{k}_ms" for s in ("mean", "median", "p90", "p99") for k in ("ttft", "itl", "e2e", "tpot")}
@@ -365,3 +436,60 @@ def test_unreachable_server_and_bad_flags_fail_cleanly(monkeypatch, capsys):
     assert main(["--random-range-ratio", "1.5"]) == 2
     assert main(["--request-rate", "0"]) == 2
     assert "--request-rate" in capsys.readouterr().err
+
+
+def _no_tokenizer(name: str | None) -> None:
+    raise AssertionError("--tokenize-prompt must load no tokenizer")
+
+
+def test_tokenize_prompt_run_against_a_tokenizer_free_server(tmp_path, monkeypatch):
+    monkeypatch.setattr(serving_dataset, "load_bench_tokenizer", _no_tokenizer)
+    out_file = tmp_path / "serving.jsonl"
+    with fake_server(native_text=False, vocab_size=100) as (state, url):
+        argv = ["--base-url", url, "--backend", "radixserve", "--tokenize-prompt", "--num-prompts", "10",
+                "--random-input-len", "24", "--random-output-len", "7", "--random-range-ratio", "0.5",
+                "--disable-tqdm", "--output-file", str(out_file)]
+        assert main(argv) == 0
+        requests = state.requests
+    record = json.loads(out_file.read_text())
+    assert set(record) == RESULT_FIELDS, set(record) ^ RESULT_FIELDS
+    rows = sample_random_token_requests(100, 10, 24, 7, 0.5, seed=1)
+    assert record["tokenize_prompt"] is True and record["vocab_size"] == 100 and record["tokenizer"] is None
+    assert (record["completed"], record["failed"]) == (10, 0)
+    assert record["input_lens"] == [r.prompt_len for r in rows]
+    # the server's counts, not a tokenizer (the stream has no text at all)
+    assert record["output_lens"] == [r.output_len for r in rows]
+    assert record["total_output_tokens"] == sum(r.output_len for r in rows)
+    assert 0 < record["mean_ttft_ms"] <= record["mean_e2e_ms"] and record["median_itl_ms"] > 0
+    assert len(requests) == 11  # one warm-up
+    for _, body in requests:
+        assert "text" not in body and all(0 <= t < 100 for t in body["input_ids"])
+    assert [body["input_ids"] for _, body in requests[1:]] == [r.input_ids for r in rows]
+
+
+def test_tokenize_prompt_vocab_size_comes_from_the_flag_or_fails_clearly(monkeypatch, capsys):
+    monkeypatch.setattr(serving_dataset, "load_bench_tokenizer", _no_tokenizer)
+    common = ["--backend", "sglang", "--tokenize-prompt", "--num-prompts", "3", "--random-input-len", "5",
+              "--random-output-len", "3", "--disable-tqdm", "--warmup-requests", "0"]
+    with fake_server(native_text=False) as (state, url):  # no /get_server_info vocab_size
+        assert main(["--base-url", url, *common]) == 1
+        assert "pass --vocab-size" in capsys.readouterr().err and state.requests == []
+        assert main(["--base-url", url, *common, "--vocab-size", "7"]) == 0
+        assert all(max(body["input_ids"]) < 7 and len(body["input_ids"]) <= 5 for _, body in state.requests)
+
+
+def test_tokenize_prompt_without_server_counts_counts_chunks():
+    row = DatasetRow("", 3, 7, [1, 2, 3])
+    with fake_server(native_counts=False) as (_, url):
+
+        async def go() -> RequestOutput:
+            import aiohttp
+
+            async with aiohttp.ClientSession() as session:
+                payload = build_payload("radixserve", None, row, ignore_eos=True)
+                return await send_request(session, url + "/generate", "radixserve", payload, row, None)
+
+        out = asyncio.run(go())
+    assert out.success, out.error
+    assert out.output_tokens == out.streamed_tokens == 5  # chunks of 1,2,1,2,1 tokens, one token each
+    assert len(out.itl) == 4

@@ -160,6 +160,16 @@ def test_extend_longer_than_one_query_block():
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_extend_long_prefix_and_many_blocks(page_size):
+    """Unmasked key blocks before the diagonal and masked ones along it, for prefixes that are and
+    are not multiples of the key block (64), with several query blocks per request."""
+    prefix, extend = [130, 0, 64, 63], [100, 129, 65, 2]
+    case = make_case(page_size, 4, 1, 64, prefix, extend, seed=5)
+    ref, got = run_both(ForwardMode.EXTEND, case, prefix, extend)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
 def test_backend_reuses_buffers_across_batches():
     """Metadata buffers are reused in place; a smaller batch after a larger one stays correct."""
     backend = TritonBackend(min_split_tokens=8)

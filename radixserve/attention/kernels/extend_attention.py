@@ -32,7 +32,7 @@ def _extend_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    mb = tl.program_id(2)
+    mb = tl.num_programs(2) - 1 - tl.program_id(2)  # the longest rows (most keys) start first
 
     ext_len = tl.load(ExtendLens + b).to(tl.int32)
     if mb * BLOCK_M < ext_len:
@@ -55,16 +55,33 @@ def _extend_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # The last query of this block sits at prefix + min(ext_len, (mb+1)*BLOCK_M) - 1.
+        # The last query of this block sits at prefix + min(ext_len, (mb+1)*BLOCK_M) - 1. Keys before
+        # the first query's position are visible to every query of the block: those blocks skip the
+        # causal mask; only the blocks along the diagonal apply it.
         kv_end = prefix + tl.minimum(ext_len, (mb + 1) * BLOCK_M)
-        for n0 in range(0, kv_end, BLOCK_N):
+        full_end = (prefix + mb * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            slots = tl.load(slot_row + offs_n)
+            k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                        mask=mask_d[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * sm_scale_log2
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                        mask=mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+            m_i = m_new
+        for n0 in range(full_end, kv_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < kv_end
             slots = tl.load(slot_row + offs_n, mask=mask_n, other=0)
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * sm_scale_log2
-            # Key 0 is visible to every query, so the first block leaves no row at -inf.
+            # Key 0 is visible to every query, so no row is left at -inf by the time it is divided.
             visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -72,8 +89,7 @@ def _extend_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = v.to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
             m_i = m_new
 
         out = acc / l_i[:, None]

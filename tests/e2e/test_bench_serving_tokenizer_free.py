@@ -1,0 +1,61 @@
+"""bench_serving --tokenize-prompt against a real server on a config-only model (tiny-llama, dummy
+weights, no tokenizer): token-id prompts in, token ids and empty text out."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+
+from radixserve.bench import serving_dataset
+from radixserve.bench.bench_serving import main
+from radixserve.bench.serving_dataset import sample_random_token_requests
+from tests.e2e.server_utils import REPO, start_server
+
+TINY = os.path.join(REPO, "radixserve", "configs", "tiny-llama")
+VOCAB = 512  # tiny-llama's config.json
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("server") / "server.log")
+    srv = start_server(["--model-path", TINY, "--load-format", "dummy", "--device", "cpu", "--dtype", "float32",
+                        "--max-total-tokens", "4096"], log)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def test_server_streams_ids_without_text(server):
+    """The format the bench relies on: cumulative output_ids and completion_tokens, empty text."""
+    chunks = []
+    body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}, "stream": True}
+    with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data: "):]))
+    assert chunks and all(c["text"] == "" for c in chunks)
+    assert chunks[-1]["meta_info"]["completion_tokens"] == len(chunks[-1]["output_ids"]) == 4
+    assert httpx.get(server.url + "/get_server_info", timeout=30).json()["vocab_size"] == VOCAB
+
+
+def test_bench_serving_tokenize_prompt_end_to_end(server, tmp_path, monkeypatch):
+    def no_tokenizer(name: str | None) -> None:
+        raise AssertionError("--tokenize-prompt must load no tokenizer")
+
+    monkeypatch.setattr(serving_dataset, "load_bench_tokenizer", no_tokenizer)
+    out_file = tmp_path / "serving.jsonl"
+    argv = ["--base-url", server.url, "--backend", "radixserve", "--tokenize-prompt", "--num-prompts", "8",
+            "--random-input-len", "48", "--random-output-len", "8", "--random-range-ratio", "0.5",
+            "--max-concurrency", "4", "--disable-tqdm", "--output-file", str(out_file)]
+    assert main(argv) == 0
+    record = json.loads(out_file.read_text())
+    rows = sample_random_token_requests(VOCAB, 8, 48, 8, 0.5, seed=1)
+    assert (record["completed"], record["failed"], record["errors"]) == (8, 0, [])
+    assert record["vocab_size"] == VOCAB and record["tokenize_prompt"] is True
+    assert record["input_lens"] == [r.prompt_len for r in rows]
+    assert record["output_lens"] == [r.output_len for r in rows]  # ignore_eos: every output as long as asked
+    assert 0 < record["mean_ttft_ms"] <= record["mean_e2e_ms"]
+    assert record["median_itl_ms"] > 0 and record["output_throughput"] > 0
