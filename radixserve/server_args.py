@@ -60,6 +60,7 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = None
     disable_overlap_schedule: bool = False
     enable_torch_compile: bool = False
+    torch_compile_max_bs: int | None = None
     enable_two_batch_overlap: bool = False
     # Parallelism
     tp_size: int = 1
@@ -115,6 +116,7 @@ class ServerArgs:
         self._check_int("disaggregation_bootstrap_port", minimum=1, maximum=65535)
         self._check_int("max_request_body_size", minimum=1)
         self._check_int("cuda_graph_max_bs", minimum=1)
+        self._check_int("torch_compile_max_bs", minimum=1)
         if not isinstance(self.shutdown_timeout, int | float) or self.shutdown_timeout < 0:
             raise ServerArgsError(f"--shutdown-timeout: must be >= 0 seconds; got {self.shutdown_timeout!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
@@ -181,7 +183,6 @@ class ServerArgs:
             (self.moe_dense_tp_size is not None, f"--moe-dense-tp-size: MoE models {pending}"),
             (self.moe_a2a_backend != "none",
              f"--moe-a2a-backend {self.moe_a2a_backend}: needs DeepEP, which is not installed; use 'none'"),
-            (self.enable_torch_compile, f"--enable-torch-compile: torch.compile {pending}"),
         ]
         for hit, message in checks:
             if hit:
@@ -238,7 +239,9 @@ class ServerArgs:
         add(g, "disable_cuda_graph", "do not capture CUDA graphs")
         add(g, "cuda_graph_max_bs", "largest decode batch run through CUDA graphs (default 256)", type=int)
         add(g, "disable_overlap_schedule", "run scheduling and the GPU strictly in turn")
-        add(g, "enable_torch_compile", "torch.compile the model for small batches")
+        add(g, "enable_torch_compile", "torch.compile the model for decode batches up to --torch-compile-max-bs")
+        add(g, "torch_compile_max_bs", "largest decode batch run through the torch.compile'd model (default 32)",
+            type=int)
         add(g, "enable_two_batch_overlap", "overlap two micro-batches")
         g = parser.add_argument_group("parallelism")
         add(g, "tp_size", "tensor parallel size", type=int)

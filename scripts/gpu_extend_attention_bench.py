@@ -40,14 +40,15 @@ def main() -> int:
         start = torch.arange(bs, device=dev) * length
         out = torch.empty_like(q)
 
-        def run_triton():
+        def run_triton(q=q, k_buf=k_buf, v_buf=v_buf, table=table, rows=rows, prefix=prefix, ext=ext,
+                       start=start, out=out, length=length):
             extend_attention(q, k_buf, v_buf, table, rows, prefix, ext, start, out, d**-0.5, length)
 
         qs = q.view(bs, length, hq, d).transpose(1, 2)
         ks = k.view(bs, length, hk, d).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
         vs = v.view(bs, length, hk, d).transpose(1, 2).repeat_interleave(hq // hk, dim=1)
 
-        def run_sdpa():
+        def run_sdpa(qs=qs, ks=ks, vs=vs):
             return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
 
         ms_t = triton.testing.do_bench(run_triton, warmup=50, rep=300, return_mode="median")

@@ -14,7 +14,7 @@ except ImportError:
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and fused is not None:
+        if x.is_cuda and fused is not None and not torch.compiler.is_compiling():  # inductor fuses the torch code
             return fused.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

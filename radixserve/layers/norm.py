@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if x.is_cuda and fused is not None:
+        if x.is_cuda and fused is not None and not torch.compiler.is_compiling():  # inductor fuses the torch code
             return fused.rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)

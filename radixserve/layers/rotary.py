@@ -55,7 +55,7 @@ class RotaryEmbedding(nn.Module):
     def rotate_fn(self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device):
         """A function rotating qk [T, H, D] for these positions: the fused kernel in place on CUDA,
         else torch ops on cos/sin looked up once for every layer."""
-        if device.type == "cuda" and fused is not None:
+        if device.type == "cuda" and fused is not None and not torch.compiler.is_compiling():  # inductor fuses it
             return lambda qk: fused.rotary_inplace(qk, positions, self.cos_cache, self.sin_cache)
         cos, sin = self.cos_sin(positions, dtype)
         return lambda qk: apply_rotary(qk, cos, sin)

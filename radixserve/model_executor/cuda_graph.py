@@ -2,6 +2,9 @@
 the bucket. Padding rows read request row 0 (the dummy row) and write their KV to the dummy page,
 so they never touch a real request's cache.
 
+With --enable-torch-compile, buckets up to --torch-compile-max-bs capture the compiled forward
+(model_executor/compile.py) instead of the plain model.
+
 The attention backend must support capture: `init_cuda_graph_state(max_bs, ...)`,
 `init_forward_metadata_capture(batch)` and `init_forward_metadata_replay(batch, bs)`, all of which
 keep their device buffers at fixed addresses.
@@ -62,17 +65,19 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         model, backend = self.runner.model, self.runner.attn_backend
+        compiled = getattr(self.runner, "compiled_decode", None)  # --enable-torch-compile
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
                 batch = self.static_batch(bs)
+                forward = compiled if compiled is not None and compiled.can_run(batch) else model
                 backend.init_forward_metadata_capture(batch)
-                for _ in range(2):  # warm up kernels (Triton autotuning, cuBLAS handles) outside capture
-                    model(batch)
+                for _ in range(2):  # warm up kernels (torch.compile, Triton autotuning, cuBLAS) outside capture
+                    forward(batch)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    logits = model(batch).next_token_logits
+                    logits = forward(batch).next_token_logits
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[bs], self.outputs[bs] = graph, logits

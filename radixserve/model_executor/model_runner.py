@@ -17,6 +17,7 @@ from radixserve.loader import config as cfgutil
 from radixserve.loader.dummy import init_dummy_weights
 from radixserve.loader.source import ModelSource
 from radixserve.loader.weights import iter_weights
+from radixserve.model_executor.compile import make_compiled_decode
 from radixserve.model_executor.cuda_graph import CudaGraphRunner
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.models.registry import model_class_for
@@ -94,6 +95,7 @@ class ModelRunner:
         self.allocator = KVAllocator(self.plan.max_total_tokens, self.page_size, device)
         self.attn_backend = make_attention_backend(args.attention_backend, device)
         self.vocab_size = self.cfg.vocab_size
+        self.compiled_decode = make_compiled_decode(self)  # --enable-torch-compile; graphs capture it
         self.graph_runner: CudaGraphRunner | None = None
         if self.use_cuda_graph:
             self.graph_runner = CudaGraphRunner(self, self.cuda_graph_max_bs)
@@ -169,4 +171,6 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return LogitsOutput(self.graph_runner.replay(batch))
         self.attn_backend.init_forward_metadata(batch)
+        if self.compiled_decode is not None and self.compiled_decode.can_run(batch):
+            return self.compiled_decode(batch)
         return self.model(batch, prompt_top_k)

@@ -57,6 +57,7 @@ def test_runbook_defaults():
         ({"nnodes": 2, "tp_size": 2}, "--dist-init-addr"),
         ({"port": 70000}, "--port"),
         ({"max_total_tokens": "many"}, "--max-total-tokens"),
+        ({"torch_compile_max_bs": 0}, "--torch-compile-max-bs"),
     ],
 )
 def test_validation_names_the_flag(kwargs, flag):
@@ -73,13 +74,26 @@ def test_choice_errors_list_allowed_values():
     "kwargs, flag",
     [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
      ({"disaggregation_mode": "decode"}, "--disaggregation-mode"),
-     ({"enable_torch_compile": True}, "--enable-torch-compile"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
 )
 def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
     message = ServerArgs(**kwargs).unbuilt_feature()
     assert message and message.startswith(flag) and "\n" not in message
     assert ServerArgs().unbuilt_feature() is None
+
+
+def test_torch_compile_is_built():
+    args = parse(["--enable-torch-compile", "--torch-compile-max-bs", "16"])
+    assert args.enable_torch_compile and args.torch_compile_max_bs == 16
+    assert args.unbuilt_feature() is None
+    assert ServerArgs().torch_compile_max_bs is None  # auto: 32, as in SGLang
+
+
+def test_help_lists_torch_compile_flags():
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = parser.format_help()
+    assert "--enable-torch-compile" in text and "--torch-compile-max-bs" in text
 
 
 def test_cli_exits_with_one_clear_line():
