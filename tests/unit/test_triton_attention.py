@@ -123,12 +123,16 @@ def test_decode_one_token_per_split_and_no_workspace():
 
 
 def test_split_plan():
-    # bounded by length (256 tokens a split), by occupancy (4 programs per SM), and by 64
-    assert plan_max_splits(1024, 32, 8, 132) == 3
-    assert plan_max_splits(4096, 1, 8, 132) == 16
-    assert plan_max_splits(100, 1, 8, 132) == 1
-    assert plan_max_splits(1 << 20, 1, 1, 132) == 64
+    # bounded by length (min_split_tokens a split), by occupancy (4 programs per SM), and by 64
+    assert plan_max_splits(1024, 32, 8, 132, min_split_tokens=256) == 3
+    assert plan_max_splits(4096, 1, 8, 132, min_split_tokens=256) == 16
+    assert plan_max_splits(100, 1, 8, 132, min_split_tokens=256) == 1
+    assert plan_max_splits(1 << 20, 1, 1, 132, min_split_tokens=256) == 64
     assert plan_max_splits(0, 0, 8, 132) == 1
+    # the default (64-token splits) gives a batch-1 decode enough programs at short contexts
+    assert plan_max_splits(256, 1, 8, 132) == 4
+    assert plan_max_splits(100, 1, 8, 132) == 2
+    assert plan_max_splits(1024, 32, 8, 132) == 3
 
 
 # ---- extend -------------------------------------------------------------------------------------

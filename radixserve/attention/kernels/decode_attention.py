@@ -25,8 +25,10 @@ import triton
 import triton.language as tl
 
 # A split shorter than this costs more in its fixed work (query load, workspace write, its share
-# of the merge) than the parallelism it adds.
-MIN_SPLIT_TOKENS = 256
+# of the merge) than the parallelism it adds. Small batches need short splits: each program walks
+# its split serially, one dependent slot -> K -> V load chain per block, so at batch 1 with 256-token
+# splits (8 programs per layer on an 8-KV-head model) a layer took 17.6 us on an H200.
+MIN_SPLIT_TOKENS = 64
 # Enough programs to fill the GPU a few times over; beyond that splitting only adds merge work.
 WAVES_PER_SM = 4
 MAX_SPLITS = 64
