@@ -42,6 +42,7 @@ from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.batch import OutOfKVError, build_decode_batch, build_extend_batch, record_sampled
 from radixserve.scheduler.decode import decode_tokens_needed, free_kv_of, retract_for_decode
 from radixserve.scheduler.inflight import InFlightBatch
+from radixserve.scheduler.output import SampledTokens, append_token, record_prompt_logprobs, take_output
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillPlanner
 from radixserve.scheduler.req import Req, ReqStage
@@ -408,7 +409,7 @@ class Scheduler:
         for i, req in enumerate(reqs):
             req.kv_committed_len += req.extend_len
             if i in out.prompt_logprobs:
-                self.record_prompt_logprobs(req, out.prompt_logprobs[i])
+                record_prompt_logprobs(req, out.prompt_logprobs[i])
             if req is self.chunked_req:  # more of its prompt to go: no token yet
                 self.cache.cache_unfinished_req(req)
                 discarded.add(id(req))
@@ -452,14 +453,13 @@ class Scheduler:
     def process_batch(self, batch: InFlightBatch) -> None:
         """Append the batch's tokens, stream them, and release the requests that finished. Requests
         that finished or were aborted after this batch was launched drop their (extra) token."""
-        sampled = batch.wait()
-        ids = sampled.next_token_ids.tolist()
+        tokens = SampledTokens.of(batch.wait())
         live: list[Req] = []
         for i, req in enumerate(batch.reqs):
             if req.finished or id(req) in batch.discarded:
                 continue
             req.pending -= 1
-            self.append_token(req, ids[i], sampled, i)
+            append_token(req, tokens, i)
             live.append(req)
         self.send_outputs(live)
         done = [r for r in live if r.finished]
@@ -467,31 +467,6 @@ class Scheduler:
             gone = {id(r) for r in done}
             self.running = [r for r in self.running if id(r) not in gone]
             self.finish(done, send=False)
-
-    def append_token(self, req: Req, token: int, sampled, i: int) -> None:
-        req.output_ids.append(token)
-        if req.return_logprob:
-            req.output_token_logprobs.append(float(sampled.next_token_logprobs[i]))
-            if req.top_logprobs_num > 0 and sampled.top_logprobs is not None:
-                values, idx = sampled.top_logprobs
-                k = req.top_logprobs_num
-                req.output_top_logprobs.append(list(zip(values[i, :k].tolist(), idx[i, :k].tolist())))
-        if req.grammar is not None and not req.grammar.accept_token(token):
-            req.finish_reason = {"type": "abort", "message": f"token {token} violates the grammar"}
-            return
-        req.check_finished()
-        if req.grammar is not None and not req.finished and req.grammar.is_terminated():
-            req.finish_reason = {"type": "stop", "matched": token}  # the grammar's end (EOS)
-
-    def record_prompt_logprobs(self, req: Req, entry) -> None:
-        if not req.input_token_logprobs and req.logprob_start_len == 0:
-            req.input_token_logprobs.append(None)
-            req.input_top_logprobs.append(None)
-        req.input_token_logprobs.extend(entry.token_logprobs)
-        if req.top_logprobs_num > 0:
-            k = req.top_logprobs_num
-            for vals, ids in zip(entry.top_values, entry.top_ids):
-                req.input_top_logprobs.append(list(zip(vals[:k], ids[:k])))
 
     def finish(self, reqs: list[Req], send: bool = True) -> None:
         """Release finished requests' KV (kept in the prefix cache) and rows."""
@@ -504,29 +479,7 @@ class Scheduler:
 
     # ---- outputs --------------------------------------------------------------
     def send_outputs(self, reqs: list[Req]) -> None:
-        outs = []
-        for req in reqs:
-            # non-streaming requests report their first token too (time-to-first-token metrics)
-            if not (req.stream or req.finished or len(req.output_ids) == 1):
-                continue
-            p = req.params
-            out = ReqOutput(
-                rid=req.rid, new_token_ids=req.output_ids[req.sent_ids :], finish_reason=req.finish_reason,
-                prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
-                cached_tokens=req.cached_tokens, skip_special_tokens=p.skip_special_tokens,
-                spaces_between_special_tokens=p.spaces_between_special_tokens,
-                stop_strings=list(p.stop or []), no_stop_trim=p.no_stop_trim,
-            )
-            req.sent_ids = len(req.output_ids)
-            if req.return_logprob:
-                out.output_token_logprobs = req.output_token_logprobs[req.sent_output_logprobs :]
-                out.output_top_logprobs = req.output_top_logprobs[req.sent_output_logprobs :]
-                req.sent_output_logprobs = len(req.output_token_logprobs)
-                if req.finished or req.prompt_logprobs_done:
-                    out.input_token_logprobs = req.input_token_logprobs[req.sent_input_logprobs :]
-                    out.input_top_logprobs = req.input_top_logprobs[req.sent_input_logprobs :]
-                    req.sent_input_logprobs = len(req.input_token_logprobs)
-            outs.append(out)
+        outs = [out for out in map(take_output, reqs) if out is not None]
         if outs:
             self.send_detok(BatchOut(outs))
 
