@@ -46,7 +46,7 @@ if [[ ${INSTALL_WHEELS:-1} == 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 else
   echo "run_gpu_benchmarks: not installing .whl/; using the packages already installed" >&2
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # keep a wheel folder exported by the caller
 fi
 
 {

@@ -55,7 +55,7 @@ if [[ ${INSTALL_WHEELS:-1} == 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 else
   log "not installing .whl/; using the packages already installed"
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # keep a wheel folder exported by the caller
 fi
 
 {
