@@ -19,15 +19,13 @@ from radixserve.utils.transfer import start_host_copy
 @dataclass
 class InFlightBatch:
     reqs: list[Req]
-    is_extend: bool
     sampled: SamplerOutput  # host tensors, valid once `ready` has completed
     ready: torch.cuda.Event | None  # None on the CPU, where the copies were synchronous
     # requests whose sampled token is dropped: a chunked prompt's non-final chunk
     discarded: set[int] = field(default_factory=set)  # ids of Req objects
 
     @classmethod
-    def launch(cls, reqs: list[Req], is_extend: bool, sampled: SamplerOutput,
-               discarded: set[int] | None = None) -> InFlightBatch:
+    def start_copy(cls, reqs: list[Req], sampled: SamplerOutput, discarded: set[int] | None = None) -> InFlightBatch:
         top = sampled.top_logprobs
         host = SamplerOutput(
             next_token_ids=start_host_copy(sampled.next_token_ids),
@@ -38,7 +36,7 @@ class InFlightBatch:
         if sampled.next_token_ids.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return cls(reqs, is_extend, host, ready, discarded or set())
+        return cls(reqs, host, ready, discarded or set())
 
     def wait(self) -> SamplerOutput:
         if self.ready is not None:

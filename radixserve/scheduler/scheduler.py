@@ -419,7 +419,7 @@ class Scheduler:
             req.stage = ReqStage.DECODING
             req.pending += 1
             self.running.append(req)  # it can decode before its first token reaches the host
-        return InFlightBatch.launch(reqs, True, sampled, discarded)
+        return InFlightBatch.start_copy(reqs, sampled, discarded)
 
     def launch_decode(self) -> InFlightBatch | None:
         # a request whose pending token is its last (max_new_tokens) needs no further step
@@ -448,7 +448,7 @@ class Scheduler:
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         if self.decode_steps % self.args.decode_log_interval == 0:
             self.log_decode()
-        return InFlightBatch.launch(reqs, False, sampled)
+        return InFlightBatch.start_copy(reqs, sampled)
 
     def process_batch(self, batch: InFlightBatch) -> None:
         """Append the batch's tokens, stream them, and release the requests that finished. Requests

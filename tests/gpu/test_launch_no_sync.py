@@ -45,7 +45,7 @@ def test_launch_path_never_syncs(graphs):
                                      runner.vocab_size, runner.device)
         sampled = driver.sampler(out.next_token_logits, params, return_logprob=True, max_top_k=2)
         record_sampled(runner, batch, sampled.next_token_ids)
-        return InFlightBatch.launch(reqs, batch.is_decode is False, sampled)
+        return InFlightBatch.start_copy(reqs, sampled)
 
     with torch.inference_mode():
         with no_sync():
