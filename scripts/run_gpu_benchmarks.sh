@@ -15,11 +15,16 @@
 #   ATTENTION_BACKEND=      passed as --attention-backend when set (torch_native, triton)
 #   DISABLE_CUDA_GRAPH=0    1 passes --disable-cuda-graph
 #   MEM_FRACTION=           passed as --mem-fraction-static when set
-#   PEAK_GBPS=3000 PEAK_TFLOPS=800   the limits the figures are compared with (H100 measured)
+#   PEAK_GBPS= PEAK_TFLOPS=  the limits the figures are compared with (default: bench_one_batch's measured
+#                           figures for the GPU found, H100 or H200)
 #   OFFLINE=auto|1|0        bench_offline_throughput: auto runs it only if a tiny tokenizer-less
 #                           probe passes (the engine's detokenizer needs a tokenizer today)
 #   OFFLINE_PROMPTS=64 OFFLINE_INPUT=512 OFFLINE_OUTPUT=128
-# worst case, every step timing out: 3 x 120 + 90 + 120 s, inside the device tool's 10-minute limit
+#   SERVING=1               also run scripts/run_gpu_serving_bench.sh (a server + bench_serving, 500 random
+#                           prompts up to 4096 in / 2048 out: about 3 minutes on an H200) into $OUT/serving/;
+#                           its knobs (NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN, SERVER_ARGS, ...) pass through.
+#                           Under a 10-minute command limit, run SERVING=0 here and the serving script alone.
+# worst case with SERVING=0, every step timing out: 3 x 120 + 90 + 120 s, inside the device tool's 10-minute limit
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,8 +37,6 @@ DTYPE=${DTYPE:-bfloat16}
 DEVICE=${DEVICE:-cuda}
 WARMUP=${WARMUP:-1}
 STEP_TIMEOUT=${STEP_TIMEOUT:-120}
-PEAK_GBPS=${PEAK_GBPS:-3000}
-PEAK_TFLOPS=${PEAK_TFLOPS:-800}
 OFFLINE=${OFFLINE:-auto}
 LOG="$OUT/bench.log"
 RESULTS="$OUT/one_batch.jsonl"
@@ -68,6 +71,8 @@ EXTRA=()
 [[ -n ${ATTENTION_BACKEND:-} ]] && EXTRA+=(--attention-backend "$ATTENTION_BACKEND")
 [[ ${DISABLE_CUDA_GRAPH:-0} == 1 ]] && EXTRA+=(--disable-cuda-graph)
 [[ -n ${MEM_FRACTION:-} ]] && EXTRA+=(--mem-fraction-static "$MEM_FRACTION")
+[[ -n ${PEAK_GBPS:-} ]] && EXTRA+=(--peak-gbps "$PEAK_GBPS")
+[[ -n ${PEAK_TFLOPS:-} ]] && EXTRA+=(--peak-tflops "$PEAK_TFLOPS")
 
 failed=0
 for run in "${RUNS[@]}"; do
@@ -78,8 +83,7 @@ for run in "${RUNS[@]}"; do
   [[ $output == 1 ]] && warm=$((WARMUP + 1))
   timeout "$STEP_TIMEOUT" python3 -m radixserve.bench_one_batch --model-path "$MODEL" --load-format dummy \
     --dtype "$DTYPE" --device "$DEVICE" --batch-size "$bs" --input-len "$input" --output-len "$output" \
-    --warmup "$warm" --run-name "$name" --result-file "$RESULTS" --peak-gbps "$PEAK_GBPS" \
-    --peak-tflops "$PEAK_TFLOPS" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+    --warmup "$warm" --run-name "$name" --result-file "$RESULTS" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   if [[ $rc != 0 ]]; then
     echo "=== $name failed (exit $rc)" | tee -a "$LOG"
@@ -110,6 +114,17 @@ if [[ $OFFLINE == 1 ]]; then
   [[ $rc != 0 ]] && { offline_note="failed (exit $rc); see bench.log"; failed=1; }
 elif [[ -z $offline_note ]]; then
   offline_note="skipped (OFFLINE=0)"
+fi
+
+if [[ ${SERVING:-1} == 1 ]]; then
+  echo "=== serving: scripts/run_gpu_serving_bench.sh -> $OUT/serving" | tee -a "$LOG"
+  # the wheels (if any) are installed and on PYTHONPATH already
+  if [[ ${QUICK:-0} == 1 ]]; then
+    export NUM_PROMPTS=${NUM_PROMPTS:-16} INPUT_LEN=${INPUT_LEN:-256} OUTPUT_LEN=${OUTPUT_LEN:-32}
+  fi
+  OUT="$OUT/serving" INSTALL_WHEELS=0 MODEL="$MODEL" DTYPE="$DTYPE" DEVICE="$DEVICE" \
+    bash scripts/run_gpu_serving_bench.sh 2>&1 | tee -a "$LOG"
+  [[ ${PIPESTATUS[0]} != 0 ]] && failed=1
 fi
 
 python3 - "$OUT" "$offline_note" <<'EOF'
@@ -187,6 +202,17 @@ if offline:
                      f"{m['total_tok_s']:,.1f} | {m['requests_s']:.2f} | {m['seconds']:.2f} |")
 else:
     lines.append(offline_note or "no results: see bench.log")
+serving = load(os.path.join("serving", "serving.jsonl"))
+if serving:
+    r = serving[-1]
+    lines += ["", "## bench_serving (server, random dataset, token-id prompts)", "",
+              f"{r['completed']} of {r['num_prompts']} requests done ({r['failed']} failed), inputs up to "
+              f"{r['random_input_len']} and outputs up to {r['random_output_len']} tokens (range ratio "
+              f"{r['random_range_ratio']}), request rate {r['request_rate']}.", "",
+              "| output tok/s | total tok/s | duration s | mean TTFT ms | median ITL ms | mean TPOT ms |",
+              "|---:|---:|---:|---:|---:|---:|",
+              f"| {r['output_throughput']:,.1f} | {r['total_throughput']:,.1f} | {r['duration']:.1f} | "
+              f"{r['mean_ttft_ms']:,.0f} | {r['median_itl_ms']:.1f} | {r['mean_tpot_ms']:.1f} |"]
 with open(os.path.join(out, "gpu_bench.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -11,7 +11,8 @@ pool is sized to the largest run unless --max-total-tokens says otherwise, and r
 
 Beside each timing it prints the work the step cannot avoid: the bytes a decode step must read
 (weights + the batch's KV) and the FLOPs of the prefill, as achieved GB/s and TFLOP/s; on CUDA also
-the time the step would take at --peak-gbps / --peak-tflops (defaults: measured H100 figures).
+the time the step would take at --peak-gbps / --peak-tflops (defaults: the rates measured on the GPU
+model found, H100 or H200; see MEASURED_PEAKS).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from radixserve.server_args import CHOICES, ServerArgs, ServerArgsError
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 WARMUP_MAX_OUTPUT = 32  # warm-up decodes this many steps at most: enough to settle allocators
+# (GB/s, dense bf16 TFLOP/s) measured on the lent machines: a device-to-device copy counting bytes read
+# and written, and an 8192^3 bf16 matmul on random data. Matched against the device name, first hit wins.
+MEASURED_PEAKS = (("H200", (4300.0, 790.0)), ("H100", (3000.0, 800.0)))
 
 
 # ---- physical limits ---------------------------------------------------------------------------
@@ -327,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for the dummy weights and prompt ids")
     parser.add_argument("--run-name", default="default")
     parser.add_argument("--result-file", default=None, help="append one JSON line per configuration")
-    parser.add_argument("--peak-gbps", type=float, default=3000.0, help="memory bandwidth limit (H100: ~3000)")
-    parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense FLOP/s limit (H100 bf16: ~800)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="memory bandwidth limit (default: measured for the GPU found; H100 ~3000, H200 ~4300)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense FLOP/s limit (default: measured for the GPU found; H100/H200 bf16 ~800)")
     return parser
 
 
@@ -340,8 +346,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--output-len: must be >= 1; got {args.output_len}")
     if args.warmup < 0:
         raise ValueError(f"--warmup: must be >= 0; got {args.warmup}")
-    if args.peak_gbps <= 0 or args.peak_tflops <= 0:
+    if (args.peak_gbps is not None and args.peak_gbps <= 0) or (args.peak_tflops is not None and args.peak_tflops <= 0):
         raise ValueError("--peak-gbps and --peak-tflops must be > 0")
+
+
+def default_peaks(gpu_name: str) -> tuple[float, float]:
+    """The measured limits of the first MEASURED_PEAKS model named in gpu_name (an H100's otherwise)."""
+    return next((peaks for model, peaks in MEASURED_PEAKS if model in gpu_name), MEASURED_PEAKS[-1][1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ServerArgsError) as e:
         print(f"bench_one_batch: error: {e}", file=sys.stderr)
         return 2
-    env = environment(runner, args)
     cuda = runner.device.type == "cuda"
+    if cuda:
+        gbps, tflops = default_peaks(torch.cuda.get_device_name(runner.device))
+        args.peak_gbps = args.peak_gbps or gbps
+        args.peak_tflops = args.peak_tflops or tflops
+    env = environment(runner, args)
     cost = ModelCost.of(runner)
     print(f"model {env['model_path']} ({cost.params / 1e6:,.1f} M params, {cost.weight_bytes / 1e6:,.1f} MB "
           f"read per decode step), {env['dtype']} on {env.get('gpu', env['device'])}, attention "

@@ -78,3 +78,11 @@ def test_prefill_flops_formula():
     # 2 tokens of 1 request: linear 2*(10*2 + 5*1) = 50; causal pairs 3, attention 4*3 = 12
     assert cost.prefill_flops(1, 2) == 62
     assert cost.decode_bytes(batch=2, context=3) == 100 + 2 * 2 * 3
+
+
+def test_default_peaks_follow_the_gpu_model():
+    from radixserve.bench.bench_one_batch import default_peaks
+
+    assert default_peaks("NVIDIA H200") == (4300.0, 790.0)
+    assert default_peaks("NVIDIA H100 80GB HBM3") == (3000.0, 800.0)
+    assert default_peaks("NVIDIA A100-SXM4-80GB") == (3000.0, 800.0)  # not measured here: the H100's
