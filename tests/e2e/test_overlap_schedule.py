@@ -149,3 +149,18 @@ def test_retraction_under_overlap(model_dir, engines):
         assert state.overlapped_launches > 0
         assert got == want
         assert_pools_whole(tight)
+
+
+def test_odd_page_and_chunk_sizes(model_dir, engines):
+    """Pages of 3 slots and chunks of 17 tokens: partly filled pages continue across chunks and decode
+    steps (the launch reads their last slot back) while batches overlap."""
+    _, serial = engines
+    batch = prompts(9, seed=15, lo=20, hi=70)
+    params = [{"temperature": 0, "max_new_tokens": 6 + i, "ignore_eos": True} for i in range(len(batch))]
+    want = [o["output_ids"] for o in serial.generate(input_ids=batch, sampling_params=params)]
+    with Engine(model_path=model_dir, dtype="float32", page_size=3, chunked_prefill_size=17) as odd:
+        got = [o["output_ids"] for o in odd.generate(input_ids=batch, sampling_params=params)]
+        again = [o["output_ids"] for o in odd.generate(input_ids=batch, sampling_params=params)]  # cached
+        assert got == want and again == want
+        assert odd.get_scheduler_state().overlapped_launches > 0
+        assert_pools_whole(odd)
