@@ -56,17 +56,21 @@ class KVAllocator:
         return -(-rest // self.page_size)
 
     def alloc_for_sequence(self, prefix_len: int, last_slot: int, num_new: int) -> torch.Tensor | None:
-        """int64 slots for positions prefix_len .. prefix_len+num_new-1 of one sequence.
+        """alloc_for_sequence_host, on the allocator's device."""
+        host = self.alloc_for_sequence_host(prefix_len, last_slot, num_new)
+        return None if host is None else to_device(host, self.device)
+
+    def alloc_for_sequence_host(self, prefix_len: int, last_slot: int, num_new: int) -> torch.Tensor | None:
+        """int64 slots (on the CPU) for positions prefix_len .. prefix_len+num_new-1 of one sequence.
 
         An unaligned prefix first continues in its last page (last_slot+1, ...), then whole new
         pages follow. Returns None, allocating nothing, when there are not enough free pages.
         """
         if num_new <= 0:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
+            return torch.empty(0, dtype=torch.int64)
         ps = self.page_size
         if ps == 1:
-            pages = self._pop_pages(num_new)
-            return None if pages is None else to_device(pages, self.device)
+            return self._pop_pages(num_new)
 
         fill = min((-prefix_len) % ps, num_new)
         if fill:
@@ -80,22 +84,25 @@ class KVAllocator:
             parts.append(torch.arange(last_slot + 1, last_slot + 1 + fill, dtype=torch.int64))
         if rest:
             parts.append((pages[:, None] * ps + self._offsets).reshape(-1)[:rest])
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return to_device(out, self.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def alloc_decode(self, prefix_lens: list[int], last_slots: list[int]) -> torch.Tensor | None:
-        """One new slot for each of many sequences (a decode step), in one call.
+        """alloc_decode_host, on the allocator's device."""
+        host = self.alloc_decode_host(prefix_lens, last_slots)
+        return None if host is None else to_device(host, self.device)
+
+    def alloc_decode_host(self, prefix_lens: list[int], last_slots: list[int]) -> torch.Tensor | None:
+        """One new slot (on the CPU) for each of many sequences (a decode step), in one call.
 
         Equivalent to alloc_for_sequence(prefix_lens[i], last_slots[i], 1) for each i, but
         vectorised. Returns None, allocating nothing, when there are not enough free pages.
         """
         n = len(prefix_lens)
         if n == 0:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
+            return torch.empty(0, dtype=torch.int64)
         ps = self.page_size
         if ps == 1:
-            pages = self._pop_pages(n)
-            return None if pages is None else to_device(pages, self.device)
+            return self._pop_pages(n)
         lens = torch.as_tensor(prefix_lens, dtype=torch.int64)
         last = torch.as_tensor(last_slots, dtype=torch.int64).cpu()
         new_page = lens % ps == 0
@@ -110,7 +117,7 @@ class KVAllocator:
             return None
         out = last + 1
         out[new_page] = pages * ps
-        return to_device(out, self.device)
+        return out
 
     # ---- free --------------------------------------------------------------------------------
 

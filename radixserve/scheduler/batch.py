@@ -24,21 +24,31 @@ class OutOfKVError(RuntimeError):
     """Not enough free KV slots even after evicting the whole unlocked cache."""
 
 
+def last_slot_of(req: Req, runner: ModelRunner) -> int:
+    """The slot of the request's newest committed position: kept on the host by the allocations
+    below; read from req_to_token (a device read) only if something else moved it."""
+    pos = req.kv_committed_len - 1
+    if req.last_slot_pos == pos:
+        return req.last_slot
+    return int(runner.req_to_token_pool.req_to_token[req.req_pool_idx, pos])
+
+
 def alloc_slots(req: Req, n: int, runner: ModelRunner, cache: PrefixCache) -> torch.Tensor:
-    """Slots for the next n tokens of req, evicting cached prefixes when the pool is short."""
-    table = runner.req_to_token_pool.req_to_token
+    """Host slots for the next n tokens of req, evicting cached prefixes when the pool is short.
+    The caller writes them into req_to_token."""
     start = req.kv_committed_len
     allocator = runner.allocator
-    # only a partly filled last page needs its slot (a device read); with pages of 1 there is none
-    last_slot = int(table[req.req_pool_idx, start - 1]) if start > 0 and allocator.page_size > 1 else 0
-    slots = allocator.alloc_for_sequence(start, last_slot, n)
+    # only a partly filled last page needs its last slot; with pages of 1 there is none
+    last_slot = last_slot_of(req, runner) if start % allocator.page_size else 0
+    slots = allocator.alloc_for_sequence_host(start, last_slot, n)
     if slots is None:
         need = allocator.pages_needed(start, n) * allocator.page_size
         cache.evict(need - allocator.available_size())
-        slots = allocator.alloc_for_sequence(start, last_slot, n)
+        slots = allocator.alloc_for_sequence_host(start, last_slot, n)
         if slots is None:
             raise OutOfKVError(f"need {need} KV slots, {allocator.available_size()} free")
-    table[req.req_pool_idx, start : start + n] = slots
+    if n:
+        req.last_slot, req.last_slot_pos = int(slots[-1]), start + n - 1
     return slots
 
 
@@ -68,10 +78,17 @@ def build_extend_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
                 any_prompt_logprobs = True
         next_ids.extend(fill[start + 1 : start + n + 1] + [-1] * max(0, start + n + 1 - len(fill)))
     seq_lens = [r.kv_committed_len + r.extend_len for r in reqs]
-    uploads = [input_ids, positions, [r.req_pool_idx for r in reqs], seq_lens, logits_indices]
+    uploads = [input_ids, positions, [r.req_pool_idx for r in reqs], seq_lens, logits_indices, torch.cat(slots)]
     if any_prompt_logprobs:
         uploads.append(next_ids)
     dev = upload_int64(uploads, device)
+    out_cache_loc = dev[5]
+    table = runner.req_to_token_pool.req_to_token
+    offset = 0
+    for req, req_slots in zip(reqs, slots):
+        start, n = req.kv_committed_len, req_slots.numel()
+        table[req.req_pool_idx, start : start + n] = out_cache_loc[offset : offset + n]
+        offset += n
     return ForwardBatch(
         mode=ForwardMode.EXTEND,
         input_ids=dev[0],
@@ -79,37 +96,37 @@ def build_extend_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
         req_pool_indices=dev[2],
         seq_lens=dev[3],
         seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
-        out_cache_loc=torch.cat(slots),
-        req_to_token=runner.req_to_token_pool.req_to_token,
+        out_cache_loc=out_cache_loc,
+        req_to_token=table,
         kv_pool=runner.kv_pool,
         attn_backend=runner.attn_backend,
         extend_lens_cpu=torch.tensor([r.extend_len for r in reqs], dtype=torch.int64),
         prefix_lens_cpu=torch.tensor([r.kv_committed_len for r in reqs], dtype=torch.int64),
         logits_indices=dev[4],
         prompt_logprob_spans=spans,
-        prompt_next_ids=dev[5] if any_prompt_logprobs else None,
+        prompt_next_ids=dev[6] if any_prompt_logprobs else None,
     )
 
 
-def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache,
-                       rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """One slot per request for a decode step (one vectorised allocation), evicting if short.
-    rows and starts are the requests' table rows and KV lengths, on the device."""
-    table = runner.req_to_token_pool.req_to_token
+def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache) -> torch.Tensor:
+    """Host slots, one per request, for a decode step (one vectorised allocation), evicting if short."""
     allocator = runner.allocator
+    page = allocator.page_size
     prefix_lens = [r.kv_committed_len for r in reqs]
-    if allocator.page_size == 1:
-        last_slots = [0] * len(reqs)  # every token takes a fresh page: no need to read the table (a sync)
-    else:
-        last_slots = table[rows, (starts - 1).clamp(min=0)].tolist()
-    slots = allocator.alloc_decode(prefix_lens, last_slots)
+    # only requests continuing a partly filled page need their last slot; pages of 1 never do
+    last_slots = [0] * len(reqs) if page == 1 else [
+        last_slot_of(r, runner) if n % page else 0 for r, n in zip(reqs, prefix_lens)
+    ]
+    slots = allocator.alloc_decode_host(prefix_lens, last_slots)
     if slots is None:
-        need = sum(allocator.page_size for n in prefix_lens if n % allocator.page_size == 0)
+        need = sum(page for n in prefix_lens if n % page == 0)
         cache.evict(need - allocator.available_size())
-        slots = allocator.alloc_decode(prefix_lens, last_slots)
+        slots = allocator.alloc_decode_host(prefix_lens, last_slots)
         if slots is None:
             raise OutOfKVError(f"need {need} KV slots, {allocator.available_size()} free")
-    table[rows, starts] = slots
+    if page > 1:
+        for r, n, slot in zip(reqs, prefix_lens, slots.tolist()):
+            r.last_slot, r.last_slot_pos = slot, n
     return slots
 
 
@@ -117,10 +134,12 @@ def build_decode_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
     """Each request's input is its newest token, read from runner.last_token on the device: the host
     may not have it yet (Req.pending)."""
     seq_lens = [r.seq_len for r in reqs]
-    rows, starts, dev_seq_lens = upload_int64(
-        [[r.req_pool_idx for r in reqs], [r.kv_committed_len for r in reqs], seq_lens], runner.device
+    host_slots = alloc_decode_slots(reqs, runner, cache)
+    rows, starts, dev_seq_lens, slots = upload_int64(
+        [[r.req_pool_idx for r in reqs], [r.kv_committed_len for r in reqs], seq_lens, host_slots], runner.device
     )
-    slots = alloc_decode_slots(reqs, runner, cache, rows, starts)
+    table = runner.req_to_token_pool.req_to_token
+    table[rows, starts] = slots
     return ForwardBatch(
         mode=ForwardMode.DECODE,
         input_ids=runner.last_token[rows],
@@ -129,7 +148,7 @@ def build_decode_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
         seq_lens=dev_seq_lens,
         seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
         out_cache_loc=slots,
-        req_to_token=runner.req_to_token_pool.req_to_token,
+        req_to_token=table,
         kv_pool=runner.kv_pool,
         attn_backend=runner.attn_backend,
     )

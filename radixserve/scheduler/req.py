@@ -44,6 +44,10 @@ class Req:
     prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     last_node: Any = None
     kv_committed_len: int = 0
+    # host copy of the slot at position last_slot_pos (the newest one allocated), so that continuing
+    # a partly filled page (--page-size > 1) needs no read of req_to_token on the device
+    last_slot: int = 0
+    last_slot_pos: int = -1
     # this pass: how many tokens of fill_ids are computed now
     extend_len: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)

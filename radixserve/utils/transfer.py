@@ -18,11 +18,11 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def upload_int64(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """Several int64 vectors in one host-to-device copy; returns a device view of each."""
-    sizes = [len(r) for r in rows]
-    flat = torch.tensor([v for r in rows for v in r], dtype=torch.int64)
-    return list(to_device(flat, device).split(sizes))
+def upload_int64(parts: list[list[int] | torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Several int64 vectors (lists or CPU tensors) in one host-to-device copy; a device view of each."""
+    host = [p if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=torch.int64) for p in parts]
+    flat = torch.cat([h.reshape(-1).to(torch.int64) for h in host]) if host else torch.empty(0, dtype=torch.int64)
+    return list(to_device(flat, device).split([h.numel() for h in host]))
 
 
 def start_host_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:

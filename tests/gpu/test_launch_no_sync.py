@@ -23,8 +23,9 @@ def no_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
 @pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graph", "eager"])
-def test_launch_path_never_syncs(graphs):
+def test_launch_path_never_syncs(graphs, page_size):
     from radixserve.bench.bench_one_batch import CONFIGS_DIR, BatchDriver, build_runner
     from radixserve.sampling_batch import SamplingBatch
     from radixserve.scheduler.batch import build_decode_batch, build_extend_batch, record_sampled
@@ -33,10 +34,10 @@ def test_launch_path_never_syncs(graphs):
 
     sargs = ServerArgs(model_path=os.path.join(CONFIGS_DIR, "tiny-llama"), load_format="dummy",
                        dtype="bfloat16", max_total_tokens=4096, max_running_requests=8, context_length=256,
-                       disable_cuda_graph=not graphs, cuda_graph_max_bs=8)
+                       disable_cuda_graph=not graphs, cuda_graph_max_bs=8, page_size=page_size)
     runner = build_runner(sargs)
     driver = BatchDriver(runner, seed=0)
-    reqs = driver.new_reqs(4, 32, 8)
+    reqs = driver.new_reqs(4, 30, 8)  # 30 tokens: with pages of 4 the decode steps continue a page
 
     def launch(batch, reqs):
         out = runner.forward(batch)
