@@ -40,12 +40,18 @@ def test_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
                        str(tmp_path / "server.log"))
     children = descendants(srv.proc.pid)
     results: list[tuple[int, str]] = []
+    # connect first, send together: on 2 busy cores, threads started one by one can be so far apart
+    # that the first requests finish their 500 tokens before the last arrive
+    ready = threading.Barrier(8)
 
     def stream(i: int) -> None:
         body = {"input_ids": [5 + i, 6, 7, 8], "stream": True,
                 "sampling_params": {"max_new_tokens": 500, "ignore_eos": True, "temperature": 0}}
-        with httpx.stream("POST", srv.url + "/generate", json=body, timeout=120) as r:
-            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        with httpx.Client(timeout=120) as client:
+            client.get(srv.url + "/health")
+            ready.wait()
+            with client.stream("POST", srv.url + "/generate", json=body) as r:
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
         results.append((r.status_code, lines[-1] if lines else ""))
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
