@@ -2,14 +2,12 @@
 
 Bookkeeping lives on the CPU in torch tensors: a stack of free page ids (alloc/free are O(pages
 touched), vectorised) and a per-page "is free" bitmap that catches double frees. Returned slots
-are copied to the allocator's device without waiting for it (pinned, non-blocking).
+stay on the CPU: the batch builders upload them with the rest of a batch in one copy.
 """
 
 from __future__ import annotations
 
 import torch
-
-from radixserve.utils.transfer import to_device
 
 
 class KVAllocator:
@@ -56,11 +54,6 @@ class KVAllocator:
         return -(-rest // self.page_size)
 
     def alloc_for_sequence(self, prefix_len: int, last_slot: int, num_new: int) -> torch.Tensor | None:
-        """alloc_for_sequence_host, on the allocator's device."""
-        host = self.alloc_for_sequence_host(prefix_len, last_slot, num_new)
-        return None if host is None else to_device(host, self.device)
-
-    def alloc_for_sequence_host(self, prefix_len: int, last_slot: int, num_new: int) -> torch.Tensor | None:
         """int64 slots (on the CPU) for positions prefix_len .. prefix_len+num_new-1 of one sequence.
 
         An unaligned prefix first continues in its last page (last_slot+1, ...), then whole new
@@ -87,11 +80,6 @@ class KVAllocator:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def alloc_decode(self, prefix_lens: list[int], last_slots: list[int]) -> torch.Tensor | None:
-        """alloc_decode_host, on the allocator's device."""
-        host = self.alloc_decode_host(prefix_lens, last_slots)
-        return None if host is None else to_device(host, self.device)
-
-    def alloc_decode_host(self, prefix_lens: list[int], last_slots: list[int]) -> torch.Tensor | None:
         """One new slot (on the CPU) for each of many sequences (a decode step), in one call.
 
         Equivalent to alloc_for_sequence(prefix_lens[i], last_slots[i], 1) for each i, but

@@ -40,11 +40,11 @@ def alloc_slots(req: Req, n: int, runner: ModelRunner, cache: PrefixCache) -> to
     allocator = runner.allocator
     # only a partly filled last page needs its last slot; with pages of 1 there is none
     last_slot = last_slot_of(req, runner) if start % allocator.page_size else 0
-    slots = allocator.alloc_for_sequence_host(start, last_slot, n)
+    slots = allocator.alloc_for_sequence(start, last_slot, n)
     if slots is None:
         need = allocator.pages_needed(start, n) * allocator.page_size
         cache.evict(need - allocator.available_size())
-        slots = allocator.alloc_for_sequence_host(start, last_slot, n)
+        slots = allocator.alloc_for_sequence(start, last_slot, n)
         if slots is None:
             raise OutOfKVError(f"need {need} KV slots, {allocator.available_size()} free")
     if n:
@@ -117,11 +117,11 @@ def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
     last_slots = [0] * len(reqs) if page == 1 else [
         last_slot_of(r, runner) if n % page else 0 for r, n in zip(reqs, prefix_lens)
     ]
-    slots = allocator.alloc_decode_host(prefix_lens, last_slots)
+    slots = allocator.alloc_decode(prefix_lens, last_slots)
     if slots is None:
         need = sum(page for n in prefix_lens if n % page == 0)
         cache.evict(need - allocator.available_size())
-        slots = allocator.alloc_decode_host(prefix_lens, last_slots)
+        slots = allocator.alloc_decode(prefix_lens, last_slots)
         if slots is None:
             raise OutOfKVError(f"need {need} KV slots, {allocator.available_size()} free")
     if page > 1:
