@@ -155,12 +155,13 @@ class TritonBackend(AttentionBackend):
         meta = self._extend
         assert meta is not None, "init_forward_metadata was not called for this extend batch"
         pool = batch.kv_pool
-        # The new tokens' K/V go into the pool first: the kernel reads all keys through req_to_token.
+        # The new tokens' K/V go into the pool for later steps; this kernel reads them from k/v directly
+        # and only the cached prefix through req_to_token.
         pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
         out = q.new_empty(q.shape)
         return extend_attention(
-            q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices,
+            q, k, v, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices,
             meta.prefix_lens, meta.extend_lens, meta.extend_start_loc, out, layer.scaling, meta.max_extend_len,
         )
 

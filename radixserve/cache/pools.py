@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+try:  # the Triton store serves CUDA tensors; CPU keeps the indexed write
+    from radixserve.layers import fused
+except ImportError:  # triton missing
+    fused = None
+
 
 class ReqToTokenPool:
     """(request row, position) -> KV slot. Row 0 is a reserved dummy (padding); usable rows 1..size."""
@@ -81,8 +86,14 @@ class KVPool:
     def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [n, kv_heads, head_dim] (a flat [n, kv_heads*head_dim] is accepted too) at slots [n]."""
         shape = (-1, self.num_kv_heads, self.head_dim)
-        self.k_buffers[layer_id][slots] = k.reshape(shape).to(self.dtype)
-        self.v_buffers[layer_id][slots] = v.reshape(shape).to(self.dtype)
+        k, v = k.reshape(shape), v.reshape(shape)
+        k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        if (k.is_cuda and fused is not None and not torch.compiler.is_compiling()
+                and fused.rows_are_contiguous(k) and fused.rows_are_contiguous(v)):
+            fused.store_kv(k, v, k_buf, v_buf, slots)  # one launch, whole rows (index_put goes by element)
+            return
+        k_buf[slots] = k.to(self.dtype)
+        v_buf[slots] = v.to(self.dtype)
 
     def bytes_per_token(self) -> int:
         return self.bytes_per_token_for(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)

@@ -110,3 +110,39 @@ def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Te
         HALF=half, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half),
     )
     return x
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_buf_ptr, v_buf_ptr, slots_ptr, n_tokens, k_stride, v_stride,
+                     k_buf_stride, v_buf_stride, ROW: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_t = offs_t < n_tokens
+    mask = mask_t[:, None] & (offs_c < ROW)[None, :]
+    slots = tl.load(slots_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    k = tl.load(k_ptr + offs_t[:, None].to(tl.int64) * k_stride + offs_c[None, :], mask=mask)
+    tl.store(k_buf_ptr + slots[:, None] * k_buf_stride + offs_c[None, :], k.to(k_buf_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + offs_t[:, None].to(tl.int64) * v_stride + offs_c[None, :], mask=mask)
+    tl.store(v_buf_ptr + slots[:, None] * v_buf_stride + offs_c[None, :], v.to(v_buf_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k_buf[slots] = k and v_buf[slots] = v in one launch, for k/v [T, H, D] whose rows are each one
+    contiguous run of H*D values (as views of the fused qkv projection are). Torch's advanced-index
+    write handles one element at a time; this moves whole rows, at copy speed."""
+    tokens = slots.shape[0]
+    row = k_buf.shape[1] * k_buf.shape[2]
+    if tokens == 0:
+        return
+    block_c = min(1024, triton.next_power_of_2(row))
+    block_t = max(1, 4096 // block_c)
+    grid = (triton.cdiv(tokens, block_t), triton.cdiv(row, block_c))
+    _store_kv_kernel[grid](k, v, k_buf, v_buf, slots, tokens, k.stride(0), v.stride(0), k_buf.stride(0),
+                           v_buf.stride(0), ROW=row, BLOCK_T=block_t, BLOCK_C=block_c)
+
+
+def rows_are_contiguous(x: torch.Tensor) -> bool:
+    """True when each x[t] ([H, D]) is one contiguous run: strides (any, D, 1)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]

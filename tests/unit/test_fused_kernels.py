@@ -52,3 +52,28 @@ def test_rotary_inplace_matches_reference(heads, dim):
     fused.rotary_inplace(qk, positions, rope.cos_cache, rope.sin_cache)
     torch.testing.assert_close(qk, want, **TOL)
     assert torch.equal(qkv[:, heads:], untouched)
+
+
+@pytest.mark.parametrize("heads, dim, tokens", [(2, 64, 37), (3, 80, 5), (8, 128, 1)])
+def test_store_kv_writes_rows_at_slots(heads, dim, tokens):
+    """The one-launch K/V store equals the indexed write, for k/v that are strided views of a fused
+    qkv output, rows wider than one block (3 x 80 = 240 is no power of two), and untouched slots
+    left as they were."""
+    torch.manual_seed(4)
+    qkv = torch.randn(tokens, (4 + 2) * heads * dim, device=DEVICE)
+    _, k, v = qkv.split([4 * heads * dim, heads * dim, heads * dim], dim=1)
+    k, v = k.view(tokens, heads, dim), v.view(tokens, heads, dim)
+    assert fused.rows_are_contiguous(k) and (tokens == 1 or not k.is_contiguous())
+    slots = torch.randperm(tokens + 9, device=DEVICE)[:tokens] + 1
+    k_buf = torch.randn(tokens + 10, heads, dim, device=DEVICE)
+    v_buf = torch.randn(tokens + 10, heads, dim, device=DEVICE)
+    want_k, want_v = k_buf.clone(), v_buf.clone()
+    want_k[slots], want_v[slots] = k, v
+    fused.store_kv(k, v, k_buf, v_buf, slots)
+    assert torch.equal(k_buf, want_k) and torch.equal(v_buf, want_v)
+
+
+def test_rows_are_contiguous_rejects_head_major_views():
+    x = torch.randn(4, 3, 8)
+    assert fused.rows_are_contiguous(x)
+    assert not fused.rows_are_contiguous(x.transpose(0, 1).contiguous().transpose(0, 1))

@@ -21,6 +21,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with torch on Linu
 
 from radixserve.attention.base import AttentionLayerSpec
 from radixserve.attention.kernels import built_for_interpreter, decode_attention, plan_max_splits
+from radixserve.attention.kernels.extend_attention import ExtendConfig, extend_attention
 from radixserve.attention.torch_native import TorchNativeBackend
 from radixserve.attention.triton_backend import TritonBackend
 from radixserve.cache.pools import KVPool
@@ -172,6 +173,38 @@ def test_extend_long_prefix_and_many_blocks(page_size):
     case = make_case(page_size, 4, 1, 64, prefix, extend, seed=5)
     ref, got = run_both(ForwardMode.EXTEND, case, prefix, extend)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
+TILE_CONFIGS = [
+    ExtendConfig(16, 16, 4, 2),            # key block = query block
+    ExtendConfig(16, 32, 4, 1),            # key block wider than the query block
+    ExtendConfig(32, 16, 4, 2, pack=2),    # two query heads per tile
+    ExtendConfig(32, 16, 4, 2, pack=4),    # four (or as many as divide the group)
+    ExtendConfig(16, 16, 4, 2, pack=16),   # a tile of one token x 16 heads (capped by the group)
+]
+
+
+@pytest.mark.parametrize("cfg", TILE_CONFIGS, ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (12, 2)])
+def test_extend_tile_configs(cfg, heads):
+    """Every tile shape and head packing gives the same attention, with prefixes that do and do not
+    fill a key block, several query blocks per request, and k/v read as strided views (as the model's
+    fused qkv projection hands them over)."""
+    hq, hk = heads
+    prefix, extend = [0, 37, 16, 5], [45, 20, 33, 1]
+    case = make_case(4, hq, hk, 32, prefix, extend, seed=7)
+    ref, _ = run_both(ForwardMode.EXTEND, case, prefix, extend)  # also writes the new K/V into the pool
+    pool, table, rows, seq_lens, new_slots, q, k, v, layer = case
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)  # [T, (hq + 2 hk) * D]
+    q_v, k_v, v_v = qkv.split([hq * 32, hk * 32, hk * 32], dim=1)
+    k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+    out = torch.full_like(q, float("nan"))
+    starts = torch.tensor(extend).cumsum(0) - torch.tensor(extend)
+    extend_attention(
+        q_v.view_as(q), k_v.view_as(k), v_v.view_as(v), k_buf, v_buf, table, rows, torch.tensor(prefix),
+        torch.tensor(extend), starts, out, layer.scaling, max(extend), config=cfg,
+    )
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_backend_reuses_buffers_across_batches():

@@ -1,14 +1,21 @@
 """Extend (prefill) attention over the paged KV pool, flash-attention style.
 
 Grid (bs, q_heads, ceil(max_extend_len / BLOCK_M)): one program takes BLOCK_M consecutive new tokens
-of one request and one query head. The new tokens' K/V are already in the pool (the backend writes
-them first), so the program reads every key, cached prefix and new tokens alike, through the
-request's req_to_token row, and applies the causal mask at absolute positions: query j of a request
-with prefix p sits at position p + j and sees keys 0..p + j. One loop, one code path, any page
-size; the cost is gathering the new tokens' K/V rather than reading them contiguously.
+of one request and one query head, and walks the keys in two phases:
+
+1. the cached prefix (positions 0..prefix-1), gathered from the pool through the request's
+   req_to_token row (any page size); every query sees all of it, so only a ragged last block is masked;
+2. the new tokens themselves, read contiguously from this batch's k/v (the tensors the backend also
+   writes into the pool), with the causal mask applied only on blocks along the diagonal.
+
+Reading the new tokens' K/V straight from the projection output rather than through the table keeps the
+bulk of a fresh prefill a plain strided stream, which the compiler can pipeline like dense attention.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -18,100 +25,139 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, visible, MASKED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a key block: returns the updated (m_i, l_i, acc). The softmax scale
+    is folded into the exponent (one FMA per score) rather than applied to the scores first."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * sm_scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _extend_kernel(
-    Q, K, V, Out, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, ExtendStart,
+    Q, KNew, VNew, KBuf, VBuf, Out, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, ExtendStart,
     sm_scale_log2,
     stride_qt, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
+    stride_knt, stride_knh,
+    stride_vnt, stride_vnh,
+    stride_kbt, stride_kbh,
+    stride_vbt, stride_vbh,
     stride_ot, stride_oh,
     stride_rt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # A tile's BLOCK_M rows are TOK tokens x PACK query heads of one KV group (row r: token r // PACK,
+    # head r % PACK), so the group's heads share each K/V block load and the causal diagonal is shorter.
+    TOK: tl.constexpr = BLOCK_M // PACK
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * PACK
     mb = tl.num_programs(2) - 1 - tl.program_id(2)  # the longest rows (most keys) start first
 
     ext_len = tl.load(ExtendLens + b).to(tl.int32)
-    if mb * BLOCK_M < ext_len:
+    if mb * TOK < ext_len:
         prefix = tl.load(PrefixLens + b).to(tl.int32)
         q_start = tl.load(ExtendStart + b).to(tl.int64)
-        row = tl.load(ReqPoolIdx + b)
-        slot_row = ReqToToken + row * stride_rt
-        kvh = h // GROUP
+        kvh = h0 // GROUP
 
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_M)
+        offs_m = mb * TOK + offs_r // PACK  # each row's token, within the request's new tokens
+        heads = h0 + offs_r % PACK
         offs_d = tl.arange(0, BLOCK_D)
+        offs_bn = tl.arange(0, BLOCK_N)
         mask_m = offs_m < ext_len
         mask_d = offs_d < HEAD_DIM
-        q = tl.load(
-            Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-            mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-        )
-        q_pos = prefix + offs_m  # absolute positions
-
+        row_q = (q_start + offs_m) * stride_qt + heads * stride_qh
+        q = tl.load(Q + row_q[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # The last query of this block sits at prefix + min(ext_len, (mb+1)*BLOCK_M) - 1. Keys before
-        # the first query's position are visible to every query of the block: those blocks skip the
-        # causal mask; only the blocks along the diagonal apply it.
-        kv_end = prefix + tl.minimum(ext_len, (mb + 1) * BLOCK_M)
-        full_end = (prefix + mb * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        for n0 in range(0, full_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            slots = tl.load(slot_row + offs_n)
-            k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                        mask=mask_d[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * sm_scale_log2
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                        mask=mask_d[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-            m_i = m_new
-        for n0 in range(full_end, kv_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < kv_end
-            slots = tl.load(slot_row + offs_n, mask=mask_n, other=0)
+
+        # Phase 1: the cached prefix, through the table. Full blocks need no mask at all.
+        slot_row = ReqToToken + tl.load(ReqPoolIdx + b) * stride_rt
+        kb_ptrs = KBuf + kvh * stride_kbh + offs_d[None, :]
+        vb_ptrs = VBuf + kvh * stride_vbh + offs_d[None, :]
+        prefix_full = prefix // BLOCK_N * BLOCK_N
+        for n0 in range(0, prefix_full, BLOCK_N):
+            slots = tl.load(slot_row + n0 + offs_bn).to(tl.int64)
+            k = tl.load(kb_ptrs + slots[:, None] * stride_kbt, mask=mask_d[None, :], other=0.0)
+            v = tl.load(vb_ptrs + slots[:, None] * stride_vbt, mask=mask_d[None, :], other=0.0)
+            m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, None, False, DOT_PRECISION)
+        if prefix_full < prefix:
+            offs_n = prefix_full + offs_bn
+            mask_n = offs_n < prefix
+            slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * sm_scale_log2
-            # Key 0 is visible to every query, so no row is left at -inf by the time it is divided.
-            visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-            m_i = m_new
+            k = tl.load(kb_ptrs + slots[:, None] * stride_kbt, mask=kv_mask, other=0.0)
+            v = tl.load(vb_ptrs + slots[:, None] * stride_vbt, mask=kv_mask, other=0.0)
+            m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, mask_n[None, :], True,
+                                          DOT_PRECISION)
+
+        # Phase 2: the new tokens, contiguous in this batch. New key j is visible to new query i when
+        # j <= i; keys before this block's first query are visible to every row, so skip the mask there.
+        kn_ptrs = KNew + (q_start + offs_bn)[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :]
+        vn_ptrs = VNew + (q_start + offs_bn)[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :]
+        full_end = (mb * TOK) // BLOCK_N * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            k = tl.load(kn_ptrs + n0 * stride_knt, mask=mask_d[None, :], other=0.0)
+            v = tl.load(vn_ptrs + n0 * stride_vnt, mask=mask_d[None, :], other=0.0)
+            m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, None, False, DOT_PRECISION)
+        kv_end = tl.minimum(ext_len, (mb + 1) * TOK)
+        for n0 in range(full_end, kv_end, BLOCK_N):
+            offs_n = n0 + offs_bn
+            mask_n = offs_n < kv_end
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(kn_ptrs + n0 * stride_knt, mask=kv_mask, other=0.0)
+            v = tl.load(vn_ptrs + n0 * stride_vnt, mask=kv_mask, other=0.0)
+            # New key 0 is visible to every query, so no row is left at -inf when it is divided.
+            visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
+            m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, visible, True, DOT_PRECISION)
 
         out = acc / l_i[:, None]
-        tl.store(
-            Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-            out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
-        )
+        row_o = (q_start + offs_m) * stride_ot + heads * stride_oh
+        tl.store(Out + row_o[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_d[None, :])
 
 
-def extend_block_sizes(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): the q tile and the fp32 accumulator
-    [BLOCK_M, BLOCK_D] live in registers, so wide heads get shorter tiles."""
+@dataclass(frozen=True)
+class ExtendConfig:
+    """Tile shape and launch options. The q tile and the fp32 accumulator [BLOCK_M, BLOCK_D] live in
+    registers, so wide heads get shorter tiles; fp32 tiles take twice the shared memory."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    pack: int = 1  # query heads of one KV group per tile, at most (the largest power of two dividing both)
+
+
+def extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
+    """Tiles chosen by the sweep in scripts/gpu_extend_attention_bench.py (H200, bf16, head_dim 128)."""
     block_d = triton.next_power_of_2(head_dim)
     if block_d <= 64:
-        return 128, 64, block_d, 4
-    if block_d <= 128:
-        return 128, 64, block_d, 8
-    return 64, 32, block_d, 8
+        cfg = ExtendConfig(128, 64, 4, 3)
+    elif block_d <= 128:
+        cfg = ExtendConfig(128, 64, 8, 3)
+    else:
+        cfg = ExtendConfig(64, 32, 8, 2)
+    if torch.tensor([], dtype=dtype).element_size() > 2:  # fp32: half the rows, two stages fit
+        cfg = ExtendConfig(cfg.block_m // 2, cfg.block_n, cfg.num_warps, 2, cfg.pack)
+    return cfg
 
 
 def extend_attention(
     q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
     k_buf: torch.Tensor,
     v_buf: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -122,34 +168,41 @@ def extend_attention(
     out: torch.Tensor,
     scaling: float,
     max_extend_len: int,
+    config: ExtendConfig | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D]: request i's new tokens are q[extend_start_loc[i] : + extend_lens[i]], at absolute
-    positions prefix_lens[i] + j. Keys/values for positions 0..prefix+extend-1 are read from k/v_buf
-    [slots, Hk, D] through req_to_token[req_pool_indices[i]]. Writes out [T, Hq, D]."""
+    """q [T, Hq, D] and k_new/v_new [T, Hk, D]: request i's new tokens are rows
+    extend_start_loc[i] : + extend_lens[i], at absolute positions prefix_lens[i] + j. The cached prefix
+    (positions 0..prefix-1) is read from k/v_buf [slots, Hk, D] through req_to_token[req_pool_indices[i]].
+    Writes out [T, Hq, D]. `config` overrides the tile choice (for tuning)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert q.stride(2) == 1 and k_buf.stride(2) == 1 and v_buf.stride(2) == 1 and out.stride(2) == 1
+    assert k_new.shape == v_new.shape == (num_tokens, num_kv_heads, head_dim), (k_new.shape, v_new.shape)
+    for t in (q, k_new, v_new, k_buf, v_buf, out):
+        assert t.stride(2) == 1, "the head dimension must be contiguous"
     assert req_to_token.stride(1) == 1
     bs = req_pool_indices.shape[0]
     if bs == 0 or num_tokens == 0 or max_extend_len <= 0:
         return out
-    block_m, block_n, block_d, num_warps = extend_block_sizes(head_dim)
-    if q.element_size() > 2:  # fp32 tiles take twice the shared memory
-        block_m //= 2
+    cfg = config or extend_config(head_dim, q.dtype)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 must not round through tf32
-    grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
+    group = num_heads // num_kv_heads
+    pack = math.gcd(cfg.pack, group, cfg.block_m)
+    grid = (bs, num_heads // pack, triton.cdiv(max_extend_len, cfg.block_m // pack))
     _extend_kernel[grid](
-        q, k_buf, v_buf, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
+        q, k_new, v_new, k_buf, v_buf, out, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+        extend_start_loc,
         scaling * _LOG2E,
         q.stride(0), q.stride(1),
+        k_new.stride(0), k_new.stride(1),
+        v_new.stride(0), v_new.stride(1),
         k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1),
         req_to_token.stride(0),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        GROUP=group, PACK=pack, HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION=precision,
-        num_warps=num_warps, num_stages=2,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
