@@ -24,7 +24,7 @@ import triton
 from radixserve.attention.kernels.extend_attention import ExtendConfig, extend_attention, extend_config
 
 HQ, HK, D = 32, 8, 128
-SHAPES = ((8, 0, 1024), (32, 0, 1024), (4, 0, 4096), (4, 3072, 1024))  # (batch, prefix, new tokens)
+SHAPES = ((32, 0, 1024), (4, 0, 4096), (4, 3072, 1024))  # (batch, prefix, new tokens)
 
 
 def make_case(bs: int, prefix: int, length: int, dev: torch.device):
@@ -60,8 +60,8 @@ def main() -> int:
     default = extend_config(D, torch.bfloat16)
     configs = [default]
     if args.sweep:
-        for bm, bn, w, st, pack in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (1, 4)):
-            cfg = ExtendConfig(bm, bn, w, st, pack)
+        for bm, bn, w, st, tma in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4), (False, True)):
+            cfg = ExtendConfig(bm, bn, w, st, tma=tma)
             if cfg != default:
                 configs.append(cfg)
     print(f"default {default}")

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with torch on Linu
 
 from radixserve.attention.base import AttentionLayerSpec
 from radixserve.attention.kernels import built_for_interpreter, decode_attention, plan_max_splits
-from radixserve.attention.kernels.extend_attention import ExtendConfig, extend_attention
+from radixserve.attention.kernels.extend_attention import ExtendConfig, extend_attention, tma_usable
 from radixserve.attention.torch_native import TorchNativeBackend
 from radixserve.attention.triton_backend import TritonBackend
 from radixserve.cache.pools import KVPool
@@ -181,6 +181,8 @@ TILE_CONFIGS = [
     ExtendConfig(32, 16, 4, 2, pack=2),    # two query heads per tile
     ExtendConfig(32, 16, 4, 2, pack=4),    # four (or as many as divide the group)
     ExtendConfig(16, 16, 4, 2, pack=16),   # a tile of one token x 16 heads (capped by the group)
+    ExtendConfig(16, 32, 4, 2, tma=True),  # the new tokens' K/V through tensor descriptors
+    ExtendConfig(32, 16, 4, 2, pack=4, tma=True),
 ]
 
 
@@ -198,6 +200,7 @@ def test_extend_tile_configs(cfg, heads):
     qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)  # [T, (hq + 2 hk) * D]
     q_v, k_v, v_v = qkv.split([hq * 32, hk * 32, hk * 32], dim=1)
     k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+    assert tma_usable(q_v.view_as(q), k_v.view_as(k), v_v.view_as(v))  # so the tma configs take that path
     out = torch.full_like(q, float("nan"))
     starts = torch.tensor(extend).cumsum(0) - torch.tensor(extend)
     extend_attention(
@@ -205,6 +208,15 @@ def test_extend_tile_configs(cfg, heads):
         torch.tensor(extend), starts, out, layer.scaling, max(extend), config=cfg,
     )
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_tma_only_for_layouts_it_can_read():
+    x = torch.randn(5, 2, 64)
+    assert tma_usable(x, x, x)
+    odd = torch.randn(5, 2, 80)  # a tile of the next power of two would cross into the next head
+    assert not tma_usable(odd, odd, odd)
+    head_major = torch.randn(2, 5, 64).transpose(0, 1)  # a token's heads are not one row
+    assert not tma_usable(head_major, head_major, head_major)
 
 
 def test_backend_reuses_buffers_across_batches():

@@ -21,6 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: pointer loads only
+    TensorDescriptor = None
+
 _LOG2E = 1.4426950408889634
 
 
@@ -43,7 +48,7 @@ def _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, visible, MASKED: tl.con
 
 @triton.jit
 def _extend_kernel(
-    Q, KNew, VNew, KBuf, VBuf, Out, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, ExtendStart,
+    Q, KNew, VNew, KNewDesc, VNewDesc, KBuf, VBuf, Out, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, ExtendStart,
     sm_scale_log2,
     stride_qt, stride_qh,
     stride_knt, stride_knh,
@@ -54,7 +59,7 @@ def _extend_kernel(
     stride_rt,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # A tile's BLOCK_M rows are TOK tokens x PACK query heads of one KV group (row r: token r // PACK,
     # head r % PACK), so the group's heads share each K/V block load and the causal diagonal is shorter.
@@ -107,17 +112,29 @@ def _extend_kernel(
         kn_ptrs = KNew + (q_start + offs_bn)[:, None] * stride_knt + kvh * stride_knh + offs_d[None, :]
         vn_ptrs = VNew + (q_start + offs_bn)[:, None] * stride_vnt + kvh * stride_vnh + offs_d[None, :]
         full_end = (mb * TOK) // BLOCK_N * BLOCK_N
+        # With TMA (Hopper on), the descriptors view k/v as [T, Hk * D]: row q_start + n0, column kvh * D.
+        # Rows past T come back as zeros; rows of the next request are masked out like any future key.
+        tma_row = q_start.to(tl.int32)
+        tma_col = kvh * HEAD_DIM
         for n0 in range(0, full_end, BLOCK_N):
-            k = tl.load(kn_ptrs + n0 * stride_knt, mask=mask_d[None, :], other=0.0)
-            v = tl.load(vn_ptrs + n0 * stride_vnt, mask=mask_d[None, :], other=0.0)
+            if USE_TMA:
+                k = KNewDesc.load([tma_row + n0, tma_col])
+                v = VNewDesc.load([tma_row + n0, tma_col])
+            else:
+                k = tl.load(kn_ptrs + n0 * stride_knt, mask=mask_d[None, :], other=0.0)
+                v = tl.load(vn_ptrs + n0 * stride_vnt, mask=mask_d[None, :], other=0.0)
             m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, None, False, DOT_PRECISION)
         kv_end = tl.minimum(ext_len, (mb + 1) * TOK)
         for n0 in range(full_end, kv_end, BLOCK_N):
             offs_n = n0 + offs_bn
             mask_n = offs_n < kv_end
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(kn_ptrs + n0 * stride_knt, mask=kv_mask, other=0.0)
-            v = tl.load(vn_ptrs + n0 * stride_vnt, mask=kv_mask, other=0.0)
+            if USE_TMA:
+                k = KNewDesc.load([tma_row + n0, tma_col])
+                v = VNewDesc.load([tma_row + n0, tma_col])
+            else:
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(kn_ptrs + n0 * stride_knt, mask=kv_mask, other=0.0)
+                v = tl.load(vn_ptrs + n0 * stride_vnt, mask=kv_mask, other=0.0)
             # New key 0 is visible to every query, so no row is left at -inf when it is divided.
             visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
             m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, visible, True, DOT_PRECISION)
@@ -138,6 +155,7 @@ class ExtendConfig:
     num_warps: int
     num_stages: int
     pack: int = 1  # query heads of one KV group per tile, at most (the largest power of two dividing both)
+    tma: bool = False  # new tokens' K/V through TMA descriptors where the GPU and layout allow it
 
 
 def extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
@@ -150,8 +168,24 @@ def extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
     else:
         cfg = ExtendConfig(64, 32, 8, 2)
     if torch.tensor([], dtype=dtype).element_size() > 2:  # fp32: half the rows, two stages fit
-        cfg = ExtendConfig(cfg.block_m // 2, cfg.block_n, cfg.num_warps, 2, cfg.pack)
+        cfg = ExtendConfig(cfg.block_m // 2, cfg.block_n, cfg.num_warps, 2, cfg.pack, cfg.tma)
     return cfg
+
+
+def tma_usable(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
+    """TMA needs Hopper or newer (or the interpreter), a power-of-two head_dim (a tile never crosses into
+    the next head), each token's heads in one contiguous row, and 16-byte aligned bases and row strides."""
+    if TensorDescriptor is None:
+        return False
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    head_dim = k_new.shape[2]
+    if head_dim != triton.next_power_of_2(head_dim):
+        return False
+    for x in (k_new, v_new):
+        if x.stride(2) != 1 or x.stride(1) != head_dim or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+            return False
+    return True
 
 
 def extend_attention(
@@ -189,8 +223,12 @@ def extend_attention(
     group = num_heads // num_kv_heads
     pack = math.gcd(cfg.pack, group, cfg.block_m)
     grid = (bs, num_heads // pack, triton.cdiv(max_extend_len, cfg.block_m // pack))
+    k_desc = v_desc = None
+    if cfg.tma and tma_usable(q, k_new, v_new):
+        k_desc, v_desc = (TensorDescriptor(x, [num_tokens, num_kv_heads * head_dim], [x.stride(0), 1],
+                                           [cfg.block_n, head_dim]) for x in (k_new, v_new))
     _extend_kernel[grid](
-        q, k_new, v_new, k_buf, v_buf, out, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+        q, k_new, v_new, k_desc, v_desc, k_buf, v_buf, out, req_to_token, req_pool_indices, prefix_lens, extend_lens,
         extend_start_loc,
         scaling * _LOG2E,
         q.stride(0), q.stride(1),
@@ -202,7 +240,7 @@ def extend_attention(
         req_to_token.stride(0),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_PRECISION=precision,
+        DOT_PRECISION=precision, USE_TMA=k_desc is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
