@@ -79,5 +79,6 @@ def main() -> None:
 def is_gemm(name: str) -> bool:
     return any(tag in name.lower() for tag in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas"))
 
+
 if __name__ == "__main__":
     main()

@@ -14,8 +14,9 @@ bulk of a fresh prefill a plain strided stream, which the compiler can pipeline 
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -167,9 +168,14 @@ def extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
         cfg = ExtendConfig(128, 64, 4, 2, tma=True)
     else:
         cfg = ExtendConfig(64, 32, 8, 2, tma=True)
-    if torch.tensor([], dtype=dtype).element_size() > 2:  # fp32: half the rows, so the tiles fit
-        cfg = ExtendConfig(cfg.block_m // 2, cfg.block_n, cfg.num_warps, 2, cfg.pack, cfg.tma)
+    if dtype.itemsize > 2:  # fp32: half the rows, so the tiles fit
+        cfg = replace(cfg, block_m=cfg.block_m // 2, num_stages=2)
     return cfg
+
+
+@functools.cache
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]  # asked once per device, not once per layer
 
 
 def tma_usable(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
@@ -177,7 +183,7 @@ def tma_usable(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> boo
     the next head), each token's heads in one contiguous row, and 16-byte aligned bases and row strides."""
     if TensorDescriptor is None:
         return False
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+    if q.is_cuda and _capability_major(q.device) < 9:
         return False
     head_dim = k_new.shape[2]
     if head_dim != triton.next_power_of_2(head_dim):
