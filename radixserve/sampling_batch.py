@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,11 +32,10 @@ def derive_step_seed(seed: int, output_len: int) -> int:
 
 @dataclass
 class SamplingBatch:
-    temperatures: torch.Tensor  # float32 [bs, 1]; 1.0 on greedy rows
-    top_ps: torch.Tensor  # float32 [bs]; 1.0 where off
-    top_ks: torch.Tensor  # int64 [bs]; vocab_size where off
-    min_ps: torch.Tensor  # float32 [bs]; 0.0 where off
-    is_greedy: torch.Tensor  # bool [bs]
+    # float32 [5, bs] on the host: temperature (1.0 on greedy rows), top_p (1.0 where off), top_k
+    # (vocab_size where off), min_p (0.0 where off), greedy (1.0 / 0.0). Copied to the device on first
+    # use, in one copy: an all-greedy batch never needs them (the sampler takes the argmax).
+    knobs_host: torch.Tensor
     all_greedy: bool
     # Host-side flags so the sampler skips the sort/filter when no sampled row filters.
     need_top_k: bool
@@ -50,10 +49,37 @@ class SamplingBatch:
     seeds: list[int]  # step seed of each entry of seeded_rows
     vocab_size: int
     device: torch.device
+    _knobs: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def knobs(self) -> torch.Tensor:
+        if self._knobs is None:
+            self._knobs = to_device(self.knobs_host, self.device)
+        return self._knobs
+
+    @property
+    def temperatures(self) -> torch.Tensor:  # float32 [bs, 1]
+        return self.knobs[0].view(-1, 1)
+
+    @property
+    def top_ps(self) -> torch.Tensor:  # float32 [bs]
+        return self.knobs[1]
+
+    @property
+    def top_ks(self) -> torch.Tensor:  # int64 [bs]
+        return self.knobs[2].to(torch.int64)
+
+    @property
+    def min_ps(self) -> torch.Tensor:  # float32 [bs]
+        return self.knobs[3]
+
+    @property
+    def is_greedy(self) -> torch.Tensor:  # bool [bs]
+        return self.knobs[4] > 0.5
 
     @property
     def batch_size(self) -> int:
-        return int(self.is_greedy.shape[0])
+        return int(self.knobs_host.shape[1])
 
     @property
     def need_filter(self) -> bool:
@@ -105,16 +131,11 @@ class SamplingBatch:
             if seed is not None:
                 seeded_rows.append(i)
                 seeds.append(int(seed))
-        # One host-to-device copy for all per-row knobs (ids up to 2^24 are exact in float32).
-        packed = torch.tensor([temps, top_ps, top_ks, min_ps, greedy], dtype=torch.float32)
-        packed = to_device(packed.reshape(5, bs), device)
+        # all per-row knobs in one tensor, for one copy (ids up to 2^24 are exact in float32)
+        packed = torch.tensor([temps, top_ps, top_ks, min_ps, greedy], dtype=torch.float32).reshape(5, bs)
         penalties = PenaltyState.build(params, output_ids, prompt_ids, eos_ids, vocab_size, device)
         return cls(
-            temperatures=packed[0].view(bs, 1),
-            top_ps=packed[1],
-            top_ks=packed[2].to(torch.int64),
-            min_ps=packed[3],
-            is_greedy=packed[4] > 0.5,
+            knobs_host=packed,
             all_greedy=all(g > 0.5 for g in greedy),
             need_top_k=any(k < vocab_size for k in top_ks),
             need_top_p=any(t < 1.0 for t in top_ps),

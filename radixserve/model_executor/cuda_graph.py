@@ -5,9 +5,16 @@ so they never touch a real request's cache.
 With --enable-torch-compile, buckets up to --torch-compile-max-bs capture the compiled forward
 (model_executor/compile.py) instead of the plain model.
 
+Each bucket's inputs live in one static int64 block [4, bucket] (request rows, positions, lengths,
+new KV slots). A decode batch is staged straight into it (`stage_decode`: one host-to-device copy of
+the padded rows), and the graph itself starts with the device work that turns those rows into the
+step's inputs: the request-table write, the gather of each row's newest token (decode_inputs.py) and
+the attention backend's per-step metadata. Replaying is then one copy and one launch on the host.
+
 The attention backend must support capture: `init_cuda_graph_state(max_bs, ...)`,
 `init_forward_metadata_capture(batch)` and `init_forward_metadata_replay(batch, bs)`, all of which
-keep their device buffers at fixed addresses.
+keep their device buffers at fixed addresses; the replay hook is captured inside the graph, so it
+may only issue device ops.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from radixserve.model_executor.decode_inputs import write_decode_inputs
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
     from radixserve.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+ROWS, POSITIONS, SEQ_LENS, SLOTS = range(4)  # the rows of a bucket's static input block
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -38,12 +47,11 @@ class CudaGraphRunner:
         self.device = runner.device
         self.sizes = graph_batch_sizes(max_bs)
         self.max_bs = self.sizes[-1]
-        n, dev = self.max_bs, self.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.req_pool_indices = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int64, device=dev)
-        self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=dev)
+        dev = self.device
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
+        # per bucket, rows ROWS, POSITIONS, SEQ_LENS, SLOTS; padding columns: the dummy request row 0
+        # at position 0 with length 1, writing its KV to the dummy slot 0
+        self.blocks = {bs: self._padding_block(bs).to(dev) for bs in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -53,14 +61,36 @@ class CudaGraphRunner:
         )
         self.capture()
 
-    def static_batch(self, bs: int) -> ForwardBatch:
-        r = self.runner
+    @staticmethod
+    def _padding_block(bs: int) -> torch.Tensor:
+        block = torch.zeros(4, bs, dtype=torch.int64)
+        block[SEQ_LENS] = 1
+        return block
+
+    def bucket(self, bs: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, bs)]
+
+    def static_batch(self, bucket: int, seq_lens_cpu: torch.Tensor | None = None) -> ForwardBatch:
+        """The bucket's static inputs as a batch: of its first len(seq_lens_cpu) rows if given, else
+        of all of them (for capture)."""
+        r, block = self.runner, self.blocks[bucket]
+        if seq_lens_cpu is None:
+            seq_lens_cpu = torch.ones(bucket, dtype=torch.int64)
+        bs = int(seq_lens_cpu.shape[0])
         return ForwardBatch(
-            mode=ForwardMode.DECODE, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
-            req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
-            seq_lens_cpu=torch.ones(bs, dtype=torch.int64), out_cache_loc=self.out_cache_loc[:bs],
+            mode=ForwardMode.DECODE, input_ids=self.input_ids[:bs], positions=block[POSITIONS, :bs],
+            req_pool_indices=block[ROWS, :bs], seq_lens=block[SEQ_LENS, :bs],
+            seq_lens_cpu=seq_lens_cpu, out_cache_loc=block[SLOTS, :bs],
             req_to_token=r.req_to_token_pool.req_to_token, kv_pool=r.kv_pool, attn_backend=r.attn_backend,
+            graph_bucket=bucket,
         )
+
+    def _step(self, forward, batch: ForwardBatch) -> torch.Tensor:
+        """What a replay runs: the inputs from the staged rows, the attention metadata, the model."""
+        write_decode_inputs(batch.req_to_token, self.runner.last_token, batch.req_pool_indices,
+                            batch.positions, batch.out_cache_loc, batch.input_ids)
+        self.runner.attn_backend.init_forward_metadata_replay(batch, batch.batch_size)
+        return forward(batch).next_token_logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -74,33 +104,35 @@ class CudaGraphRunner:
                 forward = compiled if compiled is not None and compiled.can_run(batch) else model
                 backend.init_forward_metadata_capture(batch)
                 for _ in range(2):  # warm up kernels (torch.compile, Triton autotuning, cuBLAS) outside capture
-                    forward(batch)
+                    self._step(forward, batch)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    logits = forward(batch).next_token_logits
+                    logits = self._step(forward, batch)
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[bs], self.outputs[bs] = graph, logits
         torch.cuda.current_stream().wait_stream(stream)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
+    def stage_decode(self, rows: list[int], seq_lens: list[int], slots: list[int]) -> ForwardBatch:
+        """A decode batch of len(rows) <= max_bs requests, its rows copied (padded, in one pinned
+        host-to-device copy) into the static block of its bucket. Call replay() with it next: a
+        later stage_decode into the same bucket overwrites these inputs."""
+        bs = len(rows)
+        bucket = self.bucket(bs)
+        pad = bucket - bs
+        host = torch.tensor(
+            [rows + [0] * pad, [n - 1 for n in seq_lens] + [0] * pad, seq_lens + [1] * pad, slots + [0] * pad],
+            dtype=torch.int64, pin_memory=True,
+        )
+        self.blocks[bucket].copy_(host, non_blocking=True)
+        return self.static_batch(bucket, torch.tensor(seq_lens, dtype=torch.int64))
+
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.is_decode and batch.batch_size <= self.max_bs
+        return batch.graph_bucket is not None
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        bs = batch.batch_size
-        padded = self.sizes[bisect.bisect_left(self.sizes, bs)]
-        if padded != bs:  # padding rows: dummy request row, length 1, KV written to the dummy slot 0
-            self.req_pool_indices[bs:padded].zero_()
-            self.seq_lens[bs:padded].fill_(1)
-            self.out_cache_loc[bs:padded].zero_()
-            self.input_ids[bs:padded].zero_()
-            self.positions[bs:padded].zero_()
-        self.input_ids[:bs].copy_(batch.input_ids)
-        self.positions[:bs].copy_(batch.positions)
-        self.req_pool_indices[:bs].copy_(batch.req_pool_indices)
-        self.seq_lens[:bs].copy_(batch.seq_lens)
-        self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
-        self.runner.attn_backend.init_forward_metadata_replay(self.static_batch(padded), bs)
-        self.graphs[padded].replay()
-        return self.outputs[padded][:bs]
+        bucket = batch.graph_bucket
+        assert bucket is not None, "replay() takes a batch from stage_decode()"
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][: batch.batch_size]

@@ -37,6 +37,9 @@ class ForwardBatch:
     # Prompt logprobs: for request i, its extend positions [a, b) and the next input token of each.
     prompt_logprob_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (req index, a, b)
     prompt_next_ids: torch.Tensor | None = None  # [T] next input token per position, -1 unknown
+    # Decode staged in a CUDA graph's static inputs (CudaGraphRunner.stage_decode): the graph of this
+    # bucket runs the batch, and its table write and input gather happen inside that graph.
+    graph_bucket: int | None = None
 
     @property
     def is_decode(self) -> bool:

@@ -19,6 +19,7 @@ from radixserve.loader.source import ModelSource
 from radixserve.loader.weights import iter_weights
 from radixserve.model_executor.compile import make_compiled_decode
 from radixserve.model_executor.cuda_graph import CudaGraphRunner
+from radixserve.model_executor.decode_inputs import eager_decode_batch
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.models.registry import model_class_for
 from radixserve.server_args import ServerArgs
@@ -165,6 +166,13 @@ class ModelRunner:
             return 0
         max_bs = self.args.cuda_graph_max_bs or 256
         return (512 << 20) + max_bs * self.cfg.vocab_size * 4 * 2
+
+    def decode_batch(self, rows: list[int], seq_lens: list[int], slots: list[int]) -> ForwardBatch:
+        """The device inputs of a decode step (decode_inputs.py): staged in a CUDA graph's static block
+        when one covers the batch size, else built for an eager forward."""
+        if self.graph_runner is not None and len(rows) <= self.graph_runner.max_bs:
+            return self.graph_runner.stage_decode(rows, seq_lens, slots)
+        return eager_decode_batch(self, rows, seq_lens, slots)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, prompt_top_k: int = 0) -> LogitsOutput:

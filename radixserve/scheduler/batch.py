@@ -133,25 +133,8 @@ def alloc_decode_slots(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
 def build_decode_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache) -> ForwardBatch:
     """Each request's input is its newest token, read from runner.last_token on the device: the host
     may not have it yet (Req.pending)."""
-    seq_lens = [r.seq_len for r in reqs]
-    host_slots = alloc_decode_slots(reqs, runner, cache)
-    rows, starts, dev_seq_lens, slots = upload_int64(
-        [[r.req_pool_idx for r in reqs], [r.kv_committed_len for r in reqs], seq_lens, host_slots], runner.device
-    )
-    table = runner.req_to_token_pool.req_to_token
-    table[rows, starts] = slots
-    return ForwardBatch(
-        mode=ForwardMode.DECODE,
-        input_ids=runner.last_token[rows],
-        positions=dev_seq_lens - 1,
-        req_pool_indices=rows,
-        seq_lens=dev_seq_lens,
-        seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
-        out_cache_loc=slots,
-        req_to_token=table,
-        kv_pool=runner.kv_pool,
-        attn_backend=runner.attn_backend,
-    )
+    slots = alloc_decode_slots(reqs, runner, cache).tolist()
+    return runner.decode_batch([r.req_pool_idx for r in reqs], [r.seq_len for r in reqs], slots)
 
 
 def record_sampled(runner: ModelRunner, batch: ForwardBatch, next_ids: torch.Tensor) -> None:

@@ -20,6 +20,10 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def upload_int64(parts: list[list[int] | torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Several int64 vectors (lists or CPU tensors) in one host-to-device copy; a device view of each."""
+    if device.type == "cuda" and all(isinstance(p, list) for p in parts):
+        # straight into pinned memory: no concatenation, no second host copy
+        flat = torch.tensor([x for p in parts for x in p], dtype=torch.int64, pin_memory=True)
+        return list(flat.to(device, non_blocking=True).split([len(p) for p in parts]))
     host = [p if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=torch.int64) for p in parts]
     flat = torch.cat([h.reshape(-1).to(torch.int64) for h in host]) if host else torch.empty(0, dtype=torch.int64)
     return list(to_device(flat, device).split([h.numel() for h in host]))
