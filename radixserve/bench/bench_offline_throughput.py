@@ -208,7 +208,9 @@ def load_hf_model(source: Any, dtype: str, device: str) -> Any:
     elif source.kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(source.model_path, dtype=torch_dtype)
     else:  # dummy: random weights of the same shape still time the same work
-        model = AutoModelForCausalLM.from_config(source.hf_config, dtype=torch_dtype)
+        # initialised where they will run: an 8B model's random init on the host takes minutes
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(source.hf_config, dtype=torch_dtype)
     return model.to(device).eval()
 
 
