@@ -49,6 +49,8 @@ class SamplingBatch:
     seeds: list[int]  # step seed of each entry of seeded_rows
     vocab_size: int
     device: torch.device
+    # logit_bias of every row that has one, as (row, token id, bias) triples; None if no row has any
+    logit_bias: tuple[list[int], list[int], list[float]] | None = None
     _knobs: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -56,6 +58,15 @@ class SamplingBatch:
         if self._knobs is None:
             self._knobs = to_device(self.knobs_host, self.device)
         return self._knobs
+
+    def apply_logit_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits with each row's bias added (a new tensor; logits itself is left as it is)."""
+        if self.logit_bias is None:
+            return logits
+        rows, ids, values = self.logit_bias
+        index = to_device(torch.tensor([rows, ids], dtype=torch.int64), self.device)
+        bias = to_device(torch.tensor(values, dtype=logits.dtype), self.device)
+        return logits.index_put((index[0], index[1]), bias, accumulate=True)
 
     @property
     def temperatures(self) -> torch.Tensor:  # float32 [bs, 1]
@@ -134,6 +145,15 @@ class SamplingBatch:
         # all per-row knobs in one tensor, for one copy (ids up to 2^24 are exact in float32)
         packed = torch.tensor([temps, top_ps, top_ks, min_ps, greedy], dtype=torch.float32).reshape(5, bs)
         penalties = PenaltyState.build(params, output_ids, prompt_ids, eos_ids, vocab_size, device)
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        for i, p in enumerate(params):
+            for token, value in (p.logit_bias or {}).items():
+                if token < vocab_size:  # the server rejects others; the guard keeps an index in range
+                    bias_rows.append(i)
+                    bias_ids.append(token)
+                    bias_values.append(value)
         return cls(
             knobs_host=packed,
             all_greedy=all(g > 0.5 for g in greedy),
@@ -146,4 +166,5 @@ class SamplingBatch:
             seeds=seeds,
             vocab_size=vocab_size,
             device=device,
+            logit_bias=(bias_rows, bias_ids, bias_values) if bias_rows else None,
         )

@@ -52,6 +52,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    # OpenAI's logit_bias: token id -> value in [-100, 100], added to that token's logit before sampling
+    # (keys may arrive as JSON strings; validation makes them ints)
+    logit_bias: dict[int, float] | None = None
     # structured output (xgrammar): at most one of these
     json_schema: str | None = None
     regex: str | None = None
@@ -92,8 +95,28 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        self._check_logit_bias()
         self._check_ranges()
         self._check_grammar()
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise SamplingParamsError(f"logit_bias must be an object of token id -> bias, got {type(bias).__name__}")
+        clean: dict[int, float] = {}
+        for key, value in bias.items():
+            try:
+                token = int(key) if not isinstance(key, bool) else None
+            except (TypeError, ValueError):
+                token = None
+            if token is None or token < 0:
+                raise SamplingParamsError(f"logit_bias keys must be token ids, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
+                raise SamplingParamsError(f"logit_bias values must be numbers in [-100, 100], got {value!r}")
+            clean[token] = float(value)
+        self.logit_bias = clean or None
 
     def grammar_spec(self):
         """The structured-output constraint, or None."""

@@ -40,6 +40,7 @@ def sampling_params_of(req: SamplingExtras, max_tokens: int | None) -> dict[str,
         ("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty),
         ("repetition_penalty", req.repetition_penalty), ("seed", req.seed), ("stop", req.stop),
         ("stop_token_ids", req.stop_token_ids), ("regex", req.regex), ("ebnf", req.ebnf),
+        ("logit_bias", req.logit_bias),
     ):
         if theirs is not None:
             p[ours] = theirs

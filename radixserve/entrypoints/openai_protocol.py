@@ -53,6 +53,7 @@ class SamplingExtras(_Lenient):
     ebnf: str | None = None
     json_schema: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(SamplingExtras):
@@ -64,7 +65,7 @@ class CompletionRequest(SamplingExtras):
 
 
 class ChatMessage(_Lenient):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

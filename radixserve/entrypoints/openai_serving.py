@@ -60,8 +60,11 @@ class OpenAIServing:
             logprob_start_len=0 if (want_logprobs and req.echo) else None, stream=req.stream,
         )
         rid, created = new_id("cmpl"), now()
-        prompts = [self.tm.tokenizer.decode(r.input_ids) if r.text is None else r.text for r in reqs]
-        validate_all(self.tm, reqs)
+        texts = [r.text for r in reqs]  # validation tokenizes them, and clears r.text
+        validate_all(self.tm, reqs)  # before decoding: an id out of the vocabulary is the client's error
+        tokenizer = self.tm.tokenizer
+        prompts = [t if t is not None else tokenizer.decode(r.input_ids) if tokenizer else ""
+                   for t, r in zip(texts, reqs)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(self._completion_chunks(req, reqs, prompts, rid, created, include_usage))

@@ -200,6 +200,9 @@ class TokenizerManager:
         for t in params.stop_token_ids or []:
             if not 0 <= t < self.vocab_size:
                 raise RequestError(f"stop_token_ids must be token ids in [0, {self.vocab_size})")
+        for t in params.logit_bias or {}:
+            if t >= self.vocab_size:
+                raise RequestError(f"logit_bias keys must be token ids in [0, {self.vocab_size})")
         return params
 
     # ---- generation -----------------------------------------------------------
@@ -306,9 +309,9 @@ class TokenizerManager:
 def validate_all(tm: TokenizerManager, reqs: list[SingleRequest]) -> None:
     """Check every request before any runs, so that one bad prompt fails the whole call cleanly."""
     for r in reqs:
-        if r.input_ids is None:
-            r.input_ids = tm.tokenize(r)  # tokenize once; generate() reuses the ids
-            r.text = None
+        # tokenize once (generate() reuses the ids); given ids are checked against the vocabulary
+        r.input_ids = tm.tokenize(r)
+        r.text = None
         tm.validate(r, r.input_ids)
 
 

@@ -34,6 +34,7 @@ class Sampler:
     ) -> SamplerOutput:
         raw = logits.float()  # no copy when already float32; never modified in place
         penalized = apply_penalties(raw, batch.penalties) if batch.penalties is not None else raw
+        penalized = batch.apply_logit_bias(penalized)  # logprobs below stay the model's own
         if batch.all_greedy:
             next_ids = penalized.argmax(dim=-1)
         else:

@@ -199,6 +199,11 @@ BAD_INPUTS = {
     "body_too_large": (CHAT, None, b'{"x": "' + b"a" * (BODY_LIMIT + 10) + b'"}', 413),
     "unknown_route": ("/v1/nothing", {"a": 1}, None, 404),
     "bad_sampling_key": ("/generate", {"text": "hi", "sampling_params": {"temprature": 1}}, None, 400),
+    "unknown_role": (CHAT, {"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}, None, 400),
+    "negative_token_id": ("/v1/completions", {"model": "smol", "prompt": [-1, 5], "max_tokens": 2}, None, 400),
+    "logit_bias_not_a_token": (CHAT, {"model": "smol", "messages": MSG, "logit_bias": {"abc": 1}}, None, 400),
+    "logit_bias_out_of_vocab": (CHAT, {"model": "smol", "messages": MSG, "logit_bias": {"99999999": 1}}, None, 400),
+    "logit_bias_too_big": (CHAT, {"model": "smol", "messages": MSG, "logit_bias": {"42": 500}}, None, 400),
 }
 
 
@@ -222,6 +227,23 @@ def test_api_key_required(server, headers):
 def test_after_bad_inputs_server_is_whole(server, client):
     out = client.chat.completions.create(model="smol", messages=MSG, max_tokens=4, temperature=0)
     assert out.choices[0].message.content is not None
+    assert_pool_whole(server)
+
+
+def test_logit_bias_forces_and_bans_tokens(server, client):
+    def generate(params):
+        r = post(server, "/generate", {"input_ids": [1, 2, 3], "sampling_params": {"temperature": 0, **params}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    forced = generate({"max_new_tokens": 4, "logit_bias": {"42": 100}})
+    assert forced["output_ids"] == [42] * 4
+    out = client.completions.create(model="smol", prompt=[1, 2, 3], max_tokens=4, temperature=0,
+                                    logit_bias={"42": 100})
+    assert out.choices[0].text == forced["text"]
+    plain = generate({"max_new_tokens": 1})["output_ids"]
+    banned = generate({"max_new_tokens": 1, "logit_bias": {str(plain[0]): -100}})["output_ids"]
+    assert len(banned) == 1 and banned != plain
     assert_pool_whole(server)
 
 

@@ -370,3 +370,32 @@ def test_batch_fields() -> None:
     assert batch.filter_width == V
     assert make_batch([SamplingParams(top_k=7), SamplingParams(top_k=3, min_p=0.2)]).filter_width == 7
     assert make_batch([SamplingParams(temperature=0.0), SamplingParams(top_k=3)]).filter_width == 3
+
+
+def test_logit_bias_moves_greedy_and_sampled_rows_only_where_set() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, V, generator=gen)
+    plain = logits.argmax(dim=-1)
+    target = int((plain[0] + 1) % V)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={str(target): 100}),  # JSON-style key
+        SamplingParams(temperature=0.0, logit_bias={int(plain[1]): -100.0}),  # ban the argmax
+        SamplingParams(temperature=0.0),  # no bias: untouched by its neighbours'
+    ]
+    before = logits.clone()
+    out = sampler(logits, make_batch(params), return_logprob=True).next_token_ids
+    assert out[0] == target
+    assert out[1] != plain[1] and out[1] == logits[1].topk(2).indices[1]
+    assert out[2] == plain[2]
+    assert torch.equal(logits, before)
+    # a sampled row: a +100 bias on one token makes it (almost surely) the draw
+    hot = make_batch([SamplingParams(temperature=1.0, seed=5, logit_bias={7: 100})], seeds=[11])
+    assert sampler(logits[:1], hot, return_logprob=False).next_token_ids.tolist() == [7]
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {-1: 1}, {3: 101}, {3: "big"}, [1, 2], {True: 1}])
+def test_logit_bias_rejects_bad_entries(bias) -> None:
+    from radixserve.sampling_params import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
