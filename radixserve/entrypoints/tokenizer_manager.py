@@ -170,8 +170,6 @@ class TokenizerManager:
             ids = req.input_ids
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise RequestError("input_ids must be a list of integers")
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise RequestError(f"input_ids must be token ids in [0, {self.vocab_size})")
             return list(ids)
         if not isinstance(req.text, str):
             raise RequestError("text must be a string")
@@ -186,6 +184,8 @@ class TokenizerManager:
             raise RequestError(str(e)) from None
         if not ids:
             raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"input_ids must be token ids in [0, {self.vocab_size})")
         if len(ids) >= self.context_len:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens; the context length is {self.context_len}"
@@ -309,9 +309,9 @@ class TokenizerManager:
 def validate_all(tm: TokenizerManager, reqs: list[SingleRequest]) -> None:
     """Check every request before any runs, so that one bad prompt fails the whole call cleanly."""
     for r in reqs:
-        # tokenize once (generate() reuses the ids); given ids are checked against the vocabulary
-        r.input_ids = tm.tokenize(r)
-        r.text = None
+        if r.input_ids is None:
+            r.input_ids = tm.tokenize(r)  # tokenize once; generate() reuses the ids
+            r.text = None
         tm.validate(r, r.input_ids)
 
 

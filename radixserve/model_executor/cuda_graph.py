@@ -29,10 +29,16 @@ from radixserve.model_executor.decode_inputs import write_decode_inputs
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from radixserve.layers.logits import LogitsOutput
     from radixserve.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 ROWS, POSITIONS, SEQ_LENS, SLOTS = range(4)  # the rows of a bucket's static input block
+# a padding column's values, in that order: the dummy request row 0 at position 0 with length 1,
+# writing its KV to the dummy slot 0
+PADDING = (0, 0, 1, 0)
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -49,9 +55,9 @@ class CudaGraphRunner:
         self.max_bs = self.sizes[-1]
         dev = self.device
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
-        # per bucket, rows ROWS, POSITIONS, SEQ_LENS, SLOTS; padding columns: the dummy request row 0
-        # at position 0 with length 1, writing its KV to the dummy slot 0
-        self.blocks = {bs: self._padding_block(bs).to(dev) for bs in self.sizes}
+        self.blocks = {  # per bucket, rows ROWS, POSITIONS, SEQ_LENS, SLOTS; every column padding at first
+            bs: torch.tensor(PADDING, dtype=torch.int64, device=dev)[:, None].repeat(1, bs) for bs in self.sizes
+        }
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -60,12 +66,6 @@ class CudaGraphRunner:
             self.max_bs, attn.num_heads, attn.head_dim, attn.num_kv_heads, runner.context_len, dev
         )
         self.capture()
-
-    @staticmethod
-    def _padding_block(bs: int) -> torch.Tensor:
-        block = torch.zeros(4, bs, dtype=torch.int64)
-        block[SEQ_LENS] = 1
-        return block
 
     def bucket(self, bs: int) -> int:
         return self.sizes[bisect.bisect_left(self.sizes, bs)]
@@ -85,7 +85,7 @@ class CudaGraphRunner:
             graph_bucket=bucket,
         )
 
-    def _step(self, forward, batch: ForwardBatch) -> torch.Tensor:
+    def _step(self, forward: Callable[[ForwardBatch], LogitsOutput], batch: ForwardBatch) -> torch.Tensor:
         """What a replay runs: the inputs from the staged rows, the attention metadata, the model."""
         write_decode_inputs(batch.req_to_token, self.runner.last_token, batch.req_pool_indices,
                             batch.positions, batch.out_cache_loc, batch.input_ids)
@@ -121,10 +121,9 @@ class CudaGraphRunner:
         bs = len(rows)
         bucket = self.bucket(bs)
         pad = bucket - bs
-        host = torch.tensor(
-            [rows + [0] * pad, [n - 1 for n in seq_lens] + [0] * pad, seq_lens + [1] * pad, slots + [0] * pad],
-            dtype=torch.int64, pin_memory=True,
-        )
+        columns = (rows, [n - 1 for n in seq_lens], seq_lens, slots)  # in the order ROWS .. SLOTS
+        host = torch.tensor([col + [fill] * pad for col, fill in zip(columns, PADDING)], dtype=torch.int64,
+                            pin_memory=True)
         self.blocks[bucket].copy_(host, non_blocking=True)
         return self.static_batch(bucket, torch.tensor(seq_lens, dtype=torch.int64))
 
