@@ -12,7 +12,6 @@ from radixserve.distributed.parallel_state import (
     tp_all_gather_last_dim,
     tp_all_reduce,
 )
-from radixserve.layers.gemv import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,5 +43,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; the slices of all ranks are gathered."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tp_all_gather_last_dim(linear(hidden, self.weight))
+        logits = tp_all_gather_last_dim(F.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]
