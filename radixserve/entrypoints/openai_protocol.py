@@ -62,6 +62,7 @@ class CompletionRequest(SamplingExtras):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    best_of: int | None = None
 
 
 class ChatMessage(_Lenient):
@@ -79,6 +80,10 @@ class ChatCompletionRequest(SamplingExtras):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Tool calling needs a tool-call parser, which radixserve does not have: named so that a request
+    # asking for tools is refused rather than answered as if it had not asked (openai_serving.py).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
 
 class GenerateRequest(_Lenient):

@@ -49,6 +49,9 @@ class OpenAIServing:
             raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
         if req.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:  # best_of == n is every sample: plain n
+            raise APIError(400, f"best_of other than n is not supported (best_of {req.best_of}, n {req.n})",
+                           "best_of")
         prompt = req.prompt
         if isinstance(prompt, list) and not prompt:
             raise APIError(400, "prompt must not be empty", "prompt")
@@ -163,10 +166,26 @@ class OpenAIServing:
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 
+    @staticmethod
+    def check_chat_fields(req: ChatCompletionRequest) -> None:
+        if req.top_logprobs is not None:
+            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+            if not req.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        if req.tools and req.tool_choice != "none":
+            # vLLM without a tool-call parser refuses too; tool_choice "none" sends no tools at all
+            raise APIError(400, "tool calling is not supported by this server; send tool_choice \"none\" "
+                           "or no tools", "tools")
+        for i, m in enumerate(req.messages):
+            if m.content is None and m.role != "assistant":
+                raise APIError(400, f"messages.{i}.content is required for role {m.role!r}", f"messages.{i}.content")
+
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self.check_model(req.model)
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+        self.check_chat_fields(req)
         prompt = self.apply_template(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params_of(req, max_tokens)

@@ -185,6 +185,7 @@ def test_metrics_parse_and_move(server, client):
 # ---- bad input --------------------------------------------------------------------------
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 BAD_INPUTS = {
     "malformed_json": (CHAT, None, b'{"model": "smol", "messages": [', 400),
     "wrong_field_type": (CHAT, {"model": "smol", "messages": "hello"}, None, 400),
@@ -204,6 +205,13 @@ BAD_INPUTS = {
     "logit_bias_not_a_token": (CHAT, {"model": "smol", "messages": MSG, "logit_bias": {"abc": 1}}, None, 400),
     "logit_bias_out_of_vocab": (CHAT, {"model": "smol", "messages": MSG, "logit_bias": {"99999999": 1}}, None, 400),
     "logit_bias_too_big": (CHAT, {"model": "smol", "messages": MSG, "logit_bias": {"42": 500}}, None, 400),
+    "tools_without_parser": (CHAT, {"model": "smol", "messages": MSG, "tools": [TOOL]}, None, 400),
+    "tool_choice_unknown": (CHAT, {"model": "smol", "messages": MSG, "tools": [TOOL], "tool_choice": "sometimes"},
+                            None, 400),
+    "tool_choice_without_tools": (CHAT, {"model": "smol", "messages": MSG, "tool_choice": "required"}, None, 400),
+    "top_logprobs_without_logprobs": (CHAT, {"model": "smol", "messages": MSG, "top_logprobs": 2}, None, 400),
+    "user_content_null": (CHAT, {"model": "smol", "messages": [{"role": "user", "content": None}]}, None, 400),
+    "best_of_above_n": ("/v1/completions", {"model": "smol", "prompt": "hi", "best_of": 3, "max_tokens": 2}, None, 400),
 }
 
 
@@ -227,6 +235,17 @@ def test_api_key_required(server, headers):
 def test_after_bad_inputs_server_is_whole(server, client):
     out = client.chat.completions.create(model="smol", messages=MSG, max_tokens=4, temperature=0)
     assert out.choices[0].message.content is not None
+    assert_pool_whole(server)
+
+
+def test_tool_choice_none_and_best_of_n_answer_as_plain_requests(server, client):
+    # tools with tool_choice "none" ask for no tool call; best_of == n keeps every sample
+    plain = client.chat.completions.create(model="smol", messages=MSG, max_tokens=4, temperature=0)
+    out = client.chat.completions.create(model="smol", messages=MSG, max_tokens=4, temperature=0, tools=[TOOL],
+                                         tool_choice="none")
+    assert out.choices[0].message.content == plain.choices[0].message.content
+    done = client.completions.create(model="smol", prompt="hi", max_tokens=2, temperature=0, n=2, best_of=2)
+    assert len(done.choices) == 2
     assert_pool_whole(server)
 
 
