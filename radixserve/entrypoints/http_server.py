@@ -192,12 +192,18 @@ def create_app(state: ServerState) -> FastAPI:
         results = await until_disconnect(raw, collect(tm, reqs))
         return results[0] if single else results
 
+    def model_card() -> dict[str, Any]:
+        return {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "radixserve",
+                "root": state.args.model_path or state.served_model_name, "max_model_len": tm.context_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": state.served_model_name, "object": "model", "created": 0, "owned_by": "radixserve",
-            "root": state.args.model_path or state.served_model_name, "max_model_len": tm.context_len,
-        }]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):  # the OpenAI client's models.retrieve
+        serving.check_model(model_id)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

@@ -43,6 +43,10 @@ def post(server, path: str, body=None, content: bytes | None = None, headers=Non
 def test_models(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["smol"]
+    card = client.models.retrieve("smol")
+    assert card.id == "smol" and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-17")
 
 
 def test_completion_single_list_echo_logprobs(client):
