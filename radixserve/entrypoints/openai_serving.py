@@ -65,16 +65,18 @@ class OpenAIServing:
         rid, created = new_id("cmpl"), now()
         texts = [r.text for r in reqs]  # validation tokenizes them, and clears r.text
         validate_all(self.tm, reqs)  # before decoding: an id out of the vocabulary is the client's error
-        tokenizer = self.tm.tokenizer
-        prompts = [t if t is not None else tokenizer.decode(r.input_ids) if tokenizer else ""
-                   for t, r in zip(texts, reqs)]
+        prompts = [""] * len(reqs)  # the echoed prompt text: only echo needs it, so only echo decodes ids
+        if req.echo:
+            tokenizer = self.tm.tokenizer
+            prompts = [t if t is not None else tokenizer.decode(r.input_ids) if tokenizer else ""
+                       for t, r in zip(texts, reqs)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(self._completion_chunks(req, reqs, prompts, rid, created, include_usage))
         results = await until_disconnect(raw, collect(self.tm, reqs))
         choices = []
         for i, res in enumerate(results):
-            text = (prompts[i] if req.echo else "") + res["text"]
+            text = prompts[i] + res["text"]
             choices.append({
                 "index": i, "text": text,
                 "logprobs": self._completion_logprobs(res, req.echo) if want_logprobs else None,
