@@ -1,19 +1,23 @@
-"""Batch-1 projections of Llama-3.1-8B: torch's matmul (cuBLAS) against a Triton GEMV, per shape.
+"""Batch-1 projections of Llama-3.1-8B: cuBLAS against forms of a Triton GEMV, per shape.
 
-    python scripts/gpu_gemv_bench.py            # on the GPU: time each shape and tile, print GB/s
+    python scripts/gpu_gemv_bench.py            # on the GPU: us per call and GB/s, every form and tile
     TRITON_INTERPRET=1 python scripts/gpu_gemv_bench.py --check   # on a CPU: correctness only
 
-An experiment, not a serving path: batch-1 decode is bound by reading the weights, and on the H200
-cuBLAS reads the narrow projections (o_proj, 4096 x 4096) at about 3.1 TB/s against about 4 TB/s
-for the wide ones (docs/benchmarks.md). This measures whether a plain Triton GEMV (each program
-owns BLOCK_N output rows, walks K in BLOCK_K steps, optionally splits K across programs and adds
-the partial sums atomically) reads them faster, before anything is wired into the model.
+Every call is captured in one CUDA graph over distinct weight copies (about 2 GiB, beyond L2), as a
+decode step issues them. The forms differ only in how the loop over K is written, and that decides
+how many loads ptxas keeps in flight (docs/gpu.md, "Batch-1 projections"):
+- `masked`: every step masked on rows and columns (radixserve's first GEMV: 40 registers, two loads
+  issued before the first multiply);
+- `dynstart`: the same with the loop starting at a run-time offset (56 registers, six loads first);
+- `split`: unmasked full steps, then one masked tail step, rows clamped instead of masked;
+- `hoisted`: one loop whose body picks an unmasked or a masked load (ptxas issues both steps' loads
+  at once: all of a thread's loads in flight before the first multiply).
+The `silu_*` forms fuse gate/up with SiLU-and-mul (a program owns gate rows and the matching up rows).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 from collections.abc import Callable
 
@@ -24,54 +28,188 @@ import triton.language as tl
 # (name, out_features N, in_features K) of one decoder layer and the LM head, tensor parallel 1
 SHAPES = (("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
           ("down_proj", 4096, 14336), ("lm_head", 128256, 4096))
-TILES = (  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps): few rows and long K steps won on the H200
-    (1, 4096, 1, 4), (2, 2048, 1, 4), (2, 4096, 1, 4), (2, 4096, 1, 8), (4, 1024, 1, 4), (4, 2048, 1, 4),
-    (4, 2048, 1, 8), (4, 4096, 1, 8), (8, 1024, 1, 4), (8, 2048, 1, 8), (4, 1024, 2, 4), (4, 2048, 2, 4),
-    (8, 512, 4, 4), (4, 1024, 4, 4), (16, 1024, 1, 8),
-)
+# (form, BLOCK_N, BLOCK_K, num_warps)
+TILES = (("masked", 2, 4096, 4), ("dynstart", 2, 4096, 4), ("split", 2, 4096, 4), ("split", 1, 4096, 4),
+         ("split", 2, 4096, 8), ("split", 4, 2048, 4), ("hoisted", 2, 4096, 4), ("hoisted", 1, 4096, 4),
+         ("hoisted", 2, 2048, 4), ("hoisted", 4, 4096, 8))
+SILU_TILES = (("silu_masked", 1, 4096, 4), ("silu_split", 1, 4096, 4), ("silu_hoisted", 1, 4096, 4),
+              ("silu_hoisted", 2, 2048, 4), ("silu_hoisted", 2, 4096, 8))
 
 
 @triton.jit
-def _gemv_kernel(X, W, Out, N, K, stride_wn, K_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ATOMIC: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(1) * K_PER_SPLIT
-    mask_n = offs_n < N
+def _masked(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_out
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * w_stride
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    for k0 in range(0, k_in, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_in
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    if ATOMIC:
-        tl.atomic_add(Out + offs_n, acc, mask=mask_n)
-    else:
-        tl.store(Out + offs_n, acc.to(Out.dtype.element_ty), mask=mask_n)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int, int]) -> torch.Tensor:
-    """x [K] @ weight[N, K]^T -> [N] (weight in nn.Linear's layout, rows contiguous)."""
-    block_n, block_k, split_k, warps = tile
+@triton.jit
+def _dynstart(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.program_id(1) * k_in  # always 0 (grid dimension 1 is 1): only the loop's form changes
+    row_mask = rows < n_out
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(start, start + k_in, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_in
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_stride + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _split(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    full = k_in // BLOCK_K * BLOCK_K
+    for k0 in range(0, full, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + cols).to(tl.float32)
+        acc += tl.sum(tl.load(w_rows + cols[None, :]).to(tl.float32) * x[None, :], axis=1)
+    if full < k_in:
+        cols = full + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_in
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < n_out)
+
+
+@triton.jit
+def _hoisted(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if k0 + BLOCK_K <= k_in:
+            x = tl.load(x_ptr + cols).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :])
+        else:
+            col_mask = cols < k_in
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < n_out)
+
+
+@triton.jit
+def _silu_finish(gate, up, out_ptr, rows, n_out):
+    dtype = out_ptr.dtype.element_ty
+    gate = gate.to(dtype).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    tl.store(out_ptr + rows, (act * up.to(dtype).to(tl.float32)).to(dtype), mask=rows < n_out)
+
+
+@triton.jit
+def _silu_masked(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_out
+    g_rows = w_ptr + rows[:, None].to(tl.int64) * w_stride
+    u_rows = g_rows + n_out.to(tl.int64) * w_stride
+    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_in
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        gate += tl.sum(tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
+        up += tl.sum(tl.load(u_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
+    _silu_finish(gate, up, out_ptr, rows, n_out)
+
+
+@triton.jit
+def _silu_split(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
+    u_rows = g_rows + n_out.to(tl.int64) * w_stride
+    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    full = k_in // BLOCK_K * BLOCK_K
+    for k0 in range(0, full, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + cols).to(tl.float32)
+        gate += tl.sum(tl.load(g_rows + cols[None, :]).to(tl.float32) * x[None, :], axis=1)
+        up += tl.sum(tl.load(u_rows + cols[None, :]).to(tl.float32) * x[None, :], axis=1)
+    if full < k_in:
+        cols = full + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_in
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        gate += tl.sum(tl.load(g_rows + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32) * x[None, :], axis=1)
+        up += tl.sum(tl.load(u_rows + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32) * x[None, :], axis=1)
+    _silu_finish(gate, up, out_ptr, rows, n_out)
+
+
+@triton.jit
+def _silu_hoisted(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
+    u_rows = g_rows + n_out.to(tl.int64) * w_stride
+    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if k0 + BLOCK_K <= k_in:
+            x = tl.load(x_ptr + cols).to(tl.float32)
+            wg = tl.load(g_rows + cols[None, :])
+            wu = tl.load(u_rows + cols[None, :])
+        else:
+            col_mask = cols < k_in
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            wg = tl.load(g_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
+            wu = tl.load(u_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
+        gate += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+        up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    _silu_finish(gate, up, out_ptr, rows, n_out)
+
+
+FORMS = {"masked": _masked, "dynstart": _dynstart, "split": _split, "hoisted": _hoisted,
+         "silu_masked": _silu_masked, "silu_split": _silu_split, "silu_hoisted": _silu_hoisted}
+
+
+def run(form: str, x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, warps: int) -> torch.Tensor:
+    """x [K] @ weight[N, K]^T -> [N]; silu forms: weight [2I, K] -> silu(gate) * up [I]."""
     n, k = weight.shape
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    atomic = split_k > 1
-    out = torch.zeros(n, dtype=torch.float32, device=x.device) if atomic else x.new_empty(n)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, k_per_split))
-    _gemv_kernel[grid](x, weight, out, n, k, weight.stride(0), k_per_split, BLOCK_N=block_n, BLOCK_K=block_k,
-                       ATOMIC=atomic, num_warps=warps)
-    return out.to(x.dtype) if atomic else out
+    if form.startswith("silu"):
+        n //= 2
+    out = x.new_empty(n)
+    grid = (triton.cdiv(n, block_n), 1)
+    FORMS[form][grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out
+
+
+def reference(form: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    y = weight.float() @ x.float()
+    if form.startswith("silu"):
+        gate, up = y.to(x.dtype).chunk(2)
+        return torch.nn.functional.silu(gate) * up
+    return y.to(x.dtype)
 
 
 def check() -> None:
-    """Small odd shapes against torch, every tile (fp32, so only summation order differs)."""
+    """Small odd shapes against torch, every form (fp32: only summation order differs)."""
     gen = torch.Generator().manual_seed(0)
-    for (n, k), tile in itertools.product(((37, 300), (64, 1024), (5, 77)), TILES):
+    cases = 0
+    for (n, k), (form, block_n, block_k, warps) in ((s, t) for s in ((38, 300), (64, 1024), (6, 77), (2, 5000))
+                                                   for t in TILES + SILU_TILES):
         x = torch.randn(k, generator=gen)
         w = torch.randn(n, k, generator=gen)
-        torch.testing.assert_close(gemv(x, w, tile), w @ x, atol=1e-3, rtol=1e-4)
-    print(f"gemv matches torch on {3 * len(TILES)} (shape, tile) cases")
+        got = run(form, x, w, block_n, min(block_k, 512), warps)
+        torch.testing.assert_close(got, reference(form, x, w), atol=1e-3, rtol=1e-4)
+        cases += 1
+    print(f"every form matches torch on {cases} (shape, tile) cases")
 
 
 def graph_time_us(calls: list[Callable[[], object]], reps: int = 20) -> float:
@@ -103,27 +241,31 @@ def graph_time_us(calls: list[Callable[[], object]], reps: int = 20) -> float:
 
 def bench() -> None:
     dev = torch.device("cuda")
-    print(f"{'shape':<14} {'N x K':>14} {'cuBLAS us':>10} {'GB/s':>7}  best Triton tile (N, K, split, warps) us  GB/s")
+    from radixserve.layers import gemv as model_gemv
+
     for name, n, k in SHAPES:
         nbytes = n * k * 2
         copies = max(2, (2 << 30) // nbytes)  # about 2 GiB of weights: far beyond L2
-        weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        ref = graph_time_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in weights])
-        want = torch.matmul(x, weights[0].t()).float().flatten()
-        best: tuple[float, tuple[int, int, int, int]] | None = None
-        for tile in TILES:
-            got = gemv(x.flatten(), weights[0], tile).float()
-            if not torch.allclose(got, want, atol=0.5, rtol=2e-2):
-                print(f"  {name}: tile {tile} gives wrong results; skipped")
+        weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        x = torch.randn(k, device=dev, dtype=torch.bfloat16)
+        rows = [("cuBLAS", graph_time_us([lambda w=w, x=x: torch.matmul(x[None], w.t()) for w in weights]))]
+        rows.append(("radixserve gemv", graph_time_us([lambda w=w, x=x: model_gemv.gemv(x, w) for w in weights])))
+        tiles = TILES + (SILU_TILES if name == "gate_up_proj" else ())
+        if name == "gate_up_proj":
+            rows.append(("radixserve gemv_silu_mul",
+                         graph_time_us([lambda w=w, x=x: model_gemv.gemv_silu_mul(x, w) for w in weights])))
+        for form, block_n, block_k, warps in tiles:
+            want = reference(form, x, weights[0]).float()
+            got = run(form, x, weights[0], block_n, block_k, warps).float()
+            label = f"{form} {block_n}x{block_k} w{warps}"
+            if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+                rows.append((label + " WRONG", float("nan")))
                 continue
-            us = graph_time_us([lambda w=w, x=x, tile=tile: gemv(x.flatten(), w, tile) for w in weights])
-            print(f"    {name} {tile}: {us:.1f} us", flush=True)
-            best = min(best, (us, tile)) if best else (us, tile)
-        line = f"{name:<14} {f'{n} x {k}':>14} {ref:>10.1f} {nbytes / ref / 1e3:>7.0f}"
-        if best:
-            line += f"  {best[1]!s:<22} {best[0]:>8.1f} {nbytes / best[0] / 1e3:>6.0f}"
-        print(line, flush=True)
+            tile = (form, block_n, block_k, warps)
+            rows.append((label, graph_time_us([lambda w=w, x=x, t=tile: run(t[0], x, w, *t[1:]) for w in weights])))
+        print(f"\n{name} ({n} x {k}, {nbytes / 1e6:.1f} MB)")
+        for label, us in rows:
+            print(f"  {label:<28} {us:8.2f} us  {nbytes / us / 1e3:6.0f} GB/s", flush=True)
         del weights
         torch.cuda.empty_cache()
 
@@ -136,6 +278,7 @@ def main() -> None:
         check()
     else:
         bench()
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ from radixserve.distributed.parallel_state import (
     tp_all_gather_last_dim,
     tp_all_reduce,
 )
+from radixserve.layers.gemv import gemv, takes_gemv
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -43,5 +44,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; the slices of all ranks are gathered."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tp_all_gather_last_dim(F.linear(hidden, self.weight))
-        return logits[..., : self.vocab_size]
+        if takes_gemv(hidden, self.weight):  # one row: the GEMV writes fp32 logits, no cast after it
+            local = gemv(hidden, self.weight, out_dtype=torch.float32)
+        else:
+            local = F.linear(hidden, self.weight)
+        return tp_all_gather_last_dim(local)[..., : self.vocab_size]

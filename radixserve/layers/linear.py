@@ -7,10 +7,10 @@ checkpoint tensor into place, so models load the same Hugging Face names at any 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from radixserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from radixserve.layers.gemv import linear
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -39,7 +39,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -123,5 +123,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias

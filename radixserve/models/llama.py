@@ -11,6 +11,7 @@ from radixserve.attention.base import AttentionLayerSpec
 from radixserve.distributed.parallel_state import get_tp_size
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from radixserve.layers.gemv import gemv_silu_mul, takes_gemv
 from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from radixserve.layers.logits import LogitsOutput, compute_logits
 from radixserve.layers.norm import RMSNorm
@@ -63,6 +64,9 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj.weight
+        if takes_gemv(x, gate_up):  # one row: projection and activation in one kernel
+            return self.down_proj(gemv_silu_mul(x, gate_up))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
