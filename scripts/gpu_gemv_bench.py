@@ -11,8 +11,9 @@ how many loads ptxas keeps in flight (docs/gpu.md, "Batch-1 projections"):
 - `dynstart`: the same with the loop starting at a run-time offset (56 registers, six loads first);
 - `split`: unmasked full steps, then one masked tail step, rows clamped instead of masked;
 - `hoisted`: one loop whose body picks an unmasked or a masked load (ptxas issues both steps' loads
-  at once: all of a thread's loads in flight before the first multiply).
-The `silu_*` forms fuse gate/up with SiLU-and-mul (a program owns gate rows and the matching up rows).
+  at once: all of a thread's loads in flight before the first multiply); radixserve's own kernel
+  (radixserve/layers/gemv.py), run here at other tiles too, as is its gate/up + SiLU-and-mul form
+  (`silu_hoisted`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ SHAPES = (("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 286
 TILES = (("masked", 2, 4096, 4), ("dynstart", 2, 4096, 4), ("split", 2, 4096, 4), ("split", 1, 4096, 4),
          ("split", 2, 4096, 8), ("split", 4, 2048, 4), ("hoisted", 2, 4096, 4), ("hoisted", 1, 4096, 4),
          ("hoisted", 2, 2048, 4), ("hoisted", 4, 4096, 8))
-SILU_TILES = (("silu_masked", 1, 4096, 4), ("silu_split", 1, 4096, 4), ("silu_hoisted", 1, 4096, 4),
-              ("silu_hoisted", 2, 2048, 4), ("silu_hoisted", 2, 4096, 8))
+SILU_TILES = (("silu_hoisted", 1, 4096, 4), ("silu_hoisted", 2, 2048, 4), ("silu_hoisted", 2, 4096, 8))
 
 
 @triton.jit
@@ -86,107 +86,26 @@ def _split(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, 
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < n_out)
 
 
-@triton.jit
-def _hoisted(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_in, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if k0 + BLOCK_K <= k_in:
-            x = tl.load(x_ptr + cols).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :])
-        else:
-            col_mask = cols < k_in
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < n_out)
-
-
-@triton.jit
-def _silu_finish(gate, up, out_ptr, rows, n_out):
-    dtype = out_ptr.dtype.element_ty
-    gate = gate.to(dtype).to(tl.float32)
-    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-    tl.store(out_ptr + rows, (act * up.to(dtype).to(tl.float32)).to(dtype), mask=rows < n_out)
-
-
-@triton.jit
-def _silu_masked(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_out
-    g_rows = w_ptr + rows[:, None].to(tl.int64) * w_stride
-    u_rows = g_rows + n_out.to(tl.int64) * w_stride
-    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_in, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < k_in
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        gate += tl.sum(tl.load(g_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
-        up += tl.sum(tl.load(u_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
-    _silu_finish(gate, up, out_ptr, rows, n_out)
-
-
-@triton.jit
-def _silu_split(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
-    u_rows = g_rows + n_out.to(tl.int64) * w_stride
-    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    full = k_in // BLOCK_K * BLOCK_K
-    for k0 in range(0, full, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + cols).to(tl.float32)
-        gate += tl.sum(tl.load(g_rows + cols[None, :]).to(tl.float32) * x[None, :], axis=1)
-        up += tl.sum(tl.load(u_rows + cols[None, :]).to(tl.float32) * x[None, :], axis=1)
-    if full < k_in:
-        cols = full + tl.arange(0, BLOCK_K)
-        col_mask = cols < k_in
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        gate += tl.sum(tl.load(g_rows + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32) * x[None, :], axis=1)
-        up += tl.sum(tl.load(u_rows + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32) * x[None, :], axis=1)
-    _silu_finish(gate, up, out_ptr, rows, n_out)
-
-
-@triton.jit
-def _silu_hoisted(x_ptr, w_ptr, out_ptr, n_out, k_in, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
-    u_rows = g_rows + n_out.to(tl.int64) * w_stride
-    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_in, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if k0 + BLOCK_K <= k_in:
-            x = tl.load(x_ptr + cols).to(tl.float32)
-            wg = tl.load(g_rows + cols[None, :])
-            wu = tl.load(u_rows + cols[None, :])
-        else:
-            col_mask = cols < k_in
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            wg = tl.load(g_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
-            wu = tl.load(u_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
-        gate += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
-        up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
-    _silu_finish(gate, up, out_ptr, rows, n_out)
-
-
-FORMS = {"masked": _masked, "dynstart": _dynstart, "split": _split, "hoisted": _hoisted,
-         "silu_masked": _silu_masked, "silu_split": _silu_split, "silu_hoisted": _silu_hoisted}
+FORMS = {"masked": _masked, "dynstart": _dynstart, "split": _split}
 
 
 def run(form: str, x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, warps: int) -> torch.Tensor:
-    """x [K] @ weight[N, K]^T -> [N]; silu forms: weight [2I, K] -> silu(gate) * up [I]."""
+    """x [K] @ weight[N, K]^T -> [N]; silu forms: weight [2I, K] -> silu(gate) * up [I]. The hoisted
+    forms are radixserve's own kernels (layers/gemv.py) at the tile given."""
+    from radixserve.layers import gemv as model_gemv
+
     n, k = weight.shape
     if form.startswith("silu"):
         n //= 2
     out = x.new_empty(n)
     grid = (triton.cdiv(n, block_n), 1)
-    FORMS[form][grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    tile = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    if form == "hoisted":
+        model_gemv._gemv_kernel[grid](x, weight, weight, out, n, k, weight.stride(0), HAS_BIAS=False, **tile)
+    elif form == "silu_hoisted":
+        model_gemv._gemv_silu_mul_kernel[grid](x, weight, out, n, k, weight.stride(0), **tile)
+    else:
+        FORMS[form][grid](x, weight, out, n, k, weight.stride(0), **tile)
     return out
 
 
@@ -228,7 +147,13 @@ def graph_time_us(calls: list[Callable[[], object]], reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    graph.replay()
+    return replay_ms(graph, reps) * 1e3 / len(calls)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int, warmup: int = 1) -> float:
+    """Mean milliseconds of one replay, timed with events over back-to-back replays."""
+    for _ in range(warmup):
+        graph.replay()
     torch.cuda.synchronize()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -236,7 +161,7 @@ def graph_time_us(calls: list[Callable[[], object]], reps: int = 20) -> float:
         graph.replay()
     stop.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1e3 / (reps * len(calls))
+    return start.elapsed_time(stop) / reps
 
 
 def bench() -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "scripts")
-from gpu_gemv_bench import graph_time_us  # noqa: E402
+from gpu_gemv_bench import graph_time_us, replay_ms  # noqa: E402
 
 from radixserve.bench.bench_one_batch import BatchDriver, build_runner, resolve_model_path  # noqa: E402
 from radixserve.layers import gemv as model_gemv  # noqa: E402
@@ -94,8 +94,8 @@ def compiled_report() -> None:
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
-    for tag, kind in (("splitkreduce", "cuBLAS split-K reduce"), ("gemv", "GEMV"), ("gemm", "GEMV"), ("nvjet", "GEMV"), ("cutlass", "GEMV"),
-                      ("rmsnorm", "rmsnorm"), ("rotary", "rotary"), ("store_kv", "store_kv"),
+    for tag, kind in (("splitkreduce", "cuBLAS split-K reduce"), ("gemv", "GEMV"), ("gemm", "GEMV"),
+                      ("nvjet", "GEMV"), ("cutlass", "GEMV"), ("rmsnorm", "rmsnorm"), ("rotary", "rotary"), ("store_kv", "store_kv"),
                       ("silu", "silu_mul"), ("decode_split", "attention split"),
                       ("decode_merge", "attention merge")):
         if tag in low:
@@ -114,18 +114,6 @@ def profile_replays(graph: torch.cuda.CUDAGraph, n: int) -> dict[str, tuple[int,
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
             sums[e.name].append(e.device_time_total)
     return {name: (len(v) // n, statistics.fmean(v)) for name, v in sums.items()}
-
-
-def graph_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
-    for _ in range(5):
-        graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / reps
 
 
 def main() -> None:
@@ -156,7 +144,7 @@ def main() -> None:
                 driver.decode(reqs)
             step = statistics.median(driver.timed(lambda: driver.decode(reqs)) for _ in range(args.steps)) * 1e3
             graph = runner.graph_runner.graphs[1]
-            replay = graph_ms(graph)
+            replay = replay_ms(graph, 100, warmup=5)
             kernels = profile_replays(graph, 10)
             by_kind: dict[str, float] = collections.defaultdict(float)
             for kname, (calls, us) in kernels.items():
