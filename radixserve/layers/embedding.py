@@ -12,7 +12,7 @@ from radixserve.distributed.parallel_state import (
     tp_all_gather_last_dim,
     tp_all_reduce,
 )
-from radixserve.layers.gemv import gemv, takes_gemv
+from radixserve.layers.gemv import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,8 +44,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; the slices of all ranks are gathered."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if takes_gemv(hidden, self.weight):  # one row: the GEMV writes fp32 logits, no cast after it
-            local = gemv(hidden, self.weight, out_dtype=torch.float32)
-        else:
-            local = F.linear(hidden, self.weight)
-        return tp_all_gather_last_dim(local)[..., : self.vocab_size]
+        logits = tp_all_gather_last_dim(linear(hidden, self.weight))
+        return logits[..., : self.vocab_size]

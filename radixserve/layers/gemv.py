@@ -7,9 +7,10 @@ keep the memory system busy and no second kernel is needed. Inside the CUDA grap
 decode step on an H200 they read the weights at 3.6-4.4 TB/s where cuBLAS reads the narrow ones at
 2.5-3.8 (docs/gpu.md, "Batch-1 projections"; scripts/gpu_gemv_bench.py, scripts/gpu_step_kernels.py).
 
-Two fusions ride on it: the gate/up projection with SiLU-and-mul (a program owns matching rows of
-gate and up, so the activation is written directly), and the LM head writing fp32 logits (no cast
-kernel after it).
+The gate/up projection rides on it fused with SiLU-and-mul (a program owns matching rows of gate and
+up, so the activation is written directly). Outputs are rounded to the activation dtype as cuBLAS's
+are, logits included: a request's tokens then do not depend on whether it ran alone, in a batch or
+under torch.compile more than the summation order makes them.
 
 `takes_gemv` decides: one row, bf16/fp16, CUDA, rows of the weight contiguous, not while
 torch.compile traces. Everything else keeps F.linear. RADIXSERVE_TRITON_GEMV=0 turns it off (A/B).
@@ -103,14 +104,12 @@ def _tile(k_in: int) -> tuple[int, int]:
     return max(1, TILE_ELEMENTS // block_k), block_k
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [..., K] holding one row, weight [N, K] (nn.Linear's layout, rows contiguous) -> [..., N],
-    in out_dtype (default x's)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] holding one row, weight [N, K] (nn.Linear's layout, rows contiguous) -> [..., N]."""
     n_out, k_in = weight.shape
     assert x.numel() == k_in and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     block_n, block_k = _tile(k_in)
-    out = torch.empty(n_out, dtype=out_dtype or x.dtype, device=x.device)
+    out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         _row(x, k_in), weight, bias if bias is not None else weight, out, n_out, k_in, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,

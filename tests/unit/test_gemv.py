@@ -36,15 +36,11 @@ def test_gemv_matches_linear(n_out, k_in, with_bias):
     assert gemv.gemv(x.flatten(), weight, bias).shape == (n_out,)  # a 1-D row stays 1-D, as in F.linear
 
 
-def test_gemv_reads_a_strided_row_and_writes_the_dtype_asked():
+def test_gemv_reads_a_strided_row():
     gen = torch.Generator().manual_seed(3)
     weight = randn(48, 96, gen=gen)
     x = randn(1, 192, gen=gen)[:, ::2]  # one row with stride 2
     torch.testing.assert_close(gemv.gemv(x, weight), F.linear(x, weight), **TOL)
-    out = gemv.gemv(x.to(torch.float16), weight.to(torch.float16), out_dtype=torch.float32)
-    assert out.dtype == torch.float32
-    want = F.linear(x.double(), weight.to(torch.float16).double()).float()
-    torch.testing.assert_close(out, want, atol=1e-2, rtol=1e-3)
 
 
 @pytest.mark.parametrize("inter, k_in", [(40, 64), (7, 300), (128, 4096), (3, 5000)])
@@ -77,8 +73,8 @@ def any_one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def test_model_paths_through_the_gemv_equal_the_torch_paths(monkeypatch):
-    """The MLP's fused gate/up + activation and the LM head's fp32 logits, wired as the model calls
-    them (weight layout, shapes, dtype), against the same modules on the torch path."""
+    """The MLP's fused gate/up + activation and the LM head, wired as the model calls them (weight
+    layout, shapes), against the same modules on the torch path."""
     from tests.helpers import tiny_config
 
     cfg = tiny_config("llama")
@@ -88,12 +84,11 @@ def test_model_paths_through_the_gemv_equal_the_torch_paths(monkeypatch):
     for p in (mlp.gate_up_proj.weight, mlp.down_proj.weight, head.weight):
         p.data.normal_(0, 0.1)
     x = torch.randn(1, cfg.hidden_size, device=DEVICE)
-    want_mlp, want_logits = mlp(x), head.compute_logits(x).float()
+    want_mlp, want_logits = mlp(x), head.compute_logits(x)
     monkeypatch.setattr(llama, "takes_gemv", any_one_row)
-    monkeypatch.setattr(embedding, "takes_gemv", any_one_row)
-    monkeypatch.setattr("radixserve.layers.gemv.takes_gemv", any_one_row)
+    monkeypatch.setattr(gemv, "takes_gemv", any_one_row)  # what linear() asks, for every projection
     got_logits = head.compute_logits(x)
-    assert got_logits.dtype == torch.float32 and got_logits.shape == (1, cfg.vocab_size)
+    assert got_logits.shape == (1, cfg.vocab_size)
     torch.testing.assert_close(mlp(x), want_mlp, **TOL)
     torch.testing.assert_close(got_logits, want_logits, **TOL)
     two = torch.randn(2, cfg.hidden_size, device=DEVICE)  # two rows keep the torch path
