@@ -21,8 +21,8 @@ def randn(*shape: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(DEVICE)
 
 
-# K below, at and above the widest step (4096), not multiples of it; N not a multiple of the rows a
-# program owns
+# K below, at and above the widest step (2048), and not multiples of it; N not a multiple of the rows
+# a program owns
 @pytest.mark.parametrize("n_out, k_in", [(37, 300), (5, 77), (64, 5000), (1, 1), (3, 4096), (130, 8200)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemv_matches_linear(n_out, k_in, with_bias):
