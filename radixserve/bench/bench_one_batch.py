@@ -240,6 +240,7 @@ def server_args_for(args: argparse.Namespace) -> ServerArgs:
         # a pool (and request table) just big enough for the largest run: nothing wasted, no OOM
         max_total_tokens=args.max_total_tokens or needed, max_running_requests=max(args.batch_size),
         context_length=max(args.input_len) + args.output_len, random_seed=args.seed,
+        enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs,
     )
 
 
@@ -263,7 +264,8 @@ def environment(runner: Any, args: argparse.Namespace) -> dict[str, Any]:
         "attention_backend": args.attention_backend or "torch_native",
         # what actually ran, in case the runner ignores or falls back from the requested backend
         "attention_backend_class": type(runner.attn_backend).__name__,
-        "disable_cuda_graph": args.disable_cuda_graph, "kv_pool_tokens": runner.plan.max_total_tokens,
+        "disable_cuda_graph": args.disable_cuda_graph, "enable_torch_compile": args.enable_torch_compile,
+        "kv_pool_tokens": runner.plan.max_total_tokens,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len", type=int, default=16, help="tokens per request, the prefill's included")
     parser.add_argument("--attention-backend", default=None, choices=CHOICES["attention_backend"])
     parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--enable-torch-compile", action="store_true",
+                        help="decode batches up to --torch-compile-max-bs run the torch.compile'd model")
+    parser.add_argument("--torch-compile-max-bs", type=int, default=None)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--max-total-tokens", type=int, default=None,
                         help="KV pool tokens (default: what the largest batch x (input + output) needs)")
@@ -344,6 +349,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: every value must be >= 1")
     if args.output_len < 1:
         raise ValueError(f"--output-len: must be >= 1; got {args.output_len}")
+    if args.torch_compile_max_bs is not None and args.torch_compile_max_bs < 1:
+        raise ValueError(f"--torch-compile-max-bs: must be >= 1; got {args.torch_compile_max_bs}")
     if args.warmup < 0:
         raise ValueError(f"--warmup: must be >= 0; got {args.warmup}")
     if (args.peak_gbps is not None and args.peak_gbps <= 0) or (args.peak_tflops is not None and args.peak_tflops <= 0):

@@ -12,8 +12,8 @@ up, so the activation is written directly). Outputs are rounded to the activatio
 are, logits included: a request's tokens then do not depend on whether it ran alone, in a batch or
 under torch.compile more than the summation order makes them.
 
-`takes_gemv` decides: one row, bf16/fp16, CUDA, rows of the weight contiguous, not while
-torch.compile traces. Everything else keeps F.linear. RADIXSERVE_TRITON_GEMV=0 turns it off (A/B).
+`takes_gemv` decides: one row, bf16/fp16, CUDA, rows of the weight contiguous. Everything else keeps
+F.linear. Under torch.compile the kernels are custom ops, so the compiled batch-1 graph keeps them. RADIXSERVE_TRITON_GEMV=0 turns it off (A/B).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:
     import triton
@@ -109,37 +110,78 @@ def _tile(k_in: int) -> tuple[int, int]:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (nn.Linear's layout, rows contiguous) -> [..., N]."""
-    n_out, k_in = weight.shape
-    assert x.numel() == k_in and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
-    block_n, block_k = _tile(k_in)
-    out = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        _row(x, k_in), weight, bias if bias is not None else weight, out, n_out, k_in, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
-    )
-    return out.view(*x.shape[:-1], n_out)
+    if torch.compiler.is_compiling():  # one opaque node in the traced graph
+        return _gemv_op(x, weight, bias)
+    return _launch_gemv(x, weight, bias)
 
 
 def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for one row x [..., K] and a fused gate/up weight [2I, K] (gate rows first)
     -> [..., I]: the gate/up projection and the activation in one kernel."""
+    if torch.compiler.is_compiling():
+        return _gemv_silu_mul_op(x, weight)
+    return _launch_gemv_silu_mul(x, weight)
+
+
+def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n_out, k_in = weight.shape
+    assert x.numel() == k_in and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
+    block_n, block_k = _tile(k_in)
+    out = x.new_empty((*x.shape[:-1], n_out))
+    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
+        _row(x, k_in), weight, bias if bias is not None else weight, out, n_out, k_in, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def _launch_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     two_i, k_in = weight.shape
     assert two_i % 2 == 0 and x.numel() == k_in and weight.stride(1) == 1, (x.shape, weight.shape)
     n_out = two_i // 2
     block_n, block_k = _tile(k_in)
-    out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    out = x.new_empty((*x.shape[:-1], n_out))
     _gemv_silu_mul_kernel[(triton.cdiv(n_out, block_n),)](
         _row(x, k_in), weight, out, n_out, k_in, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=NUM_WARPS,
     )
-    return out.view(*x.shape[:-1], n_out)
+    return out
+
+
+# The same launches as custom ops, for torch.compile: Dynamo cannot trace a Triton launch written
+# this way, and Inductor would otherwise turn the one-row projection back into an mm. Eager calls go
+# straight to the launch (the op's dispatch costs host time a non-graph step would feel).
+@torch.library.custom_op("radixserve::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _launch_gemv(x, weight, bias)
+
+
+@_gemv_op.register_fake
+def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("radixserve::gemv_silu_mul", mutates_args=())
+def _gemv_silu_mul_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _launch_gemv_silu_mul(x, weight)
+
+
+@_gemv_silu_mul_op.register_fake
+def _gemv_silu_mul_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
 
 
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when x is one half-precision row on CUDA that the Triton GEMV can multiply by weight."""
-    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and x.numel() == weight.shape[1] and weight.stride(1) == 1
-            and not torch.compiler.is_compiling())
+    return (ENABLED and triton is not None and runs_gemv_on(x) and weight.dtype == x.dtype
+            and weight.stride(1) == 1
+            # a batch dimension traced as dynamic is never taken to be 1 (and no guard is added)
+            and statically_known_true(x.numel() == weight.shape[1]))
+
+
+def runs_gemv_on(x: torch.Tensor) -> bool:
+    """CUDA and half precision: where the kernel was tuned and beats cuBLAS (fp32 rows keep cuBLAS)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,14 @@ import os
 
 import pytest
 
-from radixserve.bench.bench_one_batch import CONFIGS_DIR, ModelCost, build_parser, check_args, main
+from radixserve.bench.bench_one_batch import (
+    CONFIGS_DIR,
+    ModelCost,
+    build_parser,
+    check_args,
+    main,
+    server_args_for,
+)
 
 TINY = os.path.join(CONFIGS_DIR, "tiny-llama")
 TIMED_FIELDS = (
@@ -66,10 +73,18 @@ def test_too_long_for_the_model_is_an_error(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--input-len", "0"], ["--output-len", "0"],
-                                  ["--warmup", "-1"]])
+                                  ["--warmup", "-1"], ["--torch-compile-max-bs", "0"]])
 def test_bad_workload_rejected(argv):
     with pytest.raises(ValueError, match=argv[0]):
         check_args(build_parser().parse_args(["--model-path", TINY, *argv]))
+
+
+def test_torch_compile_flags_reach_the_runner_args():
+    plain = server_args_for(build_parser().parse_args(["--model-path", TINY]))
+    assert not plain.enable_torch_compile and plain.torch_compile_max_bs is None
+    args = build_parser().parse_args(["--model-path", TINY, "--enable-torch-compile", "--torch-compile-max-bs", "4"])
+    sargs = server_args_for(args)
+    assert sargs.enable_torch_compile and sargs.torch_compile_max_bs == 4
 
 
 def test_prefill_flops_formula():

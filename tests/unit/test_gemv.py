@@ -67,14 +67,29 @@ def test_takes_gemv_only_for_one_half_precision_row_on_cuda():
         assert not gemv.takes_gemv(torch.randn(1, 16, device="cuda", dtype=torch.bfloat16), wh.t().contiguous().t())
 
 
-def any_one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """takes_gemv widened to CPU fp32 rows, so the model's GEMV paths run in the interpreter."""
-    return x.numel() == weight.shape[1] and weight.stride(1) == 1
+def any_row_device(x: torch.Tensor) -> bool:
+    """`runs_gemv_on` widened to CPU fp32, so the model's GEMV paths run in the interpreter."""
+    return True
 
 
 def test_model_paths_through_the_gemv_equal_the_torch_paths(monkeypatch):
     """The MLP's fused gate/up + activation and the LM head, wired as the model calls them (weight
     layout, shapes), against the same modules on the torch path."""
+    mlp, head, x = tiny_mlp_and_head()
+    want_mlp, want_logits = mlp(x), head.compute_logits(x)
+    monkeypatch.setattr(gemv, "runs_gemv_on", any_row_device)  # takes_gemv's device test, for every caller
+    got_logits = head.compute_logits(x)
+    assert got_logits.shape == (1, head.vocab_size)
+    torch.testing.assert_close(mlp(x), want_mlp, **TOL)
+    torch.testing.assert_close(got_logits, want_logits, **TOL)
+    two = torch.randn(2, x.shape[1], device=DEVICE)  # two rows keep the torch path
+    monkeypatch.undo()
+    want_two = mlp(two)
+    monkeypatch.setattr(gemv, "runs_gemv_on", any_row_device)
+    torch.testing.assert_close(mlp(two), want_two, atol=0, rtol=0)
+
+
+def tiny_mlp_and_head() -> tuple[llama.LlamaMLP, embedding.ParallelLMHead, torch.Tensor]:
     from tests.helpers import tiny_config
 
     cfg = tiny_config("llama")
@@ -83,16 +98,36 @@ def test_model_paths_through_the_gemv_equal_the_torch_paths(monkeypatch):
     head = embedding.ParallelLMHead(cfg.vocab_size, cfg.hidden_size).to(DEVICE)
     for p in (mlp.gate_up_proj.weight, mlp.down_proj.weight, head.weight):
         p.data.normal_(0, 0.1)
-    x = torch.randn(1, cfg.hidden_size, device=DEVICE)
-    want_mlp, want_logits = mlp(x), head.compute_logits(x)
-    monkeypatch.setattr(llama, "takes_gemv", any_one_row)
-    monkeypatch.setattr(gemv, "takes_gemv", any_one_row)  # what linear() asks, for every projection
-    got_logits = head.compute_logits(x)
-    assert got_logits.shape == (1, cfg.vocab_size)
-    torch.testing.assert_close(mlp(x), want_mlp, **TOL)
-    torch.testing.assert_close(got_logits, want_logits, **TOL)
-    two = torch.randn(2, cfg.hidden_size, device=DEVICE)  # two rows keep the torch path
-    monkeypatch.undo()
-    want_two = mlp(two)
-    monkeypatch.setattr(llama, "takes_gemv", any_one_row)
-    torch.testing.assert_close(mlp(two), want_two, atol=0, rtol=0)
+    return mlp, head, torch.randn(1, cfg.hidden_size, device=DEVICE)
+
+
+def test_torch_compile_keeps_the_gemv_for_one_row_and_torch_for_a_dynamic_batch(monkeypatch):
+    """Under torch.compile (as --enable-torch-compile traces the decode forward) the one-row graph
+    holds the GEMV custom ops, computing what eager does, and a graph whose batch dimension is dynamic
+    holds none of them: there the row count is unknown, so the torch path is traced."""
+    mlp, head, x = tiny_mlp_and_head()
+    monkeypatch.setattr(gemv, "runs_gemv_on", any_row_device)
+    traced: list[set[str]] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        traced.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        # AOT tracing runs the ops' fake implementations, as Inductor would
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        return head.compute_logits(mlp(h))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, backend=recording_backend, fullgraph=True)
+    with torch.no_grad():
+        want = forward(x)
+        torch.testing.assert_close(compiled(x), want, **TOL)
+        assert {"radixserve.gemv.default", "radixserve.gemv_silu_mul.default"} <= traced[-1], traced
+        rows = torch.randn(3, x.shape[1], device=DEVICE)
+        torch._dynamo.mark_dynamic(rows, 0)
+        torch.testing.assert_close(compiled(rows), forward(rows), **TOL)
+    assert not any("radixserve" in t for t in traced[-1]), traced
+    torch._dynamo.reset()
