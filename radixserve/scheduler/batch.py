@@ -52,6 +52,15 @@ def alloc_slots(req: Req, n: int, runner: ModelRunner, cache: PrefixCache) -> to
     return slots
 
 
+def release_new_pages(reqs: list[Req], slots: list[torch.Tensor], runner: ModelRunner) -> None:
+    """Undo alloc_slots for these requests: free the pages it took, not the partly filled last page
+    each request already owned."""
+    page = runner.allocator.page_size
+    for req, req_slots in zip(reqs, slots):
+        kept = min((-req.kv_committed_len) % page, req_slots.numel())  # slots in the owned page
+        runner.allocator.free(req_slots[kept:])
+
+
 def build_extend_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache) -> ForwardBatch:
     device = runner.device
     input_ids: list[int] = []
@@ -67,7 +76,11 @@ def build_extend_batch(reqs: list[Req], runner: ModelRunner, cache: PrefixCache)
         offset = len(input_ids)
         input_ids.extend(fill[start : start + n])
         positions.extend(range(start, start + n))
-        slots.append(alloc_slots(req, n, runner, cache))
+        try:
+            slots.append(alloc_slots(req, n, runner, cache))
+        except OutOfKVError:
+            release_new_pages(reqs[:i], slots, runner)  # not in req_to_token yet: nobody else frees them
+            raise
         logits_indices.append(offset + n - 1)
         prompt_len = len(req.origin_input_ids)
         if req.wants_prompt_logprobs and req.stage.value == "prefilling" and not req.prompt_logprobs_done:

@@ -51,23 +51,32 @@ class PrefillPlanner:
 
     def plan(self, waiting: list[Req], running: list[Req], chunked: Req | None, ratio: float) -> PrefillPlan:
         plan = PrefillPlan()
-        budget_kv = (
-            self.allocator.available_size()
-            + self.cache.evictable_size()
-            - sum(reserved_tokens(r, ratio) for r in running)
-        )
+        reserved = sum(reserved_tokens(r, ratio) for r in running)
+        spent = 0  # KV promised to the requests of this plan
+
+        def kv_room() -> int:
+            # read afresh each time: admitting a request locks its cached prefix, which takes those
+            # tokens out of the evictable part of the pool
+            return self.allocator.available_size() + self.cache.evictable_size() - reserved - spent
+
         budget_input = self.max_prefill_tokens
         budget_chunk = self.chunk_size if self.chunk_size is not None else 1 << 62
 
         if chunked is not None:
             n = min(chunked.seq_len - chunked.kv_committed_len, budget_chunk)
+            room = kv_room() - self.page_size
+            if n > room and running:
+                # the running requests hold the rest: continue with what fits, or after they free some
+                if room <= 0:
+                    return plan
+                n = room
             chunked.extend_len = n
             plan.reqs.append(chunked)
             plan.new_tokens += n
             if chunked.kv_committed_len + n < chunked.seq_len:
                 plan.chunked_req = chunked
                 return plan
-            budget_kv -= n + reserved_tokens(chunked, ratio)
+            spent += n + self.page_size + reserved_tokens(chunked, ratio)
             budget_input -= n
             budget_chunk -= n
 
@@ -80,9 +89,13 @@ class PrefillPlanner:
             extend = req.seq_len - len(match.indices)
             # round the page a request would partly fill up to a whole page
             need = extend + self.page_size + reserved_tokens(req, ratio)
-            if need > budget_kv:
+            if need > kv_room():
                 break
             if extend > budget_input and plan.reqs:
+                break
+            self.cache.inc_lock_ref(match.last_node)
+            if need > kv_room():  # its prefix was evictable, and counted as room, until locked
+                self.cache.dec_lock_ref(match.last_node)
                 break
             self._admit(req, match)
             if extend > budget_chunk:
@@ -96,7 +109,7 @@ class PrefillPlanner:
             plan.reqs.append(req)
             plan.new_tokens += extend
             plan.cached_tokens += len(match.indices)
-            budget_kv -= need
+            spent += need
             budget_input -= extend
             budget_chunk -= extend
         return plan
@@ -106,8 +119,7 @@ class PrefillPlanner:
         assert row is not None
         req.req_pool_idx = row
         req.prefix_indices = match.indices
-        req.last_node = match.last_node
-        self.cache.inc_lock_ref(match.last_node)
+        req.last_node = match.last_node  # locked by the caller
         n = len(match.indices)
         if n:
             self.req_pool.req_to_token[row, :n] = match.indices

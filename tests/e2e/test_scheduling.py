@@ -103,3 +103,24 @@ def test_abort_by_rid_while_waiting_and_running(ample):
     t.join(timeout=30)
     assert outs and outs[0]["meta_info"]["finish_reason"]["type"] == "abort"
     assert_pools_whole(ample)
+
+
+@pytest.mark.parametrize("page_size", [1, 3])
+def test_admitting_a_cached_prefix_does_not_overcommit_the_pool(model_dir, ample, page_size):
+    """The cached prefix a request reuses counts as free room only until the request locks it. A pool
+    that holds a cached 100-token prompt, then its 2-token continuation and a fresh 70-token prompt,
+    fits both requests one after the other but not together: the second must wait, not be aborted
+    for want of KV, and no slot may leak."""
+    rng = random.Random(7)
+    prefix = [rng.randrange(3, 49152) for _ in range(100)]
+    later = [prefix + [rng.randrange(3, 49152) for _ in range(2)], [rng.randrange(3, 49152) for _ in range(70)]]
+    params = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+    want = [o["output_ids"] for o in ample.generate(input_ids=[prefix, *later], sampling_params=params)]
+    with Engine(model_path=model_dir, dtype="float32", max_total_tokens=160 + page_size, page_size=page_size,
+                disable_overlap_schedule=True) as tight:
+        first = tight.generate(input_ids=prefix, sampling_params=params)
+        outs = tight.generate(input_ids=later, sampling_params=params)
+        assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["length", "length"]
+        assert [first["output_ids"]] + [o["output_ids"] for o in outs] == want
+        assert outs[0]["meta_info"]["cached_tokens"] >= 99  # the prefix was reused, not recomputed
+        assert_pools_whole(tight)

@@ -42,3 +42,30 @@ def test_host_last_slot_matches_the_table(page_size):
     r.last_slot_pos = -1
     assert last_slot_of(r, runner) == int(table[r.req_pool_idx, r.kv_committed_len - 1])
     driver.reset()
+
+
+def test_failed_extend_allocation_gives_back_the_pages_it_took():
+    """When a later request of a prefill batch cannot get KV, the pages already taken for earlier ones
+    (not yet in req_to_token, so nothing else would free them) go back; a page the request already
+    owned stays its own."""
+    from radixserve.scheduler.batch import OutOfKVError, build_extend_batch
+
+    sargs = ServerArgs(model_path=os.path.join(CONFIGS_DIR, "tiny-llama"), load_format="dummy", dtype="float32",
+                       device="cpu", max_total_tokens=30, max_running_requests=2, context_length=64, page_size=3)
+    runner = build_runner(sargs)
+    driver = BatchDriver(runner, seed=0)
+    alloc = runner.allocator
+    a, b = driver.new_reqs(2, 40, 4)
+    a.extend_len = 4  # two pages, the second partly filled
+    with torch.inference_mode():
+        build_extend_batch([a], runner, driver.cache)
+    a.kv_committed_len = 4
+    free_before = alloc.available_size()
+    owned = set(runner.req_to_token_pool.req_to_token[a.req_pool_idx, :4].tolist())
+    a.extend_len, b.extend_len = 5, 30  # a: 2 slots in its own page + one new page; b cannot fit
+    with pytest.raises(OutOfKVError), torch.inference_mode():
+        build_extend_batch([a, b], runner, driver.cache)
+    assert alloc.available_size() == free_before
+    free_pages = set(alloc.free_page_ids().tolist())
+    assert not {s // 3 for s in owned} & free_pages  # a's own pages were not freed
+    driver.reset()
