@@ -42,8 +42,8 @@ def compute_logits(
         known = next_ids >= 0
         picked = logprobs.gather(1, next_ids.clamp(min=0)[:, None]).squeeze(1)
         entry = PromptLogprobs(picked[known].tolist())
-        if prompt_top_k > 0:
-            values, ids = logprobs[known].topk(prompt_top_k, dim=-1)
+        if prompt_top_k > 0:  # a request may ask for more alternatives than the vocabulary has
+            values, ids = logprobs[known].topk(min(prompt_top_k, logprobs.shape[-1]), dim=-1)
             entry.top_values, entry.top_ids = values.tolist(), ids.tolist()
         out.prompt_logprobs[req_index] = entry
     return out

@@ -44,10 +44,14 @@ def append_token(req: Req, tokens: SampledTokens, i: int) -> None:
         req.finish_reason = {"type": "stop", "matched": token}  # the grammar's end (EOS)
 
 
-def record_prompt_logprobs(req: Req, entry: PromptLogprobs) -> None:
+def record_prompt_logprobs(req: Req, entry: PromptLogprobs | None) -> None:
+    """Append one prefill chunk's prompt logprobs (None: the chunk has no position to score, as a
+    one-token prompt has none). The first prompt token has no logprob: None stands in for it."""
     if not req.input_token_logprobs and req.logprob_start_len == 0:
         req.input_token_logprobs.append(None)
         req.input_top_logprobs.append(None)
+    if entry is None:
+        return
     req.input_token_logprobs.extend(entry.token_logprobs)
     if req.top_logprobs_num > 0:
         k = req.top_logprobs_num

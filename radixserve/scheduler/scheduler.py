@@ -229,7 +229,7 @@ class Scheduler:
             return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
             logprob_start_len=msg.logprob_start_len, stream=msg.stream, max_new_tokens=max_new,
         )
-        if max_new == 0:
+        if max_new == 0 and not req.wants_prompt_logprobs:  # nothing to compute
             req.finish_reason = {"type": "length", "length": 0}
             self.send_outputs([req])
             return None
@@ -406,19 +406,27 @@ class Scheduler:
         sampled = self.sample(reqs, out.next_token_logits)
         record_sampled(self.runner, batch, sampled.next_token_ids)
         discarded: set[int] = set()
+        scored: list[Req] = []  # max_new_tokens 0: the prompt's logprobs were all it asked for
         for i, req in enumerate(reqs):
             req.kv_committed_len += req.extend_len
-            if i in out.prompt_logprobs:
-                record_prompt_logprobs(req, out.prompt_logprobs[i])
+            if req.wants_prompt_logprobs:
+                record_prompt_logprobs(req, out.prompt_logprobs.get(i))
             if req is self.chunked_req:  # more of its prompt to go: no token yet
                 self.cache.cache_unfinished_req(req)
                 discarded.add(id(req))
                 continue
             if req.wants_prompt_logprobs:
                 req.prompt_logprobs_done = True
+            if req.max_new_tokens == 0:
+                req.finish_reason = {"type": "length", "length": 0}
+                discarded.add(id(req))
+                scored.append(req)
+                continue
             req.stage = ReqStage.DECODING
             req.pending += 1
             self.running.append(req)  # it can decode before its first token reaches the host
+        if scored:
+            self.finish(scored)
         return InFlightBatch.start_copy(reqs, sampled, discarded)
 
     def launch_decode(self) -> InFlightBatch | None:

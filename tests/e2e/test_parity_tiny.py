@@ -69,4 +69,22 @@ def test_logprobs_match_transformers(tiny):
             assert [lp for lp, _, _ in got_prompt[1:]] == pytest.approx(want_prompt, abs=1e-4)
             # the top-1 alternative of a greedy step is the chosen token
             assert [top[0][1] for top in meta["output_top_logprobs"]] == out["output_ids"]
+        # scoring a prompt: no new tokens, but its logprobs (as evaluation harnesses ask)
+        scored = engine.generate(input_ids=batch[0], sampling_params={"max_new_tokens": 0},
+                                 return_logprob=True, logprob_start_len=0)
+        want_prompt, _ = hf_logprobs(model, batch[0], [])
+        assert scored["output_ids"] == [] and scored["meta_info"]["completion_tokens"] == 0
+        assert scored["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+        got_prompt = scored["meta_info"]["input_token_logprobs"]
+        assert got_prompt[0][0] is None and [t for _, t, _ in got_prompt] == batch[0]
+        assert [lp for lp, _, _ in got_prompt[1:]] == pytest.approx(want_prompt, abs=1e-4)
+        # a one-token prompt has one entry, the unscored first token
+        one = engine.generate(input_ids=[17], sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                              logprob_start_len=0)
+        assert [tuple(e) for e in one["meta_info"]["input_token_logprobs"]] == [(None, 17, None)]
+        # more prompt alternatives than the vocabulary has: all of them, not a failure
+        vocab = model.config.vocab_size
+        wide = engine.generate(input_ids=batch[1][:2], sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                               logprob_start_len=0, top_logprobs_num=vocab + 5)
+        assert [len(t) for t in wide["meta_info"]["input_top_logprobs"][1:]] == [vocab]
         assert_pools_whole(engine)
