@@ -49,14 +49,23 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def make_tiny_model(arch: str, path: str, seed: int = 0, shard: bool = False, tokenizer: bool = True):
+def make_tiny_model(arch: str, path: str, seed: int = 0, shard: bool = False, tokenizer: bool = True,
+                    overrides: dict | None = None, random_biases: bool = False):
     """Random-weight model of the given architecture saved to path (with the bundled tokenizer unless
-    tokenizer=False: then requests must use input_ids)."""
+    tokenizer=False: then requests must use input_ids). overrides set config fields; random_biases
+    fills every bias with noise (transformers starts them at zero, which would hide a missing one)."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch)
+    for key, value in (overrides or {}).items():
+        setattr(cfg, key, value)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if random_biases:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0, 0.5)
     model.save_pretrained(path, max_shard_size="1MB" if shard else "2GB")
     if tokenizer:
         bundled_tokenizer().save_pretrained(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,18 +21,24 @@ from radixserve.loader import config as cfgutil
 from radixserve.model_executor.forward_batch import ForwardBatch
 
 
-class LlamaAttention(nn.Module):
-    qkv_bias_default = False
+@dataclass(frozen=True)
+class ProjectionBiases:
+    """Which projections carry a bias: each family reads this from its config differently."""
 
-    def __init__(self, cfg, layer_id: int, qk_norm: bool = False) -> None:
+    qkv: bool = False
+    o: bool = False
+    mlp: bool = False
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, layer_id: int, qk_norm: bool = False, biases: ProjectionBiases = ProjectionBiases()) -> None:
         super().__init__()
         hidden, head_dim = cfg.hidden_size, cfg_head_dim(cfg)
-        bias = bool(getattr(cfg, "attention_bias", self.qkv_bias_default))
         self.qkv_proj = QKVParallelLinear(
-            hidden, head_dim, cfg.num_attention_heads, cfgutil.num_kv_heads(cfg), bias=bias
+            hidden, head_dim, cfg.num_attention_heads, cfgutil.num_kv_heads(cfg), bias=biases.qkv
         )
         qkv = self.qkv_proj
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=False,
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=biases.o,
                                         in_range=(qkv.q_head_start * head_dim, qkv.q_size))
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.head_dim = head_dim
@@ -57,24 +64,25 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate])
-        self.down_proj = RowParallelLinear(intermediate, hidden)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate], bias=bias)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj.weight
-        if takes_gemv(x, gate_up):  # one row: projection and activation in one kernel
+        # one row: projection and activation in one kernel (which has no bias term)
+        if self.gate_up_proj.bias is None and takes_gemv(x, gate_up):
             return self.down_proj(gemv_silu_mul(x, gate_up))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_id: int, qk_norm: bool) -> None:
+    def __init__(self, cfg, layer_id: int, qk_norm: bool, biases: ProjectionBiases) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_id, qk_norm)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = LlamaAttention(cfg, layer_id, qk_norm, biases)
+        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, biases.mlp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -109,8 +117,9 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             cfgutil.head_dim(cfg), max_positions, cfgutil.rope_theta(cfg), cfgutil.rope_scaling(cfg)
         )
+        biases = self.projection_biases(cfg)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, self.qk_norm) for i in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, i, self.qk_norm, biases) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -118,6 +127,12 @@ class LlamaForCausalLM(nn.Module):
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
         self.tp_size = get_tp_size()
+
+    @staticmethod
+    def projection_biases(cfg) -> ProjectionBiases:
+        # as transformers' Llama: attention_bias covers q, k, v and o; mlp_bias the three MLP ones
+        attn = bool(getattr(cfg, "attention_bias", False))
+        return ProjectionBiases(qkv=attn, o=attn, mlp=bool(getattr(cfg, "mlp_bias", False)))
 
     @property
     def num_kv_heads_per_rank(self) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from radixserve.models.llama import LlamaForCausalLM
+from radixserve.models.llama import LlamaForCausalLM, ProjectionBiases
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    @staticmethod
+    def projection_biases(cfg) -> ProjectionBiases:
+        return ProjectionBiases()  # no projection has a bias

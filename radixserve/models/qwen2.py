@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from radixserve.models.llama import LlamaForCausalLM
+from radixserve.models.llama import LlamaForCausalLM, ProjectionBiases
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, cfg, max_positions: int) -> None:
-        # Qwen2 configs carry no attention_bias flag: the q/k/v biases are always there.
-        if getattr(cfg, "attention_bias", None) is None:
-            cfg.attention_bias = True
-        super().__init__(cfg, max_positions)
+    @staticmethod
+    def projection_biases(cfg) -> ProjectionBiases:
+        # always q/k/v and nothing else, whatever the config says (transformers ignores the flags)
+        return ProjectionBiases(qkv=True)

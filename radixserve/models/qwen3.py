@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from radixserve.models.llama import LlamaForCausalLM
+from radixserve.models.llama import LlamaForCausalLM, ProjectionBiases
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+
+    @staticmethod
+    def projection_biases(cfg) -> ProjectionBiases:
+        attn = bool(getattr(cfg, "attention_bias", False))  # q, k, v and o; the MLP never has one
+        return ProjectionBiases(qkv=attn, o=attn)

@@ -88,3 +88,29 @@ def test_logprobs_match_transformers(tiny):
                                logprob_start_len=0, top_logprobs_num=vocab + 5)
         assert [len(t) for t in wide["meta_info"]["input_top_logprobs"][1:]] == [vocab]
         assert_pools_whole(engine)
+
+
+BIAS_CASES = {
+    # transformers: attention_bias puts a bias on q, k, v and o; mlp_bias on gate, up and down
+    "llama-attention-bias": ("llama", {"attention_bias": True}),
+    "llama-mlp-bias": ("llama", {"mlp_bias": True}),
+    "qwen3-attention-bias": ("qwen3", {"attention_bias": True}),
+    # Qwen2 always has q/k/v biases (and no other), whatever its config says
+    "qwen2-flag-false": ("qwen2", {"attention_bias": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(BIAS_CASES))
+def test_projection_biases_match_transformers(case, tmp_path):
+    arch, overrides = BIAS_CASES[case]
+    model = make_tiny_model(arch, str(tmp_path), seed=5, tokenizer=False, overrides=overrides, random_biases=True)
+    assert any(n.endswith(".bias") for n, _ in model.named_parameters())
+    batch = prompts(11, count=3)
+    expected = [hf_greedy(model, p, 6) for p in batch]
+    # paged, so the batch-1 and batched paths both run
+    with Engine(model_path=str(tmp_path), dtype="float32", page_size=4) as engine:
+        outs = engine.generate(input_ids=batch, sampling_params={"temperature": 0, "max_new_tokens": 6})
+        assert [o["output_ids"] for o in outs] == expected
+        assert engine.generate(input_ids=batch[0], sampling_params={"temperature": 0, "max_new_tokens": 6})[
+            "output_ids"] == expected[0]
+        assert_pools_whole(engine)
