@@ -37,8 +37,10 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
     unbuilt = args.unbuilt_feature()
     if unbuilt:
         raise ServerArgsError(unbuilt)
-    source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path)
-    tokenizer = load_tokenizer(source)  # also warms the on-disk tokenizer cache for the children
+    source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path,
+                                  trust_remote_code=args.trust_remote_code)
+    # also warms the on-disk tokenizer cache for the children
+    tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
     ports = PortArgs.new()
     ctx = mp.get_context("spawn")
     procs: list[mp.Process] = []
@@ -48,7 +50,7 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
                                  name="radixserve-dp-controller", daemon=True))
     for dp_rank in range(args.dp_size):
         group_ports = ports.for_dp_group(dp_rank) if args.dp_size > 1 else ports
-        dist_init = f"tcp://{args.dist_init_addr}" if args.dist_init_addr else f"tcp://127.0.0.1:{free_port()}"
+        dist_init = dist_init_method(args.dist_init_addr, dp_rank)
         for rank in args.node_ranks():
             reader, writer = ctx.Pipe(duplex=False)
             name = "radixserve-scheduler" + (f"-dp{dp_rank}" if args.dp_size > 1 else "") + (
@@ -82,6 +84,16 @@ def wait_ready(reader, proc: mp.Process) -> dict[str, Any]:
         if not proc.is_alive():
             raise EngineStartError(f"{proc.name} process exited with code {proc.exitcode} while starting")
     return reader.recv()
+
+
+def dist_init_method(dist_init_addr: str | None, dp_rank: int) -> str:
+    """torch.distributed's rendezvous of one DP group's TP ranks: --dist-init-addr's host, at its port
+    plus the DP rank (each group is a process group of its own, and needs its own port); a free
+    local port without the flag."""
+    if not dist_init_addr:
+        return f"tcp://127.0.0.1:{free_port()}"
+    host, port = dist_init_addr.rsplit(":", 1)
+    return f"tcp://{host}:{int(port) + dp_rank}"
 
 
 def free_port() -> int:

@@ -145,8 +145,11 @@ class ServerArgs:
             )
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ServerArgsError("--dist-init-addr HOST:PORT (node 0's address) is required with --nnodes > 1")
-        if self.dist_init_addr is not None and ":" not in self.dist_init_addr:
-            raise ServerArgsError(f"--dist-init-addr: expected HOST:PORT; got {self.dist_init_addr!r}")
+        if self.dist_init_addr is not None:
+            port = self.dist_init_addr.rsplit(":", 1)[-1] if ":" in self.dist_init_addr else ""
+            # each DP group rendezvouses at the port plus its DP rank
+            if not port.isdigit() or not 1 <= int(port) <= 65535 - (self.dp_size - 1):
+                raise ServerArgsError(f"--dist-init-addr: expected HOST:PORT; got {self.dist_init_addr!r}")
 
     def _check_int(self, name: str, minimum: int | None = None, maximum: int | None = None) -> None:
         value = getattr(self, name)
@@ -211,7 +214,8 @@ class ServerArgs:
         add(g, "tokenizer_path", "tokenizer directory (default: the model's)")
         add(g, "dtype", "weight and activation dtype")
         add(g, "load_format", "weight format; 'dummy' makes random weights from config.json")
-        add(g, "trust_remote_code", "accepted for compatibility; only built-in architectures run")
+        add(g, "trust_remote_code", "let the model folder's own config and tokenizer code run (the model "
+            "itself must be a built-in architecture)")
         add(g, "context_length", "max tokens per sequence (default: from the model config)", type=int)
         add(g, "random_seed", "seed for weights init and sampling", type=int)
         g = parser.add_argument_group("http")
@@ -251,7 +255,7 @@ class ServerArgs:
         add(g, "enable_dp_lm_head", "data parallel LM head (with DP attention)")
         add(g, "moe_dense_tp_size", "TP size for dense layers of MoE models", type=int)
         add(g, "moe_a2a_backend", "MoE all-to-all backend")
-        add(g, "dist_init_addr", "HOST:PORT of node 0 for torch.distributed init")
+        add(g, "dist_init_addr", "HOST:PORT of node 0 for torch.distributed init (DP group i uses PORT + i)")
         add(g, "nnodes", "number of nodes", type=int)
         add(g, "node_rank", "this node's rank", type=int)
         add(g, "base_gpu_id", "first GPU index to use", type=int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +38,35 @@ class ModelSource:
 
 def _abspath(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# what serving needs from a Hub repo: config, weights, tokenizer, and the code trust_remote_code runs
+_HUB_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja"]
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, as the runbook's --model-path meta-llama/Llama-3.1-8B-Instruct."""
+    return _HUB_ID.fullmatch(name) is not None and ".." not in name
+
+
+def hub_snapshot(repo_id: str, load_format: str) -> str:
+    """The local folder of a Hugging Face Hub model: from the HF cache (HF_HOME / HF_HUB_CACHE) when it
+    is there, downloaded otherwise (HF_HUB_OFFLINE=1: the cache only), as SGLang does. Weights are
+    fetched only when they will be read: safetensors, or .bin files for `pt` (and for `auto` when the
+    repo has no safetensors)."""
+    from huggingface_hub import snapshot_download
+
+    weights = {"auto": ["*.safetensors"], "safetensors": ["*.safetensors"], "pt": ["*.bin"]}.get(load_format, [])
+    try:
+        path = snapshot_download(repo_id, allow_patterns=_HUB_FILES + weights)
+        if load_format == "auto" and not any(n.endswith(".safetensors") for n in os.listdir(path)):
+            path = snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.bin"])
+        return path
+    except Exception as e:
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local path, and the Hugging Face Hub did not give it: {first_line(e)}"
+        ) from None
 
 
 def _is_gguf(path: str) -> bool:
@@ -120,7 +150,10 @@ def resolve_model_source(
             f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}"
         )
     if tokenizer_path is not None:
-        tokenizer_path = _abspath(tokenizer_path)
+        given = tokenizer_path
+        tokenizer_path = _abspath(given)
+        if not os.path.exists(tokenizer_path) and looks_like_hub_id(given):
+            tokenizer_path = hub_snapshot(given, "dummy")
         if not os.path.exists(tokenizer_path):
             raise ModelLoadError(f"tokenizer path {tokenizer_path} does not exist")
 
@@ -129,11 +162,13 @@ def resolve_model_source(
 
     assert model_path is not None
     path = _abspath(model_path)
+    if not os.path.exists(path) and looks_like_hub_id(model_path):
+        path = hub_snapshot(model_path, load_format)
     if not os.path.exists(path):
         hint = (
             ""
             if model_path == path
-            else f" (given as {model_path!r}; only local folders and .gguf files load)"
+            else f" (given as {model_path!r}; local folders, .gguf files and Hub ids owner/name load)"
         )
         raise ModelLoadError(f"model path {path} does not exist{hint}")
     if os.path.isfile(path):

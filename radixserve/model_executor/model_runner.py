@@ -134,6 +134,10 @@ class ModelRunner:
                 )
             capacity = budget // bytes_per_token
         else:
+            if self.args.mem_fraction_static is not None:  # accepted, so say what it does here
+                logger.info("--mem-fraction-static sizes the KV pool on GPUs only; on the CPU it is "
+                            "--max-total-tokens (default: up to %d tokens in %.0f%% of free RAM)",
+                            CPU_DEFAULT_MAX_TOKENS, CPU_MEMORY_SHARE * 100)
             capacity = min(
                 CPU_DEFAULT_MAX_TOKENS, int(psutil.virtual_memory().available * CPU_MEMORY_SHARE) // bytes_per_token
             )

@@ -26,7 +26,7 @@ from radixserve.messages import (
 )
 from radixserve.server_args import ServerArgs
 from radixserve.utils.logging import configure_logging
-from radixserve.utils.process import die_with_parent
+from radixserve.utils.process import die_with_parent, ignore_sigterm
 
 logger = logging.getLogger("radixserve.dp_controller")
 
@@ -149,6 +149,7 @@ class DPController:
 
 def run_dp_controller_process(args: ServerArgs, ports: PortArgs) -> None:
     die_with_parent()
+    ignore_sigterm()
     configure_logging(args.log_level, "dp controller")
     try:
         DPController(args, ports).run()

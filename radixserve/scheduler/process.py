@@ -10,12 +10,13 @@ from multiprocessing.connection import Connection
 from radixserve.ipc import PortArgs
 from radixserve.server_args import ServerArgs
 from radixserve.utils.logging import configure_logging
-from radixserve.utils.process import die_with_parent
+from radixserve.utils.process import die_with_parent, ignore_sigterm
 
 
 def run_scheduler_process(args: ServerArgs, ports: PortArgs, ready: Connection, tp_rank: int = 0,
                           dist_init_method: str | None = None, dp_rank: int = 0) -> None:
     die_with_parent()
+    ignore_sigterm()
     faulthandler.enable()
     # rank 0 logs the batches; the other ranks only warnings and errors
     level = args.log_level if tp_rank == 0 else "warning"

@@ -72,14 +72,15 @@ class Scheduler:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
             init_tensor_parallel(tp_rank, args.tp_size, dist_init_method, self.device, args.dist_timeout or 600)
             check_same_setup(tp_rank, setup_fingerprint(args))
-        source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path)
+        source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path,
+                                      trust_remote_code=args.trust_remote_code)
         cfg = source.hf_config
         self.context_len = args.context_length or cfgutil.context_length(cfg)
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True) is not False and window < self.context_len:
             logger.warning("sliding window %d < context length: capping the context at %d", window, window)
             self.context_len = window
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
         self.runner = ModelRunner(args, source, self.device, self.context_len)
         self.eos_ids = set(cfgutil.eos_token_ids(cfg, self.tokenizer))
         self.page_size = args.page_size

@@ -32,7 +32,17 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def ignore_sigterm() -> None:
+    """For child processes. `systemctl stop` (and `docker stop` of a process group, or `kill -TERM
+    -PGID`) sends SIGTERM to every process of the server at once: the children must outlive it
+    while the API process drains the requests in flight. They end with their parent (above) or by
+    kill_process_tree's SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 5.0) -> None:
+    """SIGKILL a child process and its descendants (our children ignore SIGTERM, and by the time
+    this runs there is nothing left for them to finish); wait up to timeout for them to go."""
     try:
         proc = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -40,12 +50,7 @@ def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 5.
     procs = proc.children(recursive=True) + ([proc] if include_parent else [])
     for p in procs:
         try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(procs, timeout=timeout)

@@ -102,3 +102,19 @@ def test_cli_exits_with_one_clear_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--enable-two-batch-overlap" in lines[0]
+
+
+def test_each_dp_group_rendezvouses_at_its_own_port():
+    from radixserve.engine import dist_init_method
+
+    assert dist_init_method("10.0.0.1:5000", 0) == "tcp://10.0.0.1:5000"
+    assert dist_init_method("10.0.0.1:5000", 3) == "tcp://10.0.0.1:5003"
+    assert dist_init_method("[::1]:7000", 1) == "tcp://[::1]:7001"
+    a, b = dist_init_method(None, 0), dist_init_method(None, 1)
+    assert a.startswith("tcp://127.0.0.1:") and a != b
+
+
+@pytest.mark.parametrize("addr", ["h:", "h:port", "h:70000", "h:0"])
+def test_dist_init_addr_port_must_be_a_port(addr):
+    with pytest.raises(ServerArgsError, match="--dist-init-addr"):
+        ServerArgs(dist_init_addr=addr)
