@@ -19,6 +19,9 @@ STOP_WINDOW_SLACK = 8
 
 _REPLACEMENT = "\ufffd"
 
+# An incomplete UTF-8 character has at most 3 of its bytes present, each token carries at least one.
+MAX_TAIL_TOKENS = 3
+
 
 def _decode(tokenizer: Any, ids: Sequence[int], skip_special_tokens: bool, spaces_between: bool) -> str:
     if not ids:
@@ -35,8 +38,9 @@ class IncrementalDetokenizer:
 
     Keeps a prefix offset and a read offset into a short id window: each step decodes
     ids[prefix:read] and ids[prefix:] and emits the difference. Decoding from the same start
-    keeps context-dependent decoders consistent; text ending in U+FFFD (an incomplete UTF-8
-    character split over tokens) is held back until a later token completes it.
+    keeps context-dependent decoders consistent; the tokens of a trailing incomplete UTF-8
+    character (text ending in U+FFFD) are held back until a later token completes it, while the
+    tokens before them are emitted.
     """
 
     def __init__(
@@ -73,19 +77,37 @@ class IncrementalDetokenizer:
         if self._read_offset >= len(self._ids):
             return ""
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full_text = self._decode(self._ids[self._prefix_offset :])
+        end, full_text = self._complete_end(final)
         if len(full_text) <= len(prefix_text) and not final:
-            return ""  # e.g. only skipped special tokens so far
-        if full_text.endswith(_REPLACEMENT) and not final:
-            return ""
+            return ""  # e.g. only skipped special tokens so far, or every new token ends mid-character
         delta = full_text[len(prefix_text) :]
-        # The emitted ids become the left context of the next step.
+        # The emitted ids become the left context of the next step; ids past `end` (the tokens of an
+        # incomplete trailing character) stay unread.
         drop = self._read_offset
         self._ids = self._ids[drop:]
         self._prefix_offset = 0
-        self._read_offset = len(self._ids)
+        self._read_offset = end - drop
         self._text += delta
         return delta
+
+    def _complete_end(self, final: bool) -> tuple[int, str]:
+        """The largest end <= len(ids) whose decode does not end in U+FFFD (an incomplete UTF-8
+        character split over tokens), and that decode. Emitting up to it, rather than holding back
+        every new token, keeps a stream flowing while a character is incomplete. Only the last
+        MAX_TAIL_TOKENS ends are tried: tokens that straddle characters may leave no end on a
+        character boundary, and then nothing is emitted until one arrives. At the end of a request
+        (final) everything is emitted, an incomplete tail as U+FFFD, as tokenizer.decode gives."""
+        end = len(self._ids)
+        text = self._decode(self._ids[self._prefix_offset : end])
+        if final:
+            return end, text
+        lowest = max(self._read_offset + 1, end - MAX_TAIL_TOKENS)
+        while text.endswith(_REPLACEMENT) and end > lowest:
+            end -= 1
+            text = self._decode(self._ids[self._prefix_offset : end])
+        if text.endswith(_REPLACEMENT):
+            return self._read_offset, ""  # nothing complete yet
+        return end, text
 
     def _decode(self, ids: Sequence[int]) -> str:
         return _decode(self._tokenizer, ids, self._skip, self._spaces)
@@ -139,7 +161,10 @@ class StopChecker:
         self.stops = [s for s in stops if s]
         self._skip = skip_special_tokens
         self._special = _special_ids(tokenizer) if skip_special_tokens else frozenset()
-        self._window = max((len(s.encode("utf-8")) for s in self.stops), default=0) + STOP_WINDOW_SLACK
+        # surrogatepass: SamplingParams refuses stops that are not valid Unicode; should one get
+        # here anyway it must not kill the scheduler (it can never match decoded text).
+        self._window = max((len(s.encode("utf-8", "surrogatepass")) for s in self.stops), default=0)
+        self._window += STOP_WINDOW_SLACK
         self._checked_len = 0
         self.matched: str | None = None  # the stop string found by the last True check
 

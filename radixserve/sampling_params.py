@@ -10,7 +10,12 @@ from typing import Any
 
 
 class SamplingParamsError(ValueError):
-    """A sampling parameter has a bad value or type. The message names the field."""
+    """A sampling parameter has a bad value or type. The message names the field; `param` is that
+    field's name (None when the error is about several), so that an API can point at its own name."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 # Field groups drive the type checks; keep them in sync with the dataclass below.
@@ -25,11 +30,33 @@ _FLOAT_FIELDS = (
 _INT_FIELDS = ("min_new_tokens", "top_k", "n")
 _OPTIONAL_INT_FIELDS = ("max_new_tokens", "seed")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+_GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 
 
 def _is_int(value: Any) -> bool:
     # bool is a subclass of int, but `"top_k": true` is a client bug, not a 1.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_key(key: Any) -> int | None:
+    """A logit_bias key as a token id: an int, or a string of ASCII digits (JSON object keys are
+    strings); None for anything else (int() would also take "+7", " 7", "7_0" or "٧")."""
+    if _is_int(key):
+        return key if key >= 0 else None
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    return None
+
+
+def _check_unicode(name: str, value: str) -> None:
+    """Text that is not valid Unicode (a lone UTF-16 surrogate, as JSON "\\ud800" gives) cannot be
+    encoded to UTF-8: refuse it here, before the scheduler encodes it and dies."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SamplingParamsError(
+            f"{name} must be valid Unicode text: {value!r} has a lone surrogate at position {e.start}", name
+        ) from None
 
 
 @dataclass
@@ -69,11 +96,11 @@ class SamplingParams:
         if d is None:
             return cls()
         if not isinstance(d, dict):
-            raise SamplingParamsError(f"sampling_params must be an object, got {type(d).__name__}")
+            raise SamplingParamsError(f"sampling_params must be an object, got {type(d).__name__}", "sampling_params")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
-                raise SamplingParamsError(f"unknown sampling parameter {key!r}")
+                raise SamplingParamsError(f"unknown sampling parameter {key!r}", str(key))
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,17 +131,16 @@ class SamplingParams:
         if bias is None:
             return
         if not isinstance(bias, dict):
-            raise SamplingParamsError(f"logit_bias must be an object of token id -> bias, got {type(bias).__name__}")
+            raise SamplingParamsError(
+                f"logit_bias must be an object of token id -> bias, got {type(bias).__name__}", "logit_bias")
         clean: dict[int, float] = {}
         for key, value in bias.items():
-            try:
-                token = int(key) if not isinstance(key, bool) else None
-            except (TypeError, ValueError):
-                token = None
-            if token is None or token < 0:
-                raise SamplingParamsError(f"logit_bias keys must be token ids, got {key!r}")
+            token = _token_key(key)
+            if token is None:
+                raise SamplingParamsError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
-                raise SamplingParamsError(f"logit_bias values must be numbers in [-100, 100], got {value!r}")
+                raise SamplingParamsError(
+                    f"logit_bias values must be numbers in [-100, 100], got {value!r}", "logit_bias")
             clean[token] = float(value)
         self.logit_bias = clean or None
 
@@ -129,10 +155,12 @@ class SamplingParams:
     def _check_grammar(self) -> None:
         if isinstance(self.json_schema, dict):
             self.json_schema = json.dumps(self.json_schema)
-        for name in ("json_schema", "regex", "ebnf"):
+        given = [name for name in _GRAMMAR_FIELDS if getattr(self, name) is not None]
+        for name in given:
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise SamplingParamsError(f"{name} must be a string, got {type(value).__name__}")
+            if not isinstance(value, str):
+                raise SamplingParamsError(f"{name} must be a string, got {type(value).__name__}", name)
+            _check_unicode(name, value)
         try:
             spec = self.grammar_spec()
             if spec is None:
@@ -141,71 +169,76 @@ class SamplingParams:
 
             validate_spec(spec)
         except ValueError as e:
-            raise SamplingParamsError(str(e)) from None
+            raise SamplingParamsError(str(e), given[0] if len(given) == 1 else None) from None
         if self.min_new_tokens > 0:
             raise SamplingParamsError(
-                "min_new_tokens cannot be combined with json_schema, regex or ebnf (the grammar decides the end)"
+                "min_new_tokens cannot be combined with json_schema, regex or ebnf (the grammar decides the end)",
+                "min_new_tokens",
             )
 
     def _check_types(self) -> None:
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SamplingParamsError(f"{name} must be a number, got {value!r}")
+                raise SamplingParamsError(f"{name} must be a number, got {value!r}", name)
             if not math.isfinite(value):
-                raise SamplingParamsError(f"{name} must be finite, got {value!r}")
+                raise SamplingParamsError(f"{name} must be finite, got {value!r}", name)
             setattr(self, name, float(value))
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if not _is_int(value):
-                raise SamplingParamsError(f"{name} must be an integer, got {value!r}")
+                raise SamplingParamsError(f"{name} must be an integer, got {value!r}", name)
         for name in _OPTIONAL_INT_FIELDS:
             value = getattr(self, name)
             if value is not None and not _is_int(value):
-                raise SamplingParamsError(f"{name} must be an integer or null, got {value!r}")
+                raise SamplingParamsError(f"{name} must be an integer or null, got {value!r}", name)
         for name in _BOOL_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise SamplingParamsError(f"{name} must be a boolean, got {value!r}")
+                raise SamplingParamsError(f"{name} must be a boolean, got {value!r}", name)
         stop = self.stop
         if stop is not None and not isinstance(stop, str):
             if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-                raise SamplingParamsError(f"stop must be a string or a list of strings, got {stop!r}")
+                raise SamplingParamsError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
             self.stop = list(stop)
+        for s in [stop] if isinstance(stop, str) else self.stop or []:
+            _check_unicode("stop", s)
         ids = self.stop_token_ids
         if ids is not None:
             if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
-                raise SamplingParamsError(f"stop_token_ids must be a list of integers, got {ids!r}")
+                raise SamplingParamsError(f"stop_token_ids must be a list of integers, got {ids!r}", "stop_token_ids")
             self.stop_token_ids = list(ids)
 
     def _check_ranges(self) -> None:
         if self.temperature < 0:
-            raise SamplingParamsError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingParamsError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not 0.0 <= self.min_p <= 1.0:
-            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if self.top_k != -1 and self.top_k < 1:
-            raise SamplingParamsError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")
+            raise SamplingParamsError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}", "top_k")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
-                raise SamplingParamsError(f"{name} must be in [-2, 2], got {value}")
+                raise SamplingParamsError(f"{name} must be in [-2, 2], got {value}", name)
         if self.repetition_penalty <= 0:
-            raise SamplingParamsError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise SamplingParamsError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise SamplingParamsError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise SamplingParamsError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}", "max_new_tokens")
         if self.min_new_tokens < 0:
-            raise SamplingParamsError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+            raise SamplingParamsError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}", "min_new_tokens")
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise SamplingParamsError(
-                f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+                f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}",
+                "min_new_tokens",
             )
         if self.n < 1:
-            raise SamplingParamsError(f"n must be >= 1, got {self.n}")
+            raise SamplingParamsError(f"n must be >= 1, got {self.n}", "n")
         for s in self.stop:  # type: ignore[union-attr]
             if not s:
-                raise SamplingParamsError("stop must not contain empty strings")
+                raise SamplingParamsError("stop must not contain empty strings", "stop")
         for i in self.stop_token_ids:  # type: ignore[union-attr]
             if i < 0:
-                raise SamplingParamsError(f"stop_token_ids must be >= 0, got {i}")
+                raise SamplingParamsError(f"stop_token_ids must be >= 0, got {i}", "stop_token_ids")

@@ -14,7 +14,7 @@ from radixserve.ipc import PortArgs, pull_socket, push_socket
 from radixserve.messages import BatchOut, ReqOutput
 from radixserve.server_args import ServerArgs
 from radixserve.utils.logging import configure_logging
-from radixserve.utils.process import die_with_parent
+from radixserve.utils.process import die_with_parent, ignore_sigterm
 
 logger = logging.getLogger("radixserve.detokenizer")
 
@@ -46,6 +46,10 @@ class Detokenizer:
             ids = ids[:-1]  # a matched stop token is not part of the text
         if ids:
             state.decoder.add(ids)
+        if out.finish_reason is not None:
+            # the request's whole text: a trailing incomplete character decodes as U+FFFD, as
+            # tokenizer.decode(output_ids) gives, streaming or not
+            state.decoder.flush()
         text = state.decoder.text
         if out.finish_reason is not None:
             if isinstance(matched, str) and not out.no_stop_trim:
@@ -66,11 +70,12 @@ class Detokenizer:
 
 def run_detokenizer_process(args: ServerArgs, ports: PortArgs, tokenizer_source) -> None:
     die_with_parent()
+    ignore_sigterm()
     configure_logging(args.log_level, "detokenizer")
     try:
         from radixserve.loader.tokenizer import load_tokenizer
 
-        detok = Detokenizer(load_tokenizer(tokenizer_source))
+        detok = Detokenizer(load_tokenizer(tokenizer_source, trust_remote_code=args.trust_remote_code))
         ctx = zmq.Context.instance()
         recv = pull_socket(ctx, ports.detokenizer_input)
         send = push_socket(ctx, ports.tokenizer_input)

@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from starlette.exceptions import HTTPException
 
 from radixserve.entrypoints.errors import error_body
 
@@ -15,11 +16,18 @@ if TYPE_CHECKING:
     from radixserve.entrypoints.http_server import ServerState
 
 logger = logging.getLogger("radixserve.http")
-OPEN_PATHS = {"/health", "/metrics"}  # no API key, and answered while starting or draining
+OPEN_PATHS = {"/health", "/metrics"}  # answered while starting or draining
+# no API key (as SGLang): liveness probes and Prometheus scrapers carry none
+KEYLESS_PREFIXES = ("/health", "/metrics")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from receive() once a body without Content-Length (chunked) passes the limit. An
+    HTTPException, so that FastAPI's body parsing passes it on (any other exception there becomes
+    400 "There was an error parsing the body") to the 413 handler."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than {limit} bytes")
 
 
 async def send_error(send: Any, status: int, message: str) -> None:
@@ -45,7 +53,7 @@ class GateMiddleware:
                 return await send_error(send, 503, "the server is shutting down")
             if not st.ready:
                 return await send_error(send, 503, "the server is starting")
-            if st.api_key is not None and not self._authorized(scope):
+            if st.api_key is not None and not path.startswith(KEYLESS_PREFIXES) and not self._authorized(scope):
                 return await send_error(send, 401, "missing or invalid API key (Authorization: Bearer ...)")
         limit = st.max_body_size
         headers = dict(scope.get("headers") or [])
@@ -62,7 +70,7 @@ class GateMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: dict) -> None:

@@ -18,6 +18,7 @@ from radixserve.entrypoints.errors import APIError, JSONBytes, error_response
 from radixserve.entrypoints.http_middleware import BodyTooLarge, GateMiddleware
 from radixserve.entrypoints.metrics import Metrics
 from radixserve.entrypoints.openai_common import (
+    ClientDisconnected,
     as_api_error,
     collect,
     merged_streams,
@@ -26,11 +27,13 @@ from radixserve.entrypoints.openai_common import (
     validate_all,
 )
 from radixserve.entrypoints.openai_protocol import (
+    MODEL_NAMES,
     AbortRequest,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     GenerateRequest,
+    InvalidText,
     TokenizeRequest,
 )
 from radixserve.entrypoints.openai_serving import OpenAIServing
@@ -66,11 +69,29 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+    for err in errors:
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidText):
+            return str(cause), cause.param
+    # A union field fails once per member, each located through the member's name
+    # (content.list[ContentPart].0.text): of the first field's errors, report the one that got
+    # deepest into the value, without the member names.
+    field = _field_path(first)[:1]
+    same_field = [e for e in errors if _field_path(e)[:1] == field]
+    best = max(same_field, key=lambda e: len(_field_path(e)))
+    param = ".".join(_field_path(best)) or None
+    return f"{param or 'body'}: {best.get('msg', 'invalid value')}", param
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _field_path(err: dict[str, Any]) -> list[str]:
+    """An error's location in the body, without pydantic's union-member names."""
+    return [str(x) for x in err.get("loc", ()) if x != "body" and not (
+        isinstance(x, str) and (x in _TYPE_NAMES or x in MODEL_NAMES or "[" in x))]
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -100,7 +121,15 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, e: ValueError):
-        return error_response(400, str(e))
+        err = as_api_error(e)
+        return error_response(err.status, err.message, err.param)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, _: ClientDisconnected):
+        # nobody reads this answer; the requests are aborted already (until_disconnect)
+        logger.info("client disconnected from %s before the answer; its requests were aborted",
+                    request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(ServerDeadError)
     async def _dead(_: Request, e: ServerDeadError):
@@ -165,12 +194,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def tokenize(req: TokenizeRequest):
         if req.messages is not None:
             text = serving.apply_template(ChatCompletionRequest(messages=req.messages))
-            ids = tm.tokenizer.encode(text, add_special_tokens=False)
+            ids = tm.encode(text, "messages", add_special_tokens=False)
         else:
+            field = "text" if req.text is not None else "prompt"
             text = req.text if req.text is not None else req.prompt
             if text is None:
                 raise APIError(400, "give text, prompt or messages", "text")
-            ids = tm.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+            ids = tm.encode(text, field, add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
 
     @app.post("/detokenize")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -46,6 +47,7 @@ def sampling_params_of(req: SamplingExtras, max_tokens: int | None) -> dict[str,
             p[ours] = theirs
     p.update(ignore_eos=req.ignore_eos, min_new_tokens=req.min_tokens,
              skip_special_tokens=req.skip_special_tokens, no_stop_trim=req.no_stop_trim)
+    check_one_constraint(req)
     if req.json_schema is not None:
         p["json_schema"] = req.json_schema if isinstance(req.json_schema, str) else json.dumps(req.json_schema)
     fmt = req.response_format
@@ -56,6 +58,44 @@ def sampling_params_of(req: SamplingExtras, max_tokens: int | None) -> dict[str,
             raise APIError(400, "response_format.json_schema.schema is required", "response_format")
         p["json_schema"] = json.dumps(fmt.json_schema.schema_)
     return p
+
+
+def check_one_constraint(req: SamplingExtras) -> None:
+    """regex, ebnf, json_schema and a JSON response_format each constrain the output, and a request
+    may have one: say so by the client's names rather than let one silently win over another."""
+    fmt = req.response_format
+    given = [name for name, value in (("regex", req.regex), ("ebnf", req.ebnf), ("json_schema", req.json_schema))
+             if value is not None]
+    if fmt is not None and fmt.type != "text":
+        given.append("response_format")
+    if len(given) > 1:
+        raise APIError(400, f"only one of regex, ebnf, json_schema and response_format (json_object or "
+                       f"json_schema) may be given, got {' and '.join(given)}", given[-1])
+
+
+def openai_names(req: SamplingExtras, max_tokens_name: str, prompt_name: str) -> dict[str, str]:
+    """The OpenAI field that each native field (in SamplingParams and TokenizerManager errors) came from."""
+    names = {"max_new_tokens": max_tokens_name, "min_new_tokens": "min_tokens", "input_ids": prompt_name,
+             "prompt": prompt_name, "top_logprobs_num": "top_logprobs" if prompt_name == "messages" else "logprobs"}
+    if req.response_format is not None and req.response_format.type != "text":
+        names["json_schema"] = "response_format"
+    return names
+
+
+def validate_openai(tm: TokenizerManager, reqs: list[SingleRequest], names: dict[str, str]) -> None:
+    """validate_all, with errors in the client's terms: the OpenAI field names, in the message and
+    as the error's param."""
+    try:
+        validate_all(tm, reqs)
+    except RequestError as e:
+        raise APIError(400, _rename(str(e), names), names.get(e.param or "", e.param)) from None
+
+
+def _rename(message: str, names: dict[str, str]) -> str:
+    # "prompt" is also a plain word of messages ("the prompt is empty"): it renames the param only
+    words = [name for name in names if name != "prompt"]
+    pattern = r"\b(" + "|".join(map(re.escape, words)) + r")\b"
+    return re.sub(pattern, lambda m: names[m.group(1)], message)
 
 
 def finish_reason_of(meta: dict[str, Any]) -> str | None:
@@ -122,13 +162,22 @@ async def merged_streams(
             t.cancel()
 
 
+class ClientDisconnected(Exception):
+    """The client left before its (non-streaming) answer was ready; its requests are aborted."""
+
+
 async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Await work, but cancel it (which aborts its requests) as soon as the client goes away."""
+    """Await work, but cancel it (which aborts its requests) as soon as the client goes away, and
+    then raise ClientDisconnected: an expected end, not an error. A cancellation of the caller
+    itself (server shutdown) still propagates as CancelledError."""
     task = asyncio.ensure_future(work)
+    left = False
 
     async def watch() -> None:
+        nonlocal left
         while not task.done():
             if await request.is_disconnected():
+                left = True
                 task.cancel()
                 return
             await asyncio.sleep(0.2)
@@ -136,15 +185,26 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if left and not _cancelling():
+            raise ClientDisconnected() from None
+        raise
     finally:
         watcher.cancel()
+
+
+def _cancelling() -> bool:
+    """Whether someone asked to cancel the running task (Task.cancelling is Python 3.11+)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
 
 
 def as_api_error(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, RequestError | ValueError):
-        return APIError(400, str(e))
+        return APIError(400, str(e), getattr(e, "param", None))
     return APIError(500, f"{type(e).__name__}: {e}")
 
 

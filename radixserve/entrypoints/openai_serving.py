@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from typing import Any
 
 from fastapi import Request
@@ -17,12 +18,13 @@ from radixserve.entrypoints.openai_common import (
     merged_streams,
     new_id,
     now,
+    openai_names,
     sampling_params_of,
     sse,
     token_text,
     until_disconnect,
     usage_of,
-    validate_all,
+    validate_openai,
 )
 from radixserve.entrypoints.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from radixserve.entrypoints.requests import expand_requests
@@ -64,7 +66,8 @@ class OpenAIServing:
         )
         rid, created = new_id("cmpl"), now()
         texts = [r.text for r in reqs]  # validation tokenizes them, and clears r.text
-        validate_all(self.tm, reqs)  # before decoding: an id out of the vocabulary is the client's error
+        # before decoding: an id out of the vocabulary is the client's error
+        validate_openai(self.tm, reqs, openai_names(req, "max_tokens", "prompt"))
         prompts = [""] * len(reqs)  # the echoed prompt text: only echo needs it, so only echo decodes ids
         if req.echo:
             tokenizer = self.tm.tokenizer
@@ -88,13 +91,16 @@ class OpenAIServing:
             "choices": choices, "usage": usage_of(results, req.n),
         })
 
-    def _completion_logprobs(self, res: dict[str, Any], echo: bool, start: int = 0) -> dict[str, Any]:
+    def _completion_logprobs(self, res: dict[str, Any], echo: bool, start: int = 0, offset: int = 0,
+                             prompt_only: bool = False) -> dict[str, Any]:
+        """Logprobs of the prompt (echo) and of the output tokens from the start-th on; offset is
+        the text_offset of the first token (the characters of the tokens before it)."""
         meta = res["meta_info"]
         entries = list(meta.get("input_token_logprobs") or []) if echo else []
         tops = list(meta.get("input_top_logprobs") or []) if echo else []
-        entries += meta.get("output_token_logprobs", [])[start:] if not echo else meta.get(
-            "output_token_logprobs", [])
-        tops += meta.get("output_top_logprobs", [])[start:] if not echo else meta.get("output_top_logprobs", [])
+        if not prompt_only:
+            entries += meta.get("output_token_logprobs", [])[start:]
+            tops += meta.get("output_top_logprobs", [])[start:]
         tokens = [token_text(self.tm, t) for _, t, _ in entries]
         return {
             "tokens": tokens,
@@ -102,7 +108,7 @@ class OpenAIServing:
             "top_logprobs": [
                 None if top is None else {token_text(self.tm, t): lp for lp, t, _ in top} for top in tops
             ],
-            "text_offset": [sum(len(x) for x in tokens[:k]) for k in range(len(tokens))],
+            "text_offset": list(accumulate((len(x) for x in tokens), initial=offset))[:-1],
         }
 
     async def _completion_chunks(self, req, reqs, prompts, rid, created, include_usage) -> AsyncIterator[bytes]:
@@ -117,16 +123,27 @@ class OpenAIServing:
                              "matched_stop": matched}],
             })
 
-        if req.echo:
+        want_logprobs = req.logprobs is not None
+        offsets = [0] * len(reqs)  # text_offset of each choice's next token
+        # The prompt's logprobs come with a request's first result: with logprobs, the echoed prompt
+        # waits for them, so that the stream carries what the non-streaming answer does.
+        echo_pending = set(range(len(reqs))) if req.echo and want_logprobs else set()
+        if req.echo and not want_logprobs:
             for i, p in enumerate(prompts):
                 yield chunk(i, p, None, None)
         async for i, res in merged_streams(self.tm, reqs):
+            if i in echo_pending:
+                echo_pending.discard(i)
+                prompt_lp = self._completion_logprobs(res, True, prompt_only=True)
+                offsets[i] = sum(len(t) for t in prompt_lp["tokens"])
+                yield chunk(i, prompts[i], prompt_lp, None)
             delta = res["text"][sent_text[i]:]
             sent_text[i] = len(res["text"])
             logprobs = None
-            if req.logprobs is not None:
-                logprobs = self._completion_logprobs(res, False, sent_lp[i])
+            if want_logprobs:
+                logprobs = self._completion_logprobs(res, False, sent_lp[i], offsets[i])
                 sent_lp[i] = len(res["meta_info"].get("output_token_logprobs", []))
+                offsets[i] += sum(len(t) for t in logprobs["tokens"])
             finish = finish_reason_of(res["meta_info"])
             if delta or logprobs and logprobs["tokens"]:
                 yield chunk(i, delta, logprobs, None)
@@ -145,7 +162,7 @@ class OpenAIServing:
         tok = self.tm.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; start the server with --chat-template")
-        messages = [{"role": m.role, "content": self._content_text(m)} for m in req.messages]
+        messages = [{"role": m.role, "content": self._content_text(m, i)} for i, m in enumerate(req.messages)]
         try:
             return tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=req.add_generation_prompt
@@ -156,16 +173,19 @@ class OpenAIServing:
             raise APIError(400, f"chat template failed: {e}", "messages") from None
 
     @staticmethod
-    def _content_text(m: ChatMessage) -> str:
+    def _content_text(m: ChatMessage, index: int) -> str:
         if m.content is None:
             return ""
         if isinstance(m.content, str):
             return m.content
         parts = []
-        for part in m.content:
-            if part.get("type") != "text":
-                raise APIError(400, f"content part type {part.get('type')!r} is not supported", "messages")
-            parts.append(str(part.get("text", "")))
+        for k, part in enumerate(m.content):
+            where = f"messages.{index}.content.{k}"
+            if part.type != "text":
+                raise APIError(400, f"{where}: content part type {part.type!r} is not supported", where + ".type")
+            if part.text is None:
+                raise APIError(400, f"{where}.text is required for a text part", where + ".text")
+            parts.append(part.text)
         return "".join(parts)
 
     @staticmethod
@@ -191,12 +211,13 @@ class OpenAIServing:
         prompt = self.apply_template(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params_of(req, max_tokens)
-        ids = self.tm.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = self.tm.encode(prompt, "messages", add_special_tokens=False)
         top = req.top_logprobs or 0 if req.logprobs else 0
         reqs, _ = expand_requests(None, ids, params, return_logprob=req.logprobs, top_logprobs_num=top,
                                   stream=req.stream)
         rid, created = new_id("chatcmpl"), now()
-        validate_all(self.tm, reqs)
+        max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        validate_openai(self.tm, reqs, openai_names(req, max_name, "messages"))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(self._chat_chunks(req, reqs, rid, created, include_usage))

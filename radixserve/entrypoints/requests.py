@@ -31,7 +31,7 @@ def expand_requests(
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             texts, single = list(prompt), False
         else:
-            raise RequestError("prompt must be a string or a non-empty list of strings")
+            raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
         items: list[tuple[str | None, list[int] | None]] = [(t, None) for t in texts]
     else:
         if _is_id_list(input_ids):
@@ -39,24 +39,24 @@ def expand_requests(
         elif isinstance(input_ids, list) and input_ids and all(_is_id_list(x) for x in input_ids):
             items, single = [(None, list(x)) for x in input_ids], False
         else:
-            raise RequestError("input_ids must be a list of token ids or a list of such lists")
+            raise RequestError("input_ids must be a list of token ids or a list of such lists", "input_ids")
     if sampling_params is None or isinstance(sampling_params, dict):
         params_list = [dict(sampling_params or {}) for _ in items]
     elif isinstance(sampling_params, list) and len(sampling_params) == len(items):
         params_list = [dict(p or {}) for p in sampling_params]
     else:
-        raise RequestError("sampling_params must be a dict, or a list with one dict per prompt")
+        raise RequestError("sampling_params must be a dict, or a list with one dict per prompt", "sampling_params")
     if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
-        raise RequestError("top_logprobs_num must be an integer >= 0")
+        raise RequestError("top_logprobs_num must be an integer >= 0", "top_logprobs_num")
     rids = rid if isinstance(rid, list) else [rid] * len(items)
     if len(rids) != len(items):
-        raise RequestError("rid must have one entry per prompt")
+        raise RequestError("rid must have one entry per prompt", "rid")
 
     reqs: list[SingleRequest] = []
     for (text, ids), params, base_rid in zip(items, params_list, rids):
         n = params.pop("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise RequestError(f"n must be an integer >= 1, got {n!r}")
+            raise RequestError(f"n must be an integer >= 1, got {n!r}", "n")
         base_rid = base_rid or TokenizerManager.new_rid()
         for i in range(n):
             p = dict(params)

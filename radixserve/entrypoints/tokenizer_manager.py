@@ -32,7 +32,24 @@ logger = logging.getLogger("radixserve.tokenizer_manager")
 
 
 class RequestError(ValueError):
-    """The request is invalid (HTTP 400). The message names the field."""
+    """The request is invalid (HTTP 400). The message names the field; `param` is its name when
+    the error is about one field (the native name: the OpenAI handlers rename it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_text(text: str, field: str) -> None:
+    """A lone UTF-16 surrogate (JSON "\\ud800") is not text the tokenizer can encode: refuse it as
+    the client's error. The HTTP schemas refuse it first; this guards every other way in (Engine)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"{field} has a lone UTF-16 surrogate ({text[e.start]!r}) at position {e.start}, which is not "
+            "valid Unicode text", field,
+        ) from None
 
 
 class ServerDeadError(RuntimeError):
@@ -169,40 +186,45 @@ class TokenizerManager:
         if req.input_ids is not None:
             ids = req.input_ids
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise RequestError("input_ids must be a list of integers")
+                raise RequestError("input_ids must be a list of integers", "input_ids")
             return list(ids)
         if not isinstance(req.text, str):
-            raise RequestError("text must be a string")
+            raise RequestError("text must be a string", "text")
+        return self.encode(req.text, "text")
+
+    def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of client text; field names the text in the error when it cannot be encoded."""
         if self.tokenizer is None:
-            raise RequestError("this model has no tokenizer: send input_ids instead of text")
-        return self.tokenizer.encode(req.text)
+            raise RequestError("this model has no tokenizer: send input_ids instead of text", field)
+        check_text(text, field)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def validate(self, req: SingleRequest, ids: list[int]) -> SamplingParams:
         try:
             params = SamplingParams.from_dict(req.sampling_params)
         except SamplingParamsError as e:
-            raise RequestError(str(e)) from None
+            raise RequestError(str(e), e.param) from None
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         if any(not 0 <= t < self.vocab_size for t in ids):
-            raise RequestError(f"input_ids must be token ids in [0, {self.vocab_size})")
+            raise RequestError(f"input_ids must be token ids in [0, {self.vocab_size})", "input_ids")
         if len(ids) >= self.context_len:
             raise RequestError(
-                f"the prompt has {len(ids)} tokens; the context length is {self.context_len}"
+                f"the prompt has {len(ids)} tokens; the context length is {self.context_len}", "prompt"
             )
         if params.max_new_tokens is not None and len(ids) + params.max_new_tokens > self.context_len:
             raise RequestError(
                 f"max_new_tokens ({params.max_new_tokens}) + prompt tokens ({len(ids)}) exceeds the "
-                f"context length ({self.context_len})"
+                f"context length ({self.context_len})", "max_new_tokens"
             )
         if req.top_logprobs_num < 0:
-            raise RequestError("top_logprobs_num must be >= 0")
+            raise RequestError("top_logprobs_num must be >= 0", "top_logprobs_num")
         for t in params.stop_token_ids or []:
             if not 0 <= t < self.vocab_size:
-                raise RequestError(f"stop_token_ids must be token ids in [0, {self.vocab_size})")
+                raise RequestError(f"stop_token_ids must be token ids in [0, {self.vocab_size})", "stop_token_ids")
         for t in params.logit_bias or {}:
             if t >= self.vocab_size:
-                raise RequestError(f"logit_bias keys must be token ids in [0, {self.vocab_size})")
+                raise RequestError(f"logit_bias keys must be token ids in [0, {self.vocab_size})", "logit_bias")
         return params
 
     # ---- generation -----------------------------------------------------------

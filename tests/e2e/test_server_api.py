@@ -126,6 +126,26 @@ def test_generate_plain_batch_stream(server):
     assert last["output_ids"] == one["output_ids"] and last["text"] == one["text"]
 
 
+@pytest.mark.parametrize("max_new_tokens", [4, 16])
+def test_generate_text_ending_mid_character(server, max_new_tokens):
+    # the output ends partway through an emoji: the text is still decode(output_ids), the tail
+    # as U+FFFD, the same streamed or not
+    body = {"text": "Here are some emojis: 🎉🎉🎉 😀", "sampling_params": {"max_new_tokens": max_new_tokens,
+                                                                           "temperature": 0}}
+    plain = post(server, "/generate", body).json()
+    full = post(server, "/detokenize", {"tokens": plain["output_ids"]}).json()["text"]
+    assert full.endswith("\ufffd") and full.rstrip("\ufffd")  # greedy output here is a run of 🎉 (3 tokens each)
+    assert plain["text"] == full
+    with httpx.stream("POST", server.url + "/generate", headers=server.headers(), timeout=60,
+                      json={**body, "stream": True}) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert events[-1]["output_ids"] == plain["output_ids"] and events[-1]["text"] == full
+    # while streaming, text already out is never taken back and never holds a partial character
+    texts = [e["text"] for e in events]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert all("\ufffd" not in t for t in texts[:-1])
+
+
 def test_tokenize_detokenize_info_load(server):
     tok = post(server, "/tokenize", {"text": "hello world"}).json()
     assert tok["count"] == len(tok["tokens"]) > 0
@@ -228,12 +248,96 @@ def test_bad_input_gets_envelope(server, case):
     assert err["message"] and set(err) >= {"message", "type", "param", "code"}
 
 
+def surrogate_body(template: str) -> bytes:
+    """A JSON body with a lone UTF-16 surrogate escape where the template has @ (httpx cannot encode one)."""
+    return template.replace("@", "\\ud800").encode()
+
+
+CMPL = "/v1/completions"
+# (path, json body or raw bytes, the param the error must name, words its message must have)
+FIELD_ERRORS = {
+    "stop_lone_surrogate": (CHAT, surrogate_body('{"messages": [{"role": "user", "content": "hi"}], "stop": "@"}'),
+                            "stop", ["stop", "surrogate"]),
+    "prompt_lone_surrogate": (CMPL, surrogate_body('{"prompt": "@abc", "max_tokens": 2}'), "prompt", ["surrogate"]),
+    "generate_lone_surrogate": ("/generate", surrogate_body('{"text": "a@"}'), "text", ["surrogate"]),
+    "generate_stop_lone_surrogate": ("/generate", surrogate_body('{"text": "a", "sampling_params": {"stop": ["@"]}}'),
+                                     "sampling_params.stop.0", ["surrogate"]),
+    "chat_lone_surrogate": (CHAT, surrogate_body('{"messages": [{"role": "user", "content": "@"}]}'),
+                            "messages.0.content", ["surrogate"]),
+    "tokenize_lone_surrogate": ("/tokenize", surrogate_body('{"text": "@"}'), "text", ["surrogate"]),
+    "prompt_null": (CMPL, {"prompt": None}, "prompt", ["prompt"]),
+    "prompt_bools": (CMPL, {"prompt": [True, False], "max_tokens": 2}, "prompt", ["token ids"]),
+    "input_ids_bool": ("/generate", {"input_ids": [True, 2]}, "input_ids", ["token ids"]),
+    "stop_token_ids_bool": (CHAT, {"messages": MSG, "stop_token_ids": [True]}, "stop_token_ids", ["token ids"]),
+    "detokenize_bool": ("/detokenize", {"tokens": [1, True]}, "tokens", ["token ids"]),
+    "logprobs_true": (CMPL, {"prompt": "hi", "logprobs": True, "max_tokens": 2}, "logprobs", ["integer"]),
+    "content_part_text_int": (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+                              "messages.0.content.0.text", ["string"]),
+    "json_schema_and_response_format": (CHAT, {"messages": MSG, "json_schema": '{"type": "string"}',
+                                               "response_format": {"type": "json_object"}},
+                                        "response_format", ["json_schema", "response_format"]),
+    "regex_and_response_format": (CHAT, {"messages": MSG, "regex": "a+", "response_format": {"type": "json_object"}},
+                                  "response_format", ["regex", "response_format"]),
+    "max_tokens_negative": (CHAT, {"messages": MSG, "max_tokens": -1}, "max_tokens", ["max_tokens must be >= 0"]),
+    "max_completion_tokens_negative": (CHAT, {"messages": MSG, "max_completion_tokens": -1}, "max_completion_tokens",
+                                       ["max_completion_tokens must be >= 0"]),
+    "min_tokens_above_max": (CMPL, {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, "min_tokens",
+                             ["min_tokens must be <= max_tokens"]),
+    "max_tokens_past_context": (CMPL, {"prompt": "hi", "max_tokens": 10**6}, "max_tokens", ["max_tokens (1000000)"]),
+    "chat_max_tokens_past_context": (CHAT, {"messages": MSG, "max_tokens": 10**6}, "max_tokens",
+                                     ["max_tokens (1000000) + prompt tokens"]),
+    "bad_response_format_schema": (CHAT, {"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+        "response_format", ["response_format"]),
+    "generate_keeps_native_names": ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}},
+                                    "max_new_tokens", ["max_new_tokens must be >= 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FIELD_ERRORS))
+def test_bad_field_gets_400_naming_it(server, case):
+    path, body, param, words = FIELD_ERRORS[case]
+    raw = body if isinstance(body, bytes) else None
+    r = post(server, path, None if raw else body, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and all(w in err["message"] for w in words), err
+    if path.startswith("/v1/"):
+        assert "new_tokens" not in err["message"], err  # the client's names, not the internal ones
+
+
+def test_null_means_the_default(server):
+    chat = post(server, CHAT, {"model": "smol", "messages": MSG, "max_tokens": 2, "temperature": 0, "n": None,
+                               "stream": None, "logprobs": None, "stream_options": None, "ignore_eos": None})
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 1 and chat.json()["choices"][0]["logprobs"] is None
+    cmpl = post(server, CMPL, {"prompt": "hi", "temperature": 0, "ignore_eos": True, "echo": None,
+                               "n": None, "best_of": None, "stream": None})
+    assert cmpl.status_code == 200, cmpl.text
+    assert cmpl.json()["usage"]["completion_tokens"] == 16
+
+
+def test_chunked_body_too_large_is_413(server):
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "smol", "messages": [], "x": "'
+        for _ in range(BODY_LIMIT // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}'
+
+    r = httpx.post(server.url + CHAT, content=chunks(), timeout=60,
+                   headers={**server.headers(), "content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["message"] == f"request body is larger than {BODY_LIMIT} bytes"
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["missing", "wrong"])
 def test_api_key_required(server, headers):
     r = httpx.post(server.url + CHAT, json={"model": "smol", "messages": MSG}, headers=headers)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(server.url + "/health").status_code == 200  # open without a key
     assert httpx.get(server.url + "/metrics").status_code == 200
+    assert httpx.get(server.url + "/health_generate", timeout=60).status_code == 200  # a probe, as in SGLang
+    assert httpx.get(server.url + "/get_server_info", headers=headers).status_code == 401
 
 
 def test_after_bad_inputs_server_is_whole(server, client):
@@ -297,6 +401,35 @@ def test_disconnect_non_streaming_aborts(server):
         time.sleep(0.05)
     assert time.time() - start < 1.5
     assert_pool_whole(server)
+
+
+def test_disconnect_non_streaming_ends_quietly(server):
+    body = {"model": "smol", "prompt": "Tell me a very long story.", "max_tokens": 2000, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CMPL, json=body, headers=server.headers(), timeout=1.0)
+    start = time.time()
+    while "client disconnected" not in server.log() and time.time() - start < 5:
+        time.sleep(0.1)
+    log = server.log()
+    assert "client disconnected from /v1/completions" in log
+    assert "CancelledError" not in log and "Exception in ASGI application" not in log
+    assert_pool_whole(server)
+
+
+def test_stream_echo_carries_prompt_logprobs(client):
+    kwargs = dict(model="smol", prompt="Hello world, my name", max_tokens=4, temperature=0, echo=True, logprobs=2)
+    plain = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert chunks[0].text == "Hello world, my name"
+    assert chunks[0].logprobs is not None and "".join(chunks[0].logprobs.tokens) == chunks[0].text
+    assert chunks[0].logprobs.token_logprobs[0] is None
+    assert "".join(c.text for c in chunks) == plain.text
+    merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in chunks:
+        for key in merged:
+            merged[key] += getattr(c.logprobs, key) if c.logprobs else []
+    assert merged == {key: getattr(plain.logprobs, key) for key in merged}
 
 
 # ---- structured output ----------------------------------------------------------------------

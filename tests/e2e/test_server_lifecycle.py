@@ -35,7 +35,7 @@ def all_gone(pids: list[int], timeout: float = 10) -> bool:
     return False
 
 
-def test_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
+def test_group_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
     srv = start_server(["--model-path", model_dir, "--dtype", "float32", "--shutdown-timeout", "60"],
                        str(tmp_path / "server.log"))
     children = descendants(srv.proc.pid)
@@ -65,7 +65,8 @@ def test_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
         time.sleep(0.01)
     else:
         pytest.fail("the 8 streams were never in flight together")
-    srv.proc.send_signal(signal.SIGTERM)
+    # to the whole process group, as `systemctl stop` sends it: the children must outlive the drain
+    os.killpg(srv.proc.pid, signal.SIGTERM)
     time.sleep(0.3)
     assert httpx.get(srv.url + "/health", timeout=10).status_code == 503
     late = httpx.post(srv.url + "/generate", json={"text": "hi"}, timeout=10)

@@ -185,3 +185,65 @@ def test_stop_checker_no_stops(tok: Any) -> None:
     checker = StopChecker(tok, ["b"])
     assert not checker.check([])
     assert checker.check(encode(tok, "a b")) and checker.matched == "b"
+
+
+EMOJIS = "Here are some emojis: 🎉🎉🎉 😀"
+
+
+def test_stream_emits_up_to_an_incomplete_tail(tok: Any) -> None:
+    # several tokens at a time whose last one ends mid-character: the complete characters before
+    # it are emitted now, not held back with the tail (a stream must not stall on emoji runs)
+    ids = encode(tok, "🎉" * 5)
+    for chunk in (2, 4, 5):
+        detok = IncrementalDetokenizer(tok, None, True, True)
+        for k in range(0, len(ids), chunk):
+            delta = detok.add(ids[k : k + chunk])
+            assert "\ufffd" not in delta
+            assert detok.text == tok.decode(ids[: k + chunk]).rstrip("\ufffd")
+        assert detok.text == "🎉" * 5 and detok.flush() == ""
+
+
+def run_detokenizer(tok: Any, ids: list[int], parts: list[int], stops: list[str] | None = None,
+                    reason: dict | None = None) -> str:
+    """Feed ids to the detokenizer process logic in messages of the given sizes (the last one
+    finishes the request), and return the text the tokenizer manager would assemble."""
+    from radixserve.entrypoints.detokenizer import Detokenizer
+    from radixserve.messages import ReqOutput
+
+    detok, text, k = Detokenizer(tok), "", 0
+    for i, size in enumerate(parts):
+        last = i == len(parts) - 1
+        end = (reason or {"type": "length", "length": len(ids)}) if last else None
+        out = ReqOutput("r", ids[k : k + size], end, 3, k + size, 0, stop_strings=stops or [])
+        text += detok.process(out).text
+        k += size
+    assert k == len(ids) and not detok.states
+    return text
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 10])
+def test_final_text_is_the_full_decode(tok: Any, n: int) -> None:
+    # a request that ends partway through a multi-byte character: its text is decode(output_ids)
+    # (the tail as U+FFFD), the same streamed one token at a time or sent at the end
+    ids = encode(tok, EMOJIS)[7:][:n]  # output ids that start inside the first emoji
+    want = tok.decode(ids)
+    assert want.endswith("\ufffd")
+    streamed = run_detokenizer(tok, ids, [1] * n)
+    non_streamed = run_detokenizer(tok, ids, [1, n - 1])  # first token, then the end
+    assert streamed == non_streamed == want
+
+
+def test_final_text_flushes_before_stop_trim(tok: Any) -> None:
+    ids = encode(tok, "ab 🎉 cd 🎉")[:-1]
+    want = tok.decode(ids)
+    assert want.endswith("\ufffd")
+    assert run_detokenizer(tok, ids, [len(ids)], stops=["zz"]) == want
+    stop = {"type": "stop", "matched": "cd"}
+    assert run_detokenizer(tok, ids, [1] * len(ids), stops=["cd"], reason=stop) == "ab 🎉 "
+    assert run_detokenizer(tok, ids, [1, len(ids) - 1], stops=["cd"], reason=stop) == "ab 🎉 "
+
+
+def test_stop_checker_survives_a_lone_surrogate(tok: Any) -> None:
+    # SamplingParams refuses such stops; should one get through, the scheduler must not die on it
+    checker = StopChecker(tok, ["\ud800", "b"])
+    assert checker.check(encode(tok, "a b")) and checker.matched == "b"

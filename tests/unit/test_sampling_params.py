@@ -139,3 +139,43 @@ def test_to_dict_round_trip() -> None:
     assert SamplingParams.from_dict(d) == p
     d["stop"].append("x")  # the dict holds copies, not the request's lists
     assert p.stop == ["\n\n"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stop", "\ud800"),
+    ("stop", ["ok", "a\udc80b"]),
+    ("regex", "\ud800"),
+    ("ebnf", 'root ::= "\ud800"'),
+    ("json_schema", '{"enum": ["\ud800"]}'),
+])
+def test_text_that_is_not_unicode_is_refused(field: str, value: object) -> None:
+    # a lone surrogate cannot be encoded to UTF-8: refused here, never sent to the scheduler
+    with pytest.raises(SamplingParamsError, match=f"{field} must be valid Unicode text") as info:
+        SamplingParams.from_dict({field: value})
+    assert info.value.param == field
+
+
+def test_errors_carry_the_field_as_param() -> None:
+    cases = {
+        "max_new_tokens": {"max_new_tokens": -1},
+        "min_new_tokens": {"max_new_tokens": 2, "min_new_tokens": 3},
+        "temperature": {"temperature": "hot"},
+        "stop": {"stop": [""]},
+        "stop_token_ids": {"stop_token_ids": [-1]},
+        "logit_bias": {"logit_bias": {"x": 1}},
+        "regex": {"regex": "(("},
+    }
+    for field, d in cases.items():
+        with pytest.raises(SamplingParamsError) as info:
+            SamplingParams.from_dict(d)
+        assert info.value.param == field, d
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams.from_dict({"regex": "a", "ebnf": 'root ::= "a"'})
+    assert info.value.param is None  # about two fields
+
+
+@pytest.mark.parametrize("key", ["+1", " 1", "1_0", "\u0661", "-1", "1.0", True])
+def test_logit_bias_keys_are_plain_token_ids(key: object) -> None:
+    with pytest.raises(SamplingParamsError, match="logit_bias keys"):
+        SamplingParams.from_dict({"logit_bias": {key: 1}})
+    assert SamplingParams.from_dict({"logit_bias": {"12": 1, 7: -1}}).logit_bias == {12: 1.0, 7: -1.0}
