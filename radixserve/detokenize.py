@@ -113,13 +113,15 @@ class IncrementalDetokenizer:
         return _decode(self._tokenizer, ids, self._skip, self._spaces)
 
 
-def find_stop(text: str, stops: Sequence[str], start: int = 0) -> tuple[int, str] | None:
-    """Earliest position >= start where a stop string begins, with that stop (ties: the longest)."""
+def find_stop(text: str, stops: Sequence[str], start: int = 0, end_after: int = 0) -> tuple[int, str] | None:
+    """Earliest position >= start where a stop string begins and ends past `end_after` (text before
+    that may not end a match: it was generated under min_new_tokens), with that stop (ties: the
+    longest)."""
     best: tuple[int, str] | None = None
     for stop in stops:
         if not stop:
             continue
-        pos = text.find(stop, start)
+        pos = text.find(stop, max(start, end_after - len(stop) + 1))
         if pos < 0:
             continue
         if best is None or pos < best[0] or (pos == best[0] and len(stop) > len(best[1])):
@@ -166,7 +168,14 @@ class StopChecker:
         self._window = max((len(s.encode("utf-8", "surrogatepass")) for s in self.stops), default=0)
         self._window += STOP_WINDOW_SLACK
         self._checked_len = 0
+        self._floor = 0  # output tokens passed over (skip_to): a stop may lie in them unacted on
         self.matched: str | None = None  # the stop string found by the last True check
+
+    def skip_to(self, n: int) -> None:
+        """The first n output tokens may not end a stop string (min_new_tokens): the next check
+        matches only text that ends past them."""
+        self._checked_len = n
+        self._floor = n
 
     def check(self, output_ids: Sequence[int]) -> bool:
         """True once the decoded output contains a stop string (possibly split across tokens)."""
@@ -181,7 +190,11 @@ class StopChecker:
         if self._special:
             start = self._widen_for_special(output_ids, start, n)
         text = _decode(self._tokenizer, output_ids[start:n], self._skip, True)
-        found = find_stop(text, self.stops)
+        end_after = 0
+        if start < self._floor:  # the invariant above does not hold for passed-over tokens
+            floor_text = _decode(self._tokenizer, output_ids[start : self._floor], self._skip, True)
+            end_after = len(floor_text.rstrip(_REPLACEMENT))
+        found = find_stop(text, self.stops, end_after=end_after)
         self.matched = found[1] if found else None
         return found is not None
 

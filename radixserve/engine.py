@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import logging
 import multiprocessing as mp
 import queue
@@ -152,11 +153,15 @@ class Engine:
         self.shutdown()
 
     # ---- helpers ----------------------------------------------------------------
-    def _run(self, coro) -> Any:
+    def _submit(self, coro) -> concurrent.futures.Future:
+        """Run coro on the engine's event loop; after shutdown that loop is gone, so refuse."""
         if self._closed:
             coro.close()
             raise RuntimeError("the engine is shut down")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _run(self, coro) -> Any:
+        return self._submit(coro).result()
 
     # ---- public API ---------------------------------------------------------------
     def generate(
@@ -175,6 +180,8 @@ class Engine:
         if stream:
             if len(reqs) != 1:
                 raise ValueError("stream=True takes one prompt with n=1")
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
             return self._stream_sync(reqs[0])
         outs = self._run(collect(self.tokenizer_manager, reqs))
         return outs[0] if single else outs
@@ -191,7 +198,7 @@ class Engine:
             except Exception as e:
                 q.put(e)
 
-        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        fut = self._submit(pump())
         try:
             while True:
                 item = q.get()
@@ -220,9 +227,10 @@ class Engine:
         if stream:
             if len(reqs) != 1:
                 raise ValueError("stream=True takes one prompt with n=1")
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
             return self._stream_async(reqs[0])
-        fut = asyncio.run_coroutine_threadsafe(collect(self.tokenizer_manager, reqs), self._loop)
-        outs = await asyncio.wrap_future(fut)
+        outs = await asyncio.wrap_future(self._submit(collect(self.tokenizer_manager, reqs)))
         return outs[0] if single else outs
 
     async def _stream_async(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
@@ -238,7 +246,7 @@ class Engine:
             except Exception as e:
                 caller.call_soon_threadsafe(q.put_nowait, e)
 
-        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        fut = self._submit(pump())
         try:
             while True:
                 item = await q.get()

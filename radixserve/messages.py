@@ -89,6 +89,7 @@ class ReqOutput:
     spaces_between_special_tokens: bool = True
     stop_strings: list[str] = field(default_factory=list)
     no_stop_trim: bool = False
+    min_new_tokens: int = 0  # stop strings may not end in the text of the tokens before it
     # logprobs: increments since the last message
     output_token_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)

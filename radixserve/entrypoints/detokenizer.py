@@ -23,6 +23,8 @@ logger = logging.getLogger("radixserve.detokenizer")
 class DetokState:
     decoder: IncrementalDetokenizer
     emitted: int = 0  # characters already sent
+    ids_added: int = 0
+    stop_floor: int = 0  # characters no stop string may end in (the tokens under min_new_tokens)
 
 
 class Detokenizer:
@@ -44,8 +46,17 @@ class Detokenizer:
         matched = reason.get("matched")
         if isinstance(matched, int) and not out.no_stop_trim and ids and ids[-1] == matched:
             ids = ids[:-1]  # a matched stop token is not part of the text
+        floor_tokens = out.min_new_tokens - 1  # as the scheduler's StopChecker counts them
+        if out.stop_strings and state.ids_added < floor_tokens and ids:
+            under = ids[: floor_tokens - state.ids_added]
+            state.decoder.add(under)
+            state.ids_added += len(under)
+            ids = ids[len(under):]
+            if state.ids_added >= floor_tokens:
+                state.stop_floor = len(state.decoder.text)
         if ids:
             state.decoder.add(ids)
+            state.ids_added += len(ids)
         if out.finish_reason is not None:
             # the request's whole text: a trailing incomplete character decodes as U+FFFD, as
             # tokenizer.decode(output_ids) gives, streaming or not
@@ -53,7 +64,7 @@ class Detokenizer:
         text = state.decoder.text
         if out.finish_reason is not None:
             if isinstance(matched, str) and not out.no_stop_trim:
-                hit = find_stop(text, out.stop_strings)
+                hit = find_stop(text, out.stop_strings, end_after=state.stop_floor)
                 if hit is not None:
                     text = text[: hit[0]]
             end = len(text)
@@ -61,8 +72,10 @@ class Detokenizer:
         else:
             end = len(text)
             if out.stop_strings:
-                hit = find_stop(text, out.stop_strings, state.emitted)
-                end = hit[0] if hit is not None else end - (max(map(len, out.stop_strings)) - 1)
+                hit = find_stop(text, out.stop_strings, state.emitted, state.stop_floor)
+                # hold back what could be the start of a stop string (none can end before the floor)
+                held = max(end - (max(map(len, out.stop_strings)) - 1), min(end, state.stop_floor))
+                end = hit[0] if hit is not None else held
         out.text = text[state.emitted : max(end, state.emitted)]
         state.emitted = max(end, state.emitted)
         return out

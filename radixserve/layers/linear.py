@@ -77,9 +77,14 @@ class QKVParallelLinear(ColumnParallelLinear):
             kv_start, kv_count = kv_head_range(num_kv_heads, tp, rank)
             self.q_head_start, self.num_heads = kv_start * group, kv_count * group
         else:
-            replicas = _divide(tp, num_kv_heads, "tensor parallel size over KV heads")
+            if tp % num_kv_heads or num_heads % tp:  # each KV head replicated on whole ranks
+                raise ValueError(
+                    f"--tp-size {tp} is larger than the model's {num_kv_heads} KV heads, so it must be a "
+                    f"multiple of them and divide its {num_heads} attention heads"
+                )
+            replicas = tp // num_kv_heads
             kv_start, kv_count = rank // replicas, 1
-            self.num_heads = _divide(num_heads, tp, "number of attention heads")
+            self.num_heads = num_heads // tp
             self.q_head_start = rank * self.num_heads
         self.kv_head_start, self.num_kv_heads = kv_start, kv_count
         self.head_dim = head_dim

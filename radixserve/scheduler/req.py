@@ -101,7 +101,10 @@ class Req:
             return
         last = self.output_ids[-1]
         n_out = len(self.output_ids)
-        if n_out >= self.params.min_new_tokens:
+        if n_out < self.params.min_new_tokens:
+            if self.stop_checker is not None:  # stops only count from min_new_tokens on
+                self.stop_checker.skip_to(n_out)
+        else:
             if not self.params.ignore_eos and last in self.eos_ids:
                 self.finish_reason = {"type": "stop", "matched": last}
                 return

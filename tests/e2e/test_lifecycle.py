@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -40,8 +41,15 @@ def test_shutdown_leaves_no_process(model_dir):
     assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["output_ids"]
     engine.shutdown()
     assert wait_gone(pids) == []
-    with pytest.raises(RuntimeError):
+    # every entry point refuses at once; none waits on the stopped event loop
+    with pytest.raises(RuntimeError, match="shut down"):
         engine.generate(input_ids=[5, 6, 7])
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.generate(input_ids=[5, 6, 7], stream=True)
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(asyncio.wait_for(engine.async_generate(input_ids=[5, 6, 7]), 10))
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(asyncio.wait_for(engine.async_generate(input_ids=[5, 6, 7], stream=True), 10))
 
 
 def test_child_crash_fails_requests_clearly(model_dir):

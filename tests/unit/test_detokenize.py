@@ -204,7 +204,7 @@ def test_stream_emits_up_to_an_incomplete_tail(tok: Any) -> None:
 
 
 def run_detokenizer(tok: Any, ids: list[int], parts: list[int], stops: list[str] | None = None,
-                    reason: dict | None = None) -> str:
+                    reason: dict | None = None, min_new_tokens: int = 0) -> str:
     """Feed ids to the detokenizer process logic in messages of the given sizes (the last one
     finishes the request), and return the text the tokenizer manager would assemble."""
     from radixserve.entrypoints.detokenizer import Detokenizer
@@ -214,7 +214,8 @@ def run_detokenizer(tok: Any, ids: list[int], parts: list[int], stops: list[str]
     for i, size in enumerate(parts):
         last = i == len(parts) - 1
         end = (reason or {"type": "length", "length": len(ids)}) if last else None
-        out = ReqOutput("r", ids[k : k + size], end, 3, k + size, 0, stop_strings=stops or [])
+        out = ReqOutput("r", ids[k : k + size], end, 3, k + size, 0, stop_strings=stops or [],
+                        min_new_tokens=min_new_tokens)
         text += detok.process(out).text
         k += size
     assert k == len(ids) and not detok.states
@@ -247,3 +248,30 @@ def test_stop_checker_survives_a_lone_surrogate(tok: Any) -> None:
     # SamplingParams refuses such stops; should one get through, the scheduler must not die on it
     checker = StopChecker(tok, ["\ud800", "b"])
     assert checker.check(encode(tok, "a b")) and checker.matched == "b"
+
+
+def test_stops_count_only_from_min_new_tokens(tok: Any) -> None:
+    """With min_new_tokens, a stop string in the text of the earlier tokens neither stops the request
+    nor cuts its text: the first one ending past them does (the scheduler's check and the
+    detokenizer's trim agree)."""
+    from radixserve.sampling_params import SamplingParams
+    from radixserve.scheduler.req import Req
+
+    ids = encode(tok, " The answer is 42, and the answer stays 42 forever and ever")
+    early = len(encode(tok, " The answer"))  # the first "answer" ends in these tokens
+    min_new = early + 3
+    params = SamplingParams(stop=["answer"], min_new_tokens=min_new, max_new_tokens=len(ids), ignore_eos=True)
+    req = Req(rid="r", origin_input_ids=[1], params=params, eos_ids=set(), max_new_tokens=len(ids),
+              stop_checker=StopChecker(tok, ["answer"]))
+    for t in ids:
+        req.output_ids.append(t)
+        req.check_finished()
+        if req.finished:
+            break
+    n = len(req.output_ids)
+    assert req.finish_reason == {"type": "stop", "matched": "answer"}
+    assert tok.decode(ids[:n]).count("answer") == 2 and n > min_new  # stopped by the second one
+    want = tok.decode(ids[:n])[: tok.decode(ids[:n]).rindex("answer")]
+    reason = {"type": "stop", "matched": "answer"}
+    for parts in ([1] * n, [1, n - 1]):  # streamed, and sent at the end
+        assert run_detokenizer(tok, ids[:n], parts, ["answer"], reason, min_new) == want
