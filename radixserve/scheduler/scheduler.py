@@ -242,7 +242,7 @@ class Scheduler:
         if spec is None:
             return None
         if self.grammar_backend is None:
-            # compact JSON: small models otherwise pad structured output with whitespace up to the limit
+            # no free whitespace in JSON (json.dumps spacing only): small models otherwise pad it to the limit
             self.grammar_backend = GrammarBackend(
                 self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids), any_whitespace=False
             )
