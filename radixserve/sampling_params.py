@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from radixserve.utils.text import lone_surrogate_at
+
 
 class SamplingParamsError(ValueError):
     """A sampling parameter has a bad value or type. The message names the field; `param` is that
@@ -51,12 +53,11 @@ def _token_key(key: Any) -> int | None:
 def _check_unicode(name: str, value: str) -> None:
     """Text that is not valid Unicode (a lone UTF-16 surrogate, as JSON "\\ud800" gives) cannot be
     encoded to UTF-8: refuse it here, before the scheduler encodes it and dies."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
+    at = lone_surrogate_at(value)
+    if at is not None:
         raise SamplingParamsError(
-            f"{name} must be valid Unicode text: {value!r} has a lone surrogate at position {e.start}", name
-        ) from None
+            f"{name} must be valid Unicode text: {value!r} has a lone surrogate at position {at}", name
+        )
 
 
 @dataclass

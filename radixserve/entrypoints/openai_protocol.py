@@ -19,6 +19,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from radixserve.utils.text import lone_surrogate_at
+
 # Numbers must be JSON numbers: lax pydantic would take `true` as 1 (a token id!) and "0.7" as 0.7.
 # A StrictFloat still takes an integer.
 Int = StrictInt
@@ -57,11 +59,8 @@ class InvalidText(ValueError):
 
 
 def _lone_surrogate(s: str) -> str | None:
-    try:
-        s.encode("utf-8")
-        return None
-    except UnicodeEncodeError as e:
-        return s[e.start]
+    at = lone_surrogate_at(s)
+    return None if at is None else s[at]
 
 
 def check_unicode(data: Any) -> None:

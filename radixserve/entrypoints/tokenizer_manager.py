@@ -27,6 +27,7 @@ from radixserve.messages import (
     TokenizedGenerateReq,
 )
 from radixserve.sampling_params import SamplingParams, SamplingParamsError
+from radixserve.utils.text import lone_surrogate_at
 
 logger = logging.getLogger("radixserve.tokenizer_manager")
 
@@ -43,13 +44,12 @@ class RequestError(ValueError):
 def check_text(text: str, field: str) -> None:
     """A lone UTF-16 surrogate (JSON "\\ud800") is not text the tokenizer can encode: refuse it as
     the client's error. The HTTP schemas refuse it first; this guards every other way in (Engine)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
+    at = lone_surrogate_at(text)
+    if at is not None:
         raise RequestError(
-            f"{field} has a lone UTF-16 surrogate ({text[e.start]!r}) at position {e.start}, which is not "
+            f"{field} has a lone UTF-16 surrogate ({text[at]!r}) at position {at}, which is not "
             "valid Unicode text", field,
-        ) from None
+        )
 
 
 class ServerDeadError(RuntimeError):
