@@ -38,6 +38,7 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
     unbuilt = args.unbuilt_feature()
     if unbuilt:
         raise ServerArgsError(unbuilt)
+    logger.info("resolving the model %s", args.model_path or "(the bundled SmolLM2-135M-Instruct)")
     source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path,
                                   trust_remote_code=args.trust_remote_code)
     # also warms the on-disk tokenizer cache for the children
@@ -65,6 +66,8 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
                                  name="radixserve-detokenizer", daemon=True))
     for p in procs:
         p.start()
+    logger.info("started %d scheduler process(es) and the detokenizer; each scheduler loads the model",
+                len(readers))
     try:
         infos = [wait_ready(reader, proc) for reader, proc in readers]
     except BaseException:
@@ -121,7 +124,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="radixserve-engine")
         self._thread.start()
         procs = self._procs
-        self.tokenizer_manager = TokenizerManager(ports, tokenizer, self.info, lambda: liveness_check(procs))
+        self.tokenizer_manager = TokenizerManager(ports, tokenizer, self.info, lambda: liveness_check(procs),
+                                                  self.server_args.max_logprobs)
         self._finalizer = weakref.finalize(self, Engine._cleanup, self._loop, procs, self.tokenizer_manager)
         atexit.register(self._finalizer)
 

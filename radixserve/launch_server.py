@@ -68,8 +68,11 @@ class DrainingServer(uvicorn.Server):
                 waited = time.monotonic() - self.drain_started
                 if self.state.inflight == 0 or waited > self.state.args.shutdown_timeout:
                     if self.state.inflight:
+                        timeout = self.state.args.shutdown_timeout
                         logger.warning("shutdown timeout: aborting %d requests", self.state.inflight)
-                        await tm.abort("")
+                        # an error (503) for each, not a result: OpenAI has no finish_reason for it
+                        await tm.abort_all(503, f"the server shut down before the request finished "
+                                           f"(--shutdown-timeout {timeout:g} s)")
                     self.should_exit = True
 
 
@@ -145,10 +148,30 @@ def serve_follower(args: ServerArgs) -> int:
             kill_process_tree(p.pid)
 
 
+def raise_open_files_limit(connections: int) -> None:
+    """Each connection holds a file descriptor: lift the soft limit (often 1024) toward the hard one
+    so that --http-max-connections, not the OS, is the limit a client meets."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256  # the server's own sockets, pipes and files
+    if soft != resource.RLIM_INFINITY and soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < want:
+        logger.warning("open files limit %d is below --http-max-connections %d + 256: connections past it "
+                       "will fail (raise it with ulimit -n)", soft, connections)
+
+
 def serve(args: ServerArgs) -> int:
     if args.node_rank > 0:
         return serve_follower(args)
     from radixserve.engine import EngineStartError, launch_backend, liveness_check
+    from radixserve.entrypoints.http_protocol import guarded_protocol
     from radixserve.entrypoints.http_server import ServerState, create_app
     from radixserve.entrypoints.metrics import Metrics
     from radixserve.entrypoints.tokenizer_manager import TokenizerManager
@@ -162,7 +185,7 @@ def serve(args: ServerArgs) -> int:
         return 1
     try:
         name = args.served_model_name or args.model_path or BUNDLED_MODEL_NAME
-        tm = TokenizerManager(ports, tokenizer, info, lambda: liveness_check(procs))
+        tm = TokenizerManager(ports, tokenizer, info, lambda: liveness_check(procs), args.max_logprobs)
         tm.metrics = Metrics(name)
         state = ServerState(args=args, tm=tm, info=info, served_model_name=name, metrics=tm.metrics,
                             api_key=args.api_key, max_body_size=args.max_request_body_size)
@@ -171,8 +194,11 @@ def serve(args: ServerArgs) -> int:
             name, info["dtype"], info["context_length"], info["max_total_num_tokens"],
             info["max_running_requests"],
         )
+        raise_open_files_limit(args.http_max_connections)
         config = uvicorn.Config(create_app(state), host=args.host, port=args.port, loop="uvloop",
-                                log_level="warning", timeout_graceful_shutdown=5, access_log=False)
+                                http=guarded_protocol(args.http_header_timeout, args.http_max_connections),
+                                timeout_keep_alive=args.timeout_keep_alive, log_level="warning",
+                                timeout_graceful_shutdown=5, access_log=False)
         server = DrainingServer(config, state)
 
         async def run() -> None:

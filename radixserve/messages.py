@@ -22,8 +22,23 @@ class TokenizedGenerateReq:
 
 
 @dataclass
+class GenerateBatch:
+    """The requests of one API call (a prompt list, n samples), sent as one message: a call with
+    many requests costs one send, not one each."""
+
+    reqs: list[TokenizedGenerateReq]
+
+
+@dataclass
 class AbortReq:
-    rid: str  # "" aborts every request
+    """Abort these requests (abort_all: every request). A status code marks an abort the server
+    decided (shutdown timeout: 503), which the API reports as an error; without one (an operator's
+    /abort_request) the request ends with finish_reason abort."""
+
+    rids: list[str] = field(default_factory=list)
+    abort_all: bool = False
+    message: str = "aborted"
+    status_code: int | None = None
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -155,7 +154,12 @@ class SamplingParams:
 
     def _check_grammar(self) -> None:
         if isinstance(self.json_schema, dict):
-            self.json_schema = json.dumps(self.json_schema)
+            from radixserve.constrained.schema import GrammarError, schema_text
+
+            try:
+                self.json_schema = schema_text(self.json_schema)
+            except GrammarError as e:
+                raise SamplingParamsError(str(e), "json_schema") from None
         given = [name for name in _GRAMMAR_FIELDS if getattr(self, name) is not None]
         for name in given:
             value = getattr(self, name)

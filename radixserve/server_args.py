@@ -86,6 +86,12 @@ class ServerArgs:
     enable_metrics: bool = False  # metrics are always served; the flag is accepted for compatibility
     max_request_body_size: int = 32 * 1024 * 1024
     shutdown_timeout: float = 60.0
+    max_logprobs: int = 20  # top logprobs per token a request may ask for; -1: no cap (vLLM's flag)
+    # slow or idle clients: seconds for a request's headers, for its body, between requests
+    http_header_timeout: float = 30.0
+    http_body_timeout: float = 60.0
+    timeout_keep_alive: float = 5.0
+    http_max_connections: int = 4096
     # Logging
     log_level: str = "info"
 
@@ -119,6 +125,12 @@ class ServerArgs:
         self._check_int("torch_compile_max_bs", minimum=1)
         if not isinstance(self.shutdown_timeout, int | float) or self.shutdown_timeout < 0:
             raise ServerArgsError(f"--shutdown-timeout: must be >= 0 seconds; got {self.shutdown_timeout!r}")
+        for name in ("http_header_timeout", "http_body_timeout", "timeout_keep_alive"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ServerArgsError(f"{flag_name(name)}: must be > 0 seconds; got {value!r}")
+        self._check_int("http_max_connections", minimum=1)
+        self._check_int("max_logprobs", minimum=-1)
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ServerArgsError(
                 f"--log-level: invalid value {self.log_level!r}; allowed: debug, info, warning, error, critical"
@@ -227,6 +239,15 @@ class ServerArgs:
         add(g, "enable_metrics", "serve Prometheus metrics at /metrics (always on)")
         add(g, "max_request_body_size", "largest accepted request body in bytes (413 above)", type=int)
         add(g, "shutdown_timeout", "seconds SIGTERM waits for requests in flight", type=float)
+        add(g, "max_logprobs", "most top logprobs per token a request may ask for (/v1 logprobs and "
+            "top_logprobs, /generate top_logprobs_num); -1: no cap", type=int)
+        add(g, "http_header_timeout", "seconds a connection may take to send a request's headers (408, "
+            "then closed)", type=float)
+        add(g, "http_body_timeout", "seconds a request's body may take to arrive after its headers (408)",
+            type=float)
+        add(g, "timeout_keep_alive", "seconds an idle keep-alive connection is kept open", type=float)
+        add(g, "http_max_connections", "open connections at most; one more is answered 503 and closed",
+            type=int)
         g = parser.add_argument_group("memory and scheduling")
         add(g, "device", "device to run on")
         add(g, "page_size", "tokens per KV page", type=int)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import re
 import threading
 from collections import OrderedDict
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from radixserve.constrained.schema import GrammarError, parse_schema, schema_text
+
 KINDS = ("json_schema", "json_object", "regex", "ebnf")
 # Any JSON object: the builtin JSON grammar would also allow arrays and scalars at the top level.
 _ANY_OBJECT_SCHEMA = '{"type": "object"}'
@@ -25,10 +26,6 @@ _ANY_OBJECT_SCHEMA = '{"type": "object"}'
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
 CompiledGrammar = xgr.CompiledGrammar
-
-
-class GrammarError(ValueError):
-    """An invalid grammar spec. The message starts with the field at fault ("json_schema: ...")."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ class GrammarSpec:
             return None
         kind, value = given.popitem()
         if isinstance(value, dict):  # a client may send the schema as an object, not as text
-            value = json.dumps(value)
+            value = schema_text(value, kind)
         if not isinstance(value, str):
             raise GrammarError(f"{kind}: must be a string, got {type(value).__name__}")
         return cls(kind, value)
@@ -82,10 +79,7 @@ def _check_shape(spec: GrammarSpec) -> None:
     if not spec.value:
         raise GrammarError(f"{spec.kind}: must not be empty")
     if spec.kind == "json_schema":
-        try:
-            schema = json.loads(spec.value)
-        except json.JSONDecodeError as e:
-            raise GrammarError(f"json_schema: invalid JSON: {e}") from e
+        schema = parse_schema(spec.value)
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"json_schema: must be a JSON object, got {type(schema).__name__}")
 

@@ -6,13 +6,12 @@ import logging
 from http import HTTPStatus
 
 import orjson
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 
 
-class JSONBytes(Response):
-    """JSON rendered with orjson (fast, and no deprecated response class needed)."""
-
-    media_type = "application/json"
+class JSONBytes(JSONResponse):
+    """JSON rendered with orjson (fast, and no deprecated response class needed). A JSONResponse, so
+    that /openapi.json documents the bodies as JSON."""
 
     def render(self, content: object) -> bytes:
         return orjson.dumps(content)
@@ -24,6 +23,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -50,6 +50,8 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONBytes:
-    logger.log(logging.ERROR if status >= 500 else logging.INFO, "error %d: %s", status, message)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   quiet: bool = False) -> JSONBytes:
+    level = logging.DEBUG if quiet else logging.ERROR if status >= 500 else logging.INFO
+    logger.log(level, "error %d: %s", status, message)
     return JSONBytes(error_body(status, message, param, code), status_code=status)

@@ -1,8 +1,9 @@
 """ASGI middleware in front of every route: readiness and draining (503), API key (401), body size
-(413), and the count of requests in flight that graceful shutdown waits for."""
+(413) and body deadline (408), and the count of requests in flight that graceful shutdown waits for."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import TYPE_CHECKING, Any
@@ -21,20 +22,33 @@ OPEN_PATHS = {"/health", "/metrics"}  # answered while starting or draining
 KEYLESS_PREFIXES = ("/health", "/metrics")
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from receive() once a body without Content-Length (chunked) passes the limit. An
-    HTTPException, so that FastAPI's body parsing passes it on (any other exception there becomes
-    400 "There was an error parsing the body") to the 413 handler."""
+class BodyError(HTTPException):
+    """Raised from receive() while a body arrives: one past the size limit (sent chunked, without a
+    Content-Length), or one too slow. An HTTPException, so that FastAPI's body parsing passes it on
+    (any other exception there becomes 400 "There was an error parsing the body") to the app's
+    handler. The connection closes after the answer: the rest of the body is not read."""
 
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message, headers={"Connection": "close"})
+
+
+class BodyTooLarge(BodyError):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is larger than {limit} bytes")
 
 
-async def send_error(send: Any, status: int, message: str) -> None:
-    logger.info("error %d: %s", status, message)
+class BodyTooSlow(BodyError):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408, f"request body not received within {timeout:g} seconds of its headers")
+
+
+async def send_error(send: Any, status: int, message: str, close: bool = False, quiet: bool = False) -> None:
+    logger.log(logging.DEBUG if quiet else logging.INFO, "error %d: %s", status, message)
     body = orjson.dumps(error_body(status, message))
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -52,7 +66,8 @@ class GateMiddleware:
             if st.draining:
                 return await send_error(send, 503, "the server is shutting down")
             if not st.ready:
-                return await send_error(send, 503, "the server is starting")
+                # clients poll while the model loads: not worth a log line each
+                return await send_error(send, 503, "the server is starting", quiet=True)
             if st.api_key is not None and not path.startswith(KEYLESS_PREFIXES) and not self._authorized(scope):
                 return await send_error(send, 401, "missing or invalid API key (Authorization: Bearer ...)")
         limit = st.max_body_size
@@ -63,14 +78,23 @@ class GateMiddleware:
 
         received = 0
         started = False
+        body_done = False
+        timeout = st.args.http_body_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
 
         async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later calls wait for the client to leave: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: dict) -> None:
@@ -84,9 +108,9 @@ class GateMiddleware:
             st.inflight += 1
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except BodyError as e:  # raised where no handler of the app saw it
             if not started:
-                await send_error(send, 413, f"request body is larger than {limit} bytes")
+                await send_error(send, e.status_code, e.detail, close=True)
         finally:
             if counted:
                 st.inflight -= 1

@@ -71,6 +71,17 @@ class Metrics:
         self._prompt_total += prompt
         self._cached_total += cached
 
+    def observe_abandoned(self, count: int, prompt: int, completion: int) -> None:
+        """Requests that ended without a finish (the client left, or the call failed), counted in
+        bulk: a call may leave thousands at once. No latency: they have none to report."""
+        if count <= 0:
+            return
+        self.prompt_tokens.labels(**self.labels).inc(prompt)
+        self.generation_tokens.labels(**self.labels).inc(completion)
+        self.num_requests.labels(**self.labels).inc(count)
+        self.num_aborted_requests.labels(**self.labels).inc(count)
+        self._prompt_total += prompt
+
     def render(self, state: SchedulerState | None) -> bytes:
         if state is not None:
             lab = self.labels

@@ -9,15 +9,19 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from typing import Any
 
 import orjson
 from fastapi import Request
 
+from radixserve.constrained.schema import GrammarError, schema_text
 from radixserve.entrypoints.errors import APIError
 from radixserve.entrypoints.openai_protocol import SamplingExtras
 from radixserve.entrypoints.tokenizer_manager import (  # noqa: F401 (collect, validate_all re-exported)
+    RequestAborted,
     RequestError,
+    ServerDeadError,
     SingleRequest,
     TokenizerManager,
     collect,
@@ -48,15 +52,19 @@ def sampling_params_of(req: SamplingExtras, max_tokens: int | None) -> dict[str,
     p.update(ignore_eos=req.ignore_eos, min_new_tokens=req.min_tokens,
              skip_special_tokens=req.skip_special_tokens, no_stop_trim=req.no_stop_trim)
     check_one_constraint(req)
-    if req.json_schema is not None:
-        p["json_schema"] = req.json_schema if isinstance(req.json_schema, str) else json.dumps(req.json_schema)
-    fmt = req.response_format
-    if fmt is not None and fmt.type == "json_object":
-        p["json_schema"] = json.dumps({"type": "object"})
-    elif fmt is not None and fmt.type == "json_schema":
-        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise APIError(400, "response_format.json_schema.schema is required", "response_format")
-        p["json_schema"] = json.dumps(fmt.json_schema.schema_)
+    try:
+        if req.json_schema is not None:
+            p["json_schema"] = schema_text(req.json_schema, "json_schema")
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_object":
+            p["json_schema"] = json.dumps({"type": "object"})
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format.json_schema.schema is required", "response_format")
+            p["json_schema"] = schema_text(fmt.json_schema.schema_, "response_format")
+    except GrammarError as e:  # the message starts with the field at fault
+        field = "response_format" if str(e).startswith("response_format") else "json_schema"
+        raise APIError(400, str(e), field) from None
     return p
 
 
@@ -82,11 +90,11 @@ def openai_names(req: SamplingExtras, max_tokens_name: str, prompt_name: str) ->
     return names
 
 
-def validate_openai(tm: TokenizerManager, reqs: list[SingleRequest], names: dict[str, str]) -> None:
+async def validate_openai(tm: TokenizerManager, reqs: list[SingleRequest], names: dict[str, str]) -> None:
     """validate_all, with errors in the client's terms: the OpenAI field names, in the message and
     as the error's param."""
     try:
-        validate_all(tm, reqs)
+        await validate_all(tm, reqs)
     except RequestError as e:
         raise APIError(400, _rename(str(e), names), names.get(e.param or "", e.param)) from None
 
@@ -99,10 +107,16 @@ def _rename(message: str, names: dict[str, str]) -> str:
 
 
 def finish_reason_of(meta: dict[str, Any]) -> str | None:
+    """OpenAI's finish_reason: "stop" or "length". An aborted request has none to give: OpenAI
+    defines no "abort", so the request ends with an error instead (status 503, the server did not
+    finish it; in a stream, an error event), as SGLang does for the aborts its server decides."""
     reason = meta.get("finish_reason")
     if reason is None:
         return None
-    return {"stop": "stop", "length": "length"}.get(reason["type"], reason["type"])
+    if reason["type"] == "abort":
+        raise APIError(reason.get("status_code") or 503,
+                       f"the request was aborted before it finished: {reason.get('message', 'aborted')}")
+    return reason["type"]
 
 
 def matched_stop_of(meta: dict[str, Any]) -> int | str | None:
@@ -135,31 +149,9 @@ async def merged_streams(
 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """(request index, cumulative result) from every request as soon as it arrives. Validate the
     requests before the response starts (see validate_all): errors after that are in-band."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, r: SingleRequest) -> None:
-        try:
-            async for out in tm.generate(r):
-                await queue.put((i, out))
-        except Exception as e:  # surfaced to the consumer
-            await queue.put((i, e))
-        await queue.put((i, done))
-
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(reqs)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
+    async with aclosing(tm.run(reqs)) as results:
+        async for i, out in results:
+            yield i, out
 
 
 class ClientDisconnected(Exception):
@@ -205,6 +197,10 @@ def as_api_error(e: Exception) -> APIError:
         return e
     if isinstance(e, RequestError | ValueError):
         return APIError(400, str(e), getattr(e, "param", None))
+    if isinstance(e, RequestAborted):
+        return APIError(e.status, e.message)
+    if isinstance(e, ServerDeadError):
+        return APIError(503, str(e))
     return APIError(500, f"{type(e).__name__}: {e}")
 
 

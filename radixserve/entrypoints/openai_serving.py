@@ -30,8 +30,6 @@ from radixserve.entrypoints.openai_protocol import ChatCompletionRequest, ChatMe
 from radixserve.entrypoints.requests import expand_requests
 from radixserve.entrypoints.tokenizer_manager import TokenizerManager
 
-MAX_TOP_LOGPROBS = 20
-
 
 class OpenAIServing:
     def __init__(self, tm: TokenizerManager, served_model_name: str, chat_template: str | None) -> None:
@@ -47,8 +45,8 @@ class OpenAIServing:
     # ---- completions --------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request):
         self.check_model(req.model)
-        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+        if req.logprobs is not None:
+            self.check_logprobs_count(req.logprobs, "logprobs")
         if req.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:  # best_of == n is every sample: plain n
@@ -67,7 +65,7 @@ class OpenAIServing:
         rid, created = new_id("cmpl"), now()
         texts = [r.text for r in reqs]  # validation tokenizes them, and clears r.text
         # before decoding: an id out of the vocabulary is the client's error
-        validate_openai(self.tm, reqs, openai_names(req, "max_tokens", "prompt"))
+        await validate_openai(self.tm, reqs, openai_names(req, "max_tokens", "prompt"))
         prompts = [""] * len(reqs)  # the echoed prompt text: only echo needs it, so only echo decodes ids
         if req.echo:
             tokenizer = self.tm.tokenizer
@@ -145,11 +143,11 @@ class OpenAIServing:
                 sent_lp[i] = len(res["meta_info"].get("output_token_logprobs", []))
                 offsets[i] += sum(len(t) for t in logprobs["tokens"])
             finish = finish_reason_of(res["meta_info"])
-            if delta or logprobs and logprobs["tokens"]:
-                yield chunk(i, delta, logprobs, None)
-            if finish is not None:
+            if finish is not None:  # the last chunk carries the end, as OpenAI's completion streams do
                 finals[i] = res
-                yield chunk(i, "", None, finish, matched_stop_of(res["meta_info"]))
+                yield chunk(i, delta, logprobs, finish, matched_stop_of(res["meta_info"]))
+            elif delta or logprobs and logprobs["tokens"]:
+                yield chunk(i, delta, logprobs, None)
         if include_usage:
             results = [finals[i] for i in range(len(reqs))]
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
@@ -188,11 +186,15 @@ class OpenAIServing:
             parts.append(part.text)
         return "".join(parts)
 
-    @staticmethod
-    def check_chat_fields(req: ChatCompletionRequest) -> None:
+    def check_logprobs_count(self, value: int, name: str) -> None:
+        cap = self.tm.max_logprobs
+        if value < 0 or 0 <= cap < value:
+            allowed = f"[0, {cap}] (--max-logprobs)" if cap >= 0 else ">= 0"
+            raise APIError(400, f"{name} must be in {allowed}, got {value}", name)
+
+    def check_chat_fields(self, req: ChatCompletionRequest) -> None:
         if req.top_logprobs is not None:
-            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+            self.check_logprobs_count(req.top_logprobs, "top_logprobs")
             if not req.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
         if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
@@ -217,7 +219,7 @@ class OpenAIServing:
                                   stream=req.stream)
         rid, created = new_id("chatcmpl"), now()
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        validate_openai(self.tm, reqs, openai_names(req, max_name, "messages"))
+        await validate_openai(self.tm, reqs, openai_names(req, max_name, "messages"))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(self._chat_chunks(req, reqs, rid, created, include_usage))

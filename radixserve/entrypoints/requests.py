@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from radixserve.entrypoints.tokenizer_manager import RequestError, SingleRequest, TokenizerManager
+from radixserve.entrypoints.tokenizer_manager import MAX_N, RequestError, SingleRequest, TokenizerManager
 
 
 def _is_id_list(x: Any) -> bool:
@@ -55,13 +55,14 @@ def expand_requests(
     reqs: list[SingleRequest] = []
     for (text, ids), params, base_rid in zip(items, params_list, rids):
         n = params.pop("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise RequestError(f"n must be an integer >= 1, got {n!r}", "n")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
         base_rid = base_rid or TokenizerManager.new_rid()
+        seed = params.get("seed")
+        seeded = n > 1 and isinstance(seed, int) and not isinstance(seed, bool)  # else validation says why
         for i in range(n):
-            p = dict(params)
-            if n > 1 and p.get("seed") is not None:
-                p["seed"] = p["seed"] + i  # distinct yet reproducible samples
+            # samples share one params dict (validated once) unless each needs its own seed
+            p = {**params, "seed": seed + i} if seeded else params  # distinct yet reproducible
             reqs.append(SingleRequest(
                 rid=base_rid if n == 1 else f"{base_rid}-{i}", text=text, input_ids=ids, sampling_params=p,
                 return_logprob=bool(return_logprob), top_logprobs_num=top_logprobs_num,

@@ -4,11 +4,11 @@ scheduler and turns the detokenizer's increments back into per-request results."
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,13 @@ from radixserve.messages import (
     BatchOut,
     FlushCacheReply,
     FlushCacheReq,
+    GenerateBatch,
     GetStateReq,
     ReqOutput,
     SchedulerState,
     TokenizedGenerateReq,
 )
+from radixserve.request_limits import RequestLimits
 from radixserve.sampling_params import SamplingParams, SamplingParamsError
 from radixserve.utils.text import lone_surrogate_at
 
@@ -56,6 +58,21 @@ class ServerDeadError(RuntimeError):
     """A server process died; no request can be served."""
 
 
+class RequestAborted(RuntimeError):
+    """The server ended the request before it finished (the shutdown timeout; no KV memory left):
+    an error with its own status code (503), not a result, on every endpoint."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+MAX_N = 128  # samples per prompt: OpenAI's limit
+VALIDATE_BATCH = 256  # requests validated between yields to the event loop (/health stays live)
+SEND_BATCH = 4096  # requests per message to the scheduler: a call of up to this many is one message
+
+
 @dataclass
 class SingleRequest:
     """One prompt with one set of sampling params (n > 1 is already expanded)."""
@@ -68,15 +85,7 @@ class SingleRequest:
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
     stream: bool = False
-
-
-@dataclass
-class ReqState:
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    input_ids: list[int] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    params: SamplingParams | None = None  # set by validation (which also tokenizes the text)
 
 
 @dataclass
@@ -86,15 +95,33 @@ class _Clock:
     last: float = 0.0
 
 
+@dataclass
+class _Progress:
+    """What has arrived for one request of a call."""
+
+    req: SingleRequest
+    clock: _Clock
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def result(self) -> dict[str, Any]:
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": dict(self.meta)}
+
+
 class TokenizerManager:
-    def __init__(self, ports: PortArgs, tokenizer, info: dict[str, Any], liveness: Callable[[], str | None]) -> None:
+    def __init__(self, ports: PortArgs, tokenizer, info: dict[str, Any], liveness: Callable[[], str | None],
+                 max_logprobs: int = 20) -> None:
         self.tokenizer = tokenizer
         self.info = info
         self.context_len: int = info["context_length"]
         self.vocab_size: int = info["vocab_size"]
+        self.limits = RequestLimits(self.context_len, info.get("max_total_num_tokens", self.context_len))
+        self.max_logprobs = max_logprobs  # top logprobs per token; -1: no cap
         self.ports = ports
         self.liveness = liveness  # returns a message when a child process has died
-        self.states: dict[str, ReqState] = {}
+        # rid -> (the queue of the call it belongs to, its index in that call)
+        self.routes: dict[str, tuple[asyncio.Queue, int]] = {}
         self.control_waiters: dict[type, list[asyncio.Future]] = {}
         self.dead: str | None = None
         self._started = False
@@ -119,11 +146,14 @@ class TokenizerManager:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._watch_loop())]
 
+    def _fail_all(self, error: Exception) -> None:
+        for queue in {id(q): q for q, _ in self.routes.values()}.values():
+            queue.put_nowait((-1, error))
+
     async def close(self, reason: str = "the engine is shut down") -> None:
         """Fail whatever is still waiting and stop the background tasks."""
         self.dead = self.dead or reason
-        for state in self.states.values():
-            state.queue.put_nowait(ServerDeadError(self.dead))
+        self._fail_all(ServerDeadError(self.dead))
         if not self._started:
             return
         for task in self._tasks:
@@ -137,7 +167,9 @@ class TokenizerManager:
             msg = await self.recv_sock.recv_pyobj()
             if isinstance(msg, BatchOut):
                 for out in msg.outputs:
-                    self._on_output(out)
+                    route = self.routes.get(out.rid)
+                    if route is not None:
+                        route[0].put_nowait((route[1], out))
             else:
                 waiters = self.control_waiters.get(type(msg), [])
                 if waiters:
@@ -150,17 +182,11 @@ class TokenizerManager:
             if message:
                 self.dead = message
                 logger.error("%s", message)
-                for state in self.states.values():
-                    state.queue.put_nowait(ServerDeadError(message))
+                self._fail_all(ServerDeadError(message))
                 for waiters in self.control_waiters.values():
                     for w in waiters:
                         if not w.done():
                             w.set_exception(ServerDeadError(message))
-
-    def _on_output(self, out: ReqOutput) -> None:
-        state = self.states.get(out.rid)
-        if state is not None:
-            state.queue.put_nowait(out)
 
     async def _control(self, request: object, reply_type: type) -> Any:
         self._ensure_started()
@@ -178,8 +204,15 @@ class TokenizerManager:
         return await self._control(GetStateReq(), SchedulerState)
 
     async def abort(self, rid: str) -> None:
+        """An operator's abort (/abort_request, Engine.abort_request): "" aborts every request. The
+        requests end with finish_reason abort."""
         self._ensure_started()
-        await self.send_sock.send_pyobj(AbortReq(rid))
+        await self.send_sock.send_pyobj(AbortReq([rid], abort_all=rid == ""))
+
+    async def abort_all(self, status: int, message: str) -> None:
+        """End every request with an error of this status (the shutdown timeout)."""
+        self._ensure_started()
+        await self.send_sock.send_pyobj(AbortReq(abort_all=True, message=message, status_code=status))
 
     # ---- validation -----------------------------------------------------------
     def tokenize(self, req: SingleRequest) -> list[int]:
@@ -208,17 +241,14 @@ class TokenizerManager:
             raise RequestError("the prompt is empty", "prompt")
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise RequestError(f"input_ids must be token ids in [0, {self.vocab_size})", "input_ids")
-        if len(ids) >= self.context_len:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens; the context length is {self.context_len}", "prompt"
-            )
-        if params.max_new_tokens is not None and len(ids) + params.max_new_tokens > self.context_len:
-            raise RequestError(
-                f"max_new_tokens ({params.max_new_tokens}) + prompt tokens ({len(ids)}) exceeds the "
-                f"context length ({self.context_len})", "max_new_tokens"
-            )
+        problem = self.limits.check(len(ids), params.max_new_tokens)
+        if problem is not None:
+            raise RequestError(*problem)
         if req.top_logprobs_num < 0:
             raise RequestError("top_logprobs_num must be >= 0", "top_logprobs_num")
+        if 0 <= self.max_logprobs < req.top_logprobs_num:
+            raise RequestError(f"top_logprobs_num must be at most {self.max_logprobs} (--max-logprobs), "
+                               f"got {req.top_logprobs_num}", "top_logprobs_num")
         for t in params.stop_token_ids or []:
             if not 0 <= t < self.vocab_size:
                 raise RequestError(f"stop_token_ids must be token ids in [0, {self.vocab_size})", "stop_token_ids")
@@ -228,49 +258,77 @@ class TokenizerManager:
         return params
 
     # ---- generation -----------------------------------------------------------
-    async def generate(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
-        """Yields the cumulative result after each increment (streaming) or once at the end."""
+    async def run(self, reqs: list[SingleRequest]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """Send a call's requests to the scheduler as one message and yield (index, cumulative
+        result): every increment of a streaming request, the final result of the others. Requests
+        still unfinished when the caller stops (or fails) are aborted, in one message."""
         self._ensure_started()
         if self.dead:
             raise ServerDeadError(self.dead)
-        ids = self.tokenize(req)
-        params = self.validate(req, ids)
-        if req.rid in self.states:
-            raise RequestError(f"rid {req.rid!r} is already in flight")
-        state = ReqState(input_ids=ids)
-        self.states[req.rid] = state
-        msg = TokenizedGenerateReq(
-            rid=req.rid, input_ids=ids, sampling_params=dataclasses.asdict(params),
+        await validate_all(self, reqs)
+        rids = [r.rid for r in reqs]
+        if len(set(rids)) != len(rids) or any(rid in self.routes for rid in rids):
+            taken = next(rid for k, rid in enumerate(rids) if rid in self.routes or rid in rids[:k])
+            raise RequestError(f"rid {taken!r} is already in flight", "rid")
+        queue: asyncio.Queue = asyncio.Queue()
+        start = time.perf_counter()
+        progress: dict[int, _Progress] = {}  # made on a request's first output: a call may be huge
+        finished = bytearray(len(reqs))
+        for i, rid in enumerate(rids):
+            self.routes[rid] = (queue, i)
+        unfinished = len(reqs)
+        try:
+            for part in range(0, len(reqs), SEND_BATCH):  # a huge call: the loop breathes between parts
+                if part:
+                    await asyncio.sleep(0)
+                await self.send_sock.send_pyobj(GenerateBatch([self._message(r) for r in reqs[part:part + SEND_BATCH]]))
+            while unfinished:
+                i, out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                p = progress.get(i) or progress.setdefault(i, _Progress(reqs[i], _Clock(start)))
+                self._merge(p, out)
+                self._observe(p.clock, out)
+                if out.finish_reason is None:
+                    if p.req.stream:
+                        yield i, p.result()
+                    continue
+                finished[i] = 1
+                unfinished -= 1
+                self.routes.pop(p.req.rid, None)
+                del progress[i]
+                reason = out.finish_reason
+                if reason.get("type") == "abort" and reason.get("status_code") is not None:
+                    if reason["status_code"] == 400:
+                        raise RequestError(reason.get("message", "invalid request"))
+                    raise RequestAborted(reason["status_code"], reason.get("message", "aborted"))
+                yield i, p.result()
+        finally:
+            left = [r for i, r in enumerate(reqs) if not finished[i]]
+            for r in left:
+                self.routes.pop(r.rid, None)
+            if self.metrics is not None:
+                self.metrics.observe_abandoned(len(left), sum(len(r.input_ids or ()) for r in left),
+                                               sum(len(p.output_ids) for p in progress.values()))
+            if left and self.dead is None:
+                # the caller went away (or failed) before the end: free their KV now
+                await self.send_sock.send_pyobj(AbortReq([r.rid for r in left]))
+
+    async def generate(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
+        """One request: its increments (streaming) or its final result."""
+        async with aclosing(self.run([req])) as results:
+            async for _, out in results:
+                yield out
+
+    @staticmethod
+    def _message(req: SingleRequest) -> TokenizedGenerateReq:
+        assert req.params is not None and req.input_ids is not None, "validate first"
+        return TokenizedGenerateReq(
+            # the fields as they are (dataclasses.asdict deep-copies: 10x slower, and pickling copies anyway)
+            rid=req.rid, input_ids=req.input_ids, sampling_params=dict(vars(req.params)),
             return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num,
             logprob_start_len=req.logprob_start_len if req.return_logprob else -1, stream=req.stream,
         )
-        finished = False
-        clock = _Clock(time.perf_counter())
-        try:
-            await self.send_sock.send_pyobj(msg)
-            while True:
-                out = await state.queue.get()
-                if isinstance(out, Exception):
-                    raise out
-                self._merge(state, out, req)
-                self._observe(clock, out)
-                if out.finish_reason is not None:
-                    finished = True
-                    reason = out.finish_reason
-                    if reason.get("type") == "abort" and reason.get("status_code") == 400:
-                        raise RequestError(reason.get("message", "invalid request"))
-                    yield self._result(state)
-                    return
-                if req.stream:
-                    yield self._result(state)
-        finally:
-            self.states.pop(req.rid, None)
-            if not finished and self.metrics is not None:
-                self.metrics.observe_finish(len(ids), len(state.output_ids), 0, time.perf_counter() - clock.start,
-                                            aborted=True)
-            if not finished and self.dead is None:
-                # the caller went away (or failed) before the end: free the request's KV now
-                await self.send_sock.send_pyobj(AbortReq(req.rid))
 
     def _observe(self, clock: _Clock, out: ReqOutput) -> None:
         if self.metrics is None:
@@ -289,10 +347,11 @@ class TokenizerManager:
             self.metrics.observe_finish(out.prompt_tokens, out.completion_tokens, out.cached_tokens,
                                         now - clock.start, aborted)
 
-    def _merge(self, state: ReqState, out: ReqOutput, req: SingleRequest) -> None:
-        state.text += out.text
-        state.output_ids.extend(out.new_token_ids)
-        meta = state.meta
+    def _merge(self, p: _Progress, out: ReqOutput) -> None:
+        req = p.req
+        p.text += out.text
+        p.output_ids.extend(out.new_token_ids)
+        meta = p.meta
         meta.update(
             id=req.rid, finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
@@ -303,13 +362,13 @@ class TokenizerManager:
             meta.setdefault("input_token_logprobs", [])
             meta.setdefault("input_top_logprobs", [])
             start = len(meta["output_token_logprobs"])
-            ids = state.output_ids[start : start + len(out.output_token_logprobs)]
+            ids = p.output_ids[start : start + len(out.output_token_logprobs)]
             meta["output_token_logprobs"].extend((lp, t, None) for lp, t in zip(out.output_token_logprobs, ids))
             meta["output_top_logprobs"].extend(
                 [(lp, t, None) for lp, t in top] for top in out.output_top_logprobs
             )
             if out.input_token_logprobs:
-                self._merge_prompt_logprobs(meta, out, req, state.input_ids)
+                self._merge_prompt_logprobs(meta, out, req, req.input_ids or [])
 
     @staticmethod
     def _merge_prompt_logprobs(meta: dict, out: ReqOutput, req: SingleRequest, ids: list[int]) -> None:
@@ -320,36 +379,46 @@ class TokenizerManager:
             meta["input_top_logprobs"].append(None if top is None else [(lp, t, None) for lp, t in top])
 
     @staticmethod
-    def _result(state: ReqState) -> dict[str, Any]:
-        return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": dict(state.meta)}
-
-    @staticmethod
     def new_rid() -> str:
         return uuid.uuid4().hex
 
 
-def validate_all(tm: TokenizerManager, reqs: list[SingleRequest]) -> None:
-    """Check every request before any runs, so that one bad prompt fails the whole call cleanly."""
-    for r in reqs:
+async def validate_all(tm: TokenizerManager, reqs: list[SingleRequest]) -> None:
+    """Tokenize and check every request before any runs, so that one bad prompt fails the whole call
+    cleanly. A call's n samples share their prompt and parameters, so each distinct prompt is
+    tokenized and each distinct (prompt, parameters) pair checked once; a large call yields to the
+    event loop as it goes. Requests validated before are skipped."""
+    ids_of_text: dict[str, list[int]] = {}
+    ids_of_list: dict[int, tuple[list[int], list[int]]] = {}  # id -> (the given list, kept alive; checked)
+    params_of: dict[tuple[int, int, int], SamplingParams] = {}
+    for k, r in enumerate(reqs):
+        if r.params is not None:
+            continue
         if r.input_ids is None:
-            r.input_ids = tm.tokenize(r)  # tokenize once; generate() reuses the ids
+            ids = ids_of_text.get(r.text) if isinstance(r.text, str) else None
+            if ids is None:
+                ids = tm.tokenize(r)
+                if isinstance(r.text, str):
+                    ids_of_text[r.text] = ids
             r.text = None
-        tm.validate(r, r.input_ids)
+        else:
+            known = ids_of_list.get(id(r.input_ids))
+            ids = known[1] if known is not None else tm.tokenize(r)
+            ids_of_list.setdefault(id(r.input_ids), (r.input_ids, ids))
+        r.input_ids = ids
+        key = (id(r.sampling_params), id(ids), r.top_logprobs_num)
+        params = params_of.get(key)
+        if params is None:  # r.sampling_params and ids stay alive (held above), so ids are not reused
+            params = params_of[key] = tm.validate(r, ids)
+        r.params = params
+        if k % VALIDATE_BATCH == VALIDATE_BATCH - 1:
+            await asyncio.sleep(0)
 
 
 async def collect(tm: TokenizerManager, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
-    """Run requests to completion, all validated before any starts."""
-    validate_all(tm, reqs)
-
-    async def one(r: SingleRequest) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-        async for out in tm.generate(r):
-            last = out
-        return last
-
-    tasks = [asyncio.ensure_future(one(r)) for r in reqs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
+    """Run requests to completion (all validated before any starts); their final results in order."""
+    results: list[dict[str, Any]] = [{} for _ in reqs]
+    async with aclosing(tm.run(reqs)) as outs:
+        async for i, out in outs:
+            results[i] = out
+    return results

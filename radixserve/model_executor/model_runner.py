@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -103,6 +104,11 @@ class ModelRunner:
 
     def _load_model(self, source: ModelSource) -> torch.nn.Module:
         cls = model_class_for(self.cfg)
+        dummy = source.kind == "dummy" or self.args.load_format == "dummy"
+        what = "random weights (--load-format dummy)" if dummy else source.gguf_file or source.model_path
+        logger.info("loading %s from %s as %s on %s ...", cls.__name__, what,
+                    str(self.dtype).replace("torch.", ""), self.device)
+        started = time.perf_counter()
         old_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -110,10 +116,12 @@ class ModelRunner:
                 model = cls(self.cfg, self.context_len)
         finally:
             torch.set_default_dtype(old_dtype)
-        if source.kind == "dummy" or self.args.load_format == "dummy":
+        if dummy:
             init_dummy_weights(model, self.args.random_seed or 0)
         else:
             model.load_weights(iter_weights(source))
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        logger.info("weights loaded in %.1f s (%.2f GB)", time.perf_counter() - started, size / 1e9)
         return model.eval()
 
     def _plan_memory(self) -> MemoryPlan:

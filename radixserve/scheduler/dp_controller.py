@@ -19,6 +19,7 @@ from radixserve.messages import (
     AbortReq,
     FlushCacheReply,
     FlushCacheReq,
+    GenerateBatch,
     GetStateReq,
     LoadReport,
     SchedulerState,
@@ -117,7 +118,13 @@ class DPController:
                     self.collect(self.replies.recv_pyobj())
 
     def dispatch(self, msg: object) -> None:
-        if isinstance(msg, TokenizedGenerateReq):
+        if isinstance(msg, GenerateBatch):  # each request picked on its own; one message per group
+            per_group: dict[int, list[TokenizedGenerateReq]] = {}
+            for req in msg.reqs:
+                per_group.setdefault(self.balancer.pick(req), []).append(req)
+            for group, reqs in per_group.items():
+                self.groups[group].send_pyobj(GenerateBatch(reqs))
+        elif isinstance(msg, TokenizedGenerateReq):
             self.groups[self.balancer.pick(msg)].send_pyobj(msg)
         elif isinstance(msg, AbortReq):
             for sock in self.groups:

@@ -37,7 +37,8 @@ def append_token(req: Req, tokens: SampledTokens, i: int) -> None:
             k = req.top_logprobs_num
             req.output_top_logprobs.append(list(zip(tokens.top_values[i][:k], tokens.top_ids[i][:k])))
     if req.grammar is not None and not req.grammar.accept_token(token):
-        req.finish_reason = {"type": "abort", "message": f"token {token} violates the grammar"}
+        # the bitmask forbids such tokens: reaching this is radixserve's bug, an internal error
+        req.finish_reason = {"type": "abort", "message": f"token {token} violates the grammar", "status_code": 500}
         return
     req.check_finished()
     if req.grammar is not None and not req.finished and req.grammar.is_terminated():

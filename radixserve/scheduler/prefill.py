@@ -87,8 +87,15 @@ class PrefillPlanner:
                 break
             match = self.cache.match_prefix(req.fill_ids[: cacheable_len(req)])
             extend = req.seq_len - len(match.indices)
-            # round the page a request would partly fill up to a whole page
-            need = extend + self.page_size + reserved_tokens(req, ratio)
+            if running or plan.reqs or chunked is not None:
+                # round the page a request would partly fill up to a whole page, and keep room for
+                # (an estimate of) its output
+                need = extend + self.page_size + reserved_tokens(req, ratio)
+            else:
+                # alone, a request needs only its prompt's pages: its output fits the pool (the
+                # scheduler clips max_new_tokens to it) and nobody else's room is at stake. Without
+                # this a request whose output estimate exceeds the pool would wait forever.
+                need = self.allocator.pages_needed(len(match.indices), extend) * self.page_size
             if need > kv_room():
                 break
             if extend > budget_input and plan.reqs:

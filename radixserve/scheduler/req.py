@@ -62,6 +62,7 @@ class Req:
     sent_output_logprobs: int = 0
     sent_input_logprobs: int = 0
     to_abort: bool = False
+    abort_reason: dict[str, Any] | None = None  # the finish_reason an abort gives it
 
     @property
     def fill_ids(self) -> list[int]:

@@ -30,6 +30,7 @@ from radixserve.messages import (
     BatchOut,
     FlushCacheReply,
     FlushCacheReq,
+    GenerateBatch,
     GetStateReq,
     LoadReport,
     ReqOutput,
@@ -37,6 +38,7 @@ from radixserve.messages import (
     TokenizedGenerateReq,
 )
 from radixserve.model_executor.model_runner import ModelRunner, resolve_device
+from radixserve.request_limits import RequestLimits
 from radixserve.sampling_batch import SamplingBatch
 from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.batch import OutOfKVError, build_decode_batch, build_extend_batch, record_sampled
@@ -122,7 +124,7 @@ class Scheduler:
     # ---- info -------------------------------------------------------------
     def info(self) -> dict:
         return {
-            "max_total_num_tokens": self.runner.plan.max_total_tokens,
+            "max_total_num_tokens": self.runner.allocator.total_tokens,
             "max_running_requests": self.runner.plan.max_running_requests,
             "context_length": self.context_len,
             "vocab_size": self.runner.vocab_size,
@@ -175,10 +177,13 @@ class Scheduler:
             self.reply_sock.send_pyobj(msg)
 
     def handle(self, msg: object) -> None:
-        if isinstance(msg, TokenizedGenerateReq):
+        if isinstance(msg, GenerateBatch):
+            for req in msg.reqs:
+                self.add_request(req)
+        elif isinstance(msg, TokenizedGenerateReq):
             self.add_request(msg)
         elif isinstance(msg, AbortReq):
-            self.abort(msg.rid)
+            self.abort(msg)
         elif isinstance(msg, FlushCacheReq):
             self.reply(self.flush_cache())
         elif isinstance(msg, GetStateReq):
@@ -198,25 +203,16 @@ class Scheduler:
             params = SamplingParams.from_dict(msg.sampling_params)
         except ValueError as e:
             return self.reject(msg.rid, str(e), n)
+        # the API process checks all of this first; these guard the scheduler against any other sender
         if n == 0:
             return self.reject(msg.rid, "the prompt is empty", 0)
         if any(not 0 <= t < self.runner.vocab_size for t in msg.input_ids):
             return self.reject(msg.rid, f"input_ids must be in [0, {self.runner.vocab_size})", n)
-        if n >= self.context_len:
-            return self.reject(
-                msg.rid, f"the prompt has {n} tokens; the context length is {self.context_len}", n
-            )
-        max_new = params.max_new_tokens if params.max_new_tokens is not None else self.context_len - n
-        if n + max_new > self.context_len:
-            return self.reject(
-                msg.rid,
-                f"max_new_tokens ({max_new}) + prompt tokens ({n}) exceeds the context length "
-                f"({self.context_len})", n,
-            )
-        if n + 1 > self.runner.plan.max_total_tokens:
-            return self.reject(
-                msg.rid, f"the prompt has {n} tokens; the KV cache holds {self.runner.plan.max_total_tokens}", n
-            )
+        limits = RequestLimits(self.context_len, self.runner.allocator.total_tokens)
+        problem = limits.check(n, params.max_new_tokens)
+        if problem is not None:
+            return self.reject(msg.rid, problem[0], n)
+        max_new = limits.max_new_tokens(n, params.max_new_tokens)
         if self.tokenizer is None and (params.stop or params.grammar_spec() is not None):
             return self.reject(msg.rid, "stop strings and structured output need a tokenizer; this model has none", n)
         try:
@@ -248,17 +244,27 @@ class Scheduler:
             )
         return self.grammar_backend.new_matcher(spec)  # compiled once per distinct schema (LRU)
 
-    def abort(self, rid: str) -> None:
-        for req in list(self.waiting):
-            if rid in ("", req.rid):
-                self.waiting.remove(req)
-                req.finish_reason = {"type": "abort", "message": "aborted"}
+    def abort(self, msg: AbortReq) -> None:
+        rids = set(msg.rids)  # a call's requests are aborted together: one pass over the queues
+
+        def hit(req: Req) -> bool:
+            return msg.abort_all or req.rid in rids
+
+        reason: dict = {"type": "abort", "message": msg.message}
+        if msg.status_code is not None:
+            reason["status_code"] = msg.status_code
+        gone = [r for r in self.waiting if hit(r)]
+        if gone:
+            self.waiting = [r for r in self.waiting if not hit(r)]
+            for req in gone:
+                req.finish_reason = dict(reason)
                 if req.req_pool_idx is not None:
                     free_kv_of(req, self.cache)
-                self.send_outputs([req])
+            self.send_outputs(gone)
         for req in self.running + ([self.chunked_req] if self.chunked_req else []):
-            if rid in ("", req.rid):
+            if hit(req) and not req.finished:
                 req.to_abort = True
+                req.abort_reason = dict(reason)
 
     def flush_cache(self) -> FlushCacheReply:
         self.resolve()
@@ -354,7 +360,7 @@ class Scheduler:
             return
         self.running = [r for r in self.running if not r.to_abort]
         for req in gone:
-            req.finish_reason = {"type": "abort", "message": "aborted"}
+            req.finish_reason = req.abort_reason or {"type": "abort", "message": "aborted"}
         self.finish(gone)
 
     def on_retract(self, retracted: list[Req]) -> None:

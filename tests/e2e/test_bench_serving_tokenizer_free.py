@@ -58,4 +58,6 @@ def test_bench_serving_tokenize_prompt_end_to_end(server, tmp_path, monkeypatch)
     assert record["input_lens"] == [r.prompt_len for r in rows]
     assert record["output_lens"] == [r.output_len for r in rows]  # ignore_eos: every output as long as asked
     assert 0 < record["mean_ttft_ms"] <= record["mean_e2e_ms"]
-    assert record["median_itl_ms"] > 0 and record["output_throughput"] > 0
+    # the mean, not the median: SSE events that share one network read are timed microseconds apart, so
+    # on a loaded machine most gaps can round to 0.00 ms while the waits between reads still count
+    assert record["mean_itl_ms"] > 0 and record["output_throughput"] > 0

@@ -283,9 +283,10 @@ FIELD_ERRORS = {
                                        ["max_completion_tokens must be >= 0"]),
     "min_tokens_above_max": (CMPL, {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, "min_tokens",
                              ["min_tokens must be <= max_tokens"]),
-    "max_tokens_past_context": (CMPL, {"prompt": "hi", "max_tokens": 10**6}, "max_tokens", ["max_tokens (1000000)"]),
+    "max_tokens_past_context": (CMPL, {"prompt": "hi", "max_tokens": 10**6}, "max_tokens",
+                                ["maximum context length is 8192 tokens", "1000000 in max_tokens"]),
     "chat_max_tokens_past_context": (CHAT, {"messages": MSG, "max_tokens": 10**6}, "max_tokens",
-                                     ["max_tokens (1000000) + prompt tokens"]),
+                                     ["maximum context length is 8192 tokens", "1000000 in max_tokens"]),
     "bad_response_format_schema": (CHAT, {"messages": MSG, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
         "response_format", ["response_format"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -76,6 +77,62 @@ def test_group_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
     assert len(results) == 8 and all(code == 200 and last == "data: [DONE]" for code, last in results), results
     assert srv.proc.wait(60) == 0, srv.log()
     assert all_gone(children), "child processes outlived the server"
+
+
+def test_shutdown_timeout_ends_what_is_left_with_503_whatever_is_queued(model_dir, tmp_path):
+    """SIGTERM with a stream running and 6,400 sequences queued: after --shutdown-timeout every one
+    ends with an error, 503 (not 200 with finish_reason abort, which OpenAI does not define), on the
+    native and the OpenAI API alike, and the server exits 0 soon after."""
+    import openai
+
+    srv = start_server(["--model-path", model_dir, "--dtype", "float32", "--shutdown-timeout", "2",
+                        "--max-running-requests", "8"], str(tmp_path / "server.log"))
+    answers: dict[str, object] = {}
+
+    def queued() -> None:
+        body = {"input_ids": [[5 + i, 6, 7] for i in range(50)],
+                "sampling_params": {"n": 128, "max_new_tokens": 400, "ignore_eos": True}}
+        answers["queued"] = httpx.post(srv.url + "/generate", json=body, timeout=120)
+
+    def native_stream() -> None:
+        body = {"input_ids": [9, 8, 7], "stream": True, "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}}
+        with httpx.stream("POST", srv.url + "/generate", json=body, timeout=120) as r:
+            answers["native_stream"] = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+
+    def openai_stream() -> None:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        try:
+            for _ in client.chat.completions.create(model=model_dir, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=400, stream=True, extra_body={"ignore_eos": True}):
+                pass
+            answers["openai_stream"] = "ended without an error"
+        except openai.APIError as e:
+            answers["openai_stream"] = e
+
+    threads = [threading.Thread(target=f) for f in (native_stream, openai_stream, queued)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        info = httpx.get(srv.url + "/get_server_info", timeout=10).json()["internal_states"][0]
+        if info["num_waiting"] > 1000 and info["num_running"] >= 2:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the calls were never in flight together")
+    sent = time.time()
+    srv.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert srv.proc.wait(30) == 0, srv.log()
+    assert time.time() - sent < 15, "the queued requests held the shutdown up"
+    queued_reply = answers["queued"]
+    assert queued_reply.status_code == 503, queued_reply.text
+    assert "--shutdown-timeout" in queued_reply.json()["error"]["message"]
+    events = answers["native_stream"]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == 503, events[-3:]
+    assert isinstance(answers["openai_stream"], openai.APIError), answers["openai_stream"]
+    assert "shut down" in str(answers["openai_stream"])
 
 
 def test_child_death_exits_nonzero(model_dir, tmp_path):

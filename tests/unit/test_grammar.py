@@ -243,3 +243,27 @@ def test_apply_bitmask_cuda():
         assert torch.equal(logits[1], before[1])
         finite = set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
         assert finite == allowed[0]
+
+
+# ---- nesting bound -----------------------------------------------------------------------------
+def _nested(levels: int) -> str:
+    return '{"type": "object", "properties": {"a": ' * levels + '{"type": "string"}' + "}}" * levels
+
+
+def test_schemas_nested_past_the_bound_are_refused_before_any_compiler_sees_them():
+    from radixserve.constrained.schema import MAX_SCHEMA_DEPTH, json_depth, parse_schema, schema_text
+    from radixserve.sampling_params import SamplingParams, SamplingParamsError
+
+    assert json_depth(json.loads(_nested(3))) == 7 and json_depth("x") == 0
+    deepest_ok = (MAX_SCHEMA_DEPTH - 1) // 2
+    assert json_depth(parse_schema(_nested(deepest_ok))) <= MAX_SCHEMA_DEPTH
+    validate_spec(GrammarSpec("json_schema", _nested(deepest_ok)))
+    for text in (_nested(deepest_ok + 1), _nested(5000)):  # 5000: json.loads itself would recurse too deep
+        with pytest.raises(GrammarError, match="levels"):
+            validate_spec(GrammarSpec("json_schema", text))
+    deep_object = json.loads(_nested(100))
+    with pytest.raises(GrammarError, match="response_format: .*levels"):
+        schema_text(deep_object, "response_format")
+    with pytest.raises(SamplingParamsError, match="levels") as info:
+        SamplingParams(json_schema=deep_object)
+    assert info.value.param == "json_schema"

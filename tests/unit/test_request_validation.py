@@ -122,7 +122,7 @@ def tm() -> TokenizerManager:
 def offline(tm: TokenizerManager, prompt=None, params=None, input_ids=None) -> None:
     """What Engine.generate does before anything reaches the scheduler."""
     reqs, _ = expand_requests(prompt, input_ids, params)
-    validate_all(tm, reqs)
+    asyncio.run(validate_all(tm, reqs))
 
 
 @pytest.mark.parametrize("stop", ["\ud800", ["ok", "\udc80x"]])
@@ -196,3 +196,21 @@ def test_until_disconnect_returns_the_result() -> None:
         return await until_disconnect(FakeRequest(None), work())
 
     assert asyncio.run(main()) == 7
+
+
+def test_n_is_capped_and_samples_share_their_validation(tm: TokenizerManager) -> None:
+    with pytest.raises(RequestError, match=r"\[1, 128\]") as info:
+        expand_requests("hi", None, {"n": 129})
+    assert info.value.param == "n"
+    reqs, single = expand_requests(["a b", "c"], None, {"n": 3, "max_new_tokens": 4})
+    assert not single and len(reqs) == 6
+    asyncio.run(validate_all(tm, reqs))
+    # one tokenization per prompt and one SamplingParams per distinct (prompt, params): shared objects
+    assert reqs[0].input_ids is reqs[2].input_ids and reqs[0].params is reqs[1].params
+    assert reqs[0].input_ids != reqs[3].input_ids
+    seeded, _ = expand_requests("hi", None, {"n": 3, "seed": 7})
+    asyncio.run(validate_all(tm, seeded))
+    assert [r.params.seed for r in seeded] == [7, 8, 9]
+    bad_seed, _ = expand_requests("hi", None, {"n": 2, "seed": "7"})
+    with pytest.raises(RequestError, match="seed"):
+        asyncio.run(validate_all(tm, bad_seed))

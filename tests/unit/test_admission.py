@@ -1,0 +1,67 @@
+"""Admission on a KV pool smaller than the context: a request's output budget is clipped to the pool,
+a request alone is admitted on its prompt's pages (its output estimate may exceed the pool), and one
+that can never fit is refused with the phrases clients match on."""
+
+from __future__ import annotations
+
+import pytest
+
+from radixserve.cache.allocator import KVAllocator
+from radixserve.cache.pools import ReqToTokenPool
+from radixserve.cache.radix import RadixCache
+from radixserve.request_limits import RequestLimits
+from radixserve.sampling_params import SamplingParams
+from radixserve.scheduler.prefill import PrefillPlanner
+from radixserve.scheduler.req import Req
+
+POOL = 64
+
+
+def planner(page_size: int) -> PrefillPlanner:
+    rows = ReqToTokenPool(4, 256, "cpu")
+    allocator = KVAllocator(POOL, page_size, "cpu")
+    cache = RadixCache(rows, allocator, page_size)
+    return PrefillPlanner(cache, allocator, rows, chunked_prefill_size=256, max_prefill_tokens=256,
+                          max_running_requests=4, page_size=page_size)
+
+
+def request(rid: str, prompt_len: int, max_new: int) -> Req:
+    return Req(rid=rid, origin_input_ids=list(range(1, prompt_len + 1)), params=SamplingParams(), eos_ids={0},
+               max_new_tokens=max_new)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_a_request_alone_is_admitted_on_its_prompt_pages(page_size):
+    limits = RequestLimits(context_len=256, kv_capacity=POOL)
+    prompt = 40
+    max_new = limits.max_new_tokens(prompt, None)  # up to the context, clipped to the pool
+    assert max_new == POOL - prompt
+    alone = request("a", prompt, max_new)
+    # its prompt, a page of slack and its whole output (ratio 1.0, as after a retraction) exceed the pool
+    assert prompt + page_size + max_new > POOL
+    plan = planner(page_size).plan([alone], [], None, ratio=1.0)
+    assert plan.reqs == [alone] and plan.new_tokens == prompt
+
+
+def test_beside_a_running_request_the_output_estimate_still_counts():
+    p = planner(1)
+    first = request("a", 40, 24)
+    assert p.plan([first], [], None, ratio=1.0).reqs == [first]
+    p.allocator.alloc_for_sequence(0, 0, 40)  # what its prefill takes
+    second = request("b", 10, 24)
+    # 24 free slots, the running request's 24 future tokens reserved: the second waits its turn
+    assert p.plan([second], [first], None, ratio=1.0).reqs == []
+
+
+def test_limits_refuse_what_can_never_run_in_the_words_clients_match():
+    limits = RequestLimits(context_len=100, kv_capacity=50)
+    message, field = limits.check(100, None)
+    assert field == "prompt"
+    assert "maximum context length is 100" in message and "is longer than the model's context length" in message
+    message, field = limits.check(10, 95)
+    assert field == "max_new_tokens" and "maximum context length is 100 tokens" in message
+    assert "you requested 105 tokens (10 in the prompt, 95 in max_new_tokens)" in message
+    message, field = limits.check(50, 1)
+    assert field == "prompt" and "KV cache" in message
+    assert limits.check(49, 51) is None  # fits the context; the pool clips its output
+    assert limits.max_new_tokens(49, 51) == 1 and limits.max_new_tokens(10, 5) == 5
