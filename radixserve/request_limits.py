@@ -3,7 +3,7 @@
 The API process checks these before a request is sent (a 400 naming the field); the scheduler checks
 them again for any other sender and resolves max_new_tokens against them. The wording carries the
 phrases clients match on: OpenAI's and vLLM's "maximum context length", SGLang's "is longer than the
-model's context length".
+model's context length" and "max_completion_tokens is too large".
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ class RequestLimits:
                     f"This model's maximum context length is {ctx} tokens, and the prompt must leave room "
                     "for at least one generated token.", "prompt")
         if max_new_tokens is not None and n + max_new_tokens > ctx:
-            return (f"This model's maximum context length is {ctx} tokens. However, you requested "
-                    f"{n + max_new_tokens} tokens ({n} in the prompt, {max_new_tokens} in max_new_tokens). "
-                    "Please reduce the length of the prompt or max_new_tokens.", "max_new_tokens")
+            return (f"max_new_tokens is too large: {max_new_tokens}. This model's maximum context length is "
+                    f"{ctx} tokens. However, you requested {n + max_new_tokens} tokens ({n} in the prompt, "
+                    f"{max_new_tokens} in max_new_tokens). Please reduce the length of the prompt or "
+                    "max_new_tokens.", "max_new_tokens")
         if n >= self.kv_capacity:
             # the pool, not the model, is the limit here: a server-side setting
             return (f"The input ({n} tokens) does not fit in the KV cache, which holds {self.kv_capacity} "

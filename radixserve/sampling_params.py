@@ -31,7 +31,7 @@ _FLOAT_FIELDS = (
 _INT_FIELDS = ("min_new_tokens", "top_k", "n")
 _OPTIONAL_INT_FIELDS = ("max_new_tokens", "seed")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
-_GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+_GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 def _is_int(value: Any) -> bool:
@@ -86,6 +86,8 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # xgrammar's structural tag ({"type": "structural_tag", "format": {...}}) as JSON text, as SGLang takes it
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,20 +148,22 @@ class SamplingParams:
 
     def grammar_spec(self):
         """The structured-output constraint, or None."""
-        if self.json_schema is None and self.regex is None and self.ebnf is None:
+        if self.json_schema is None and self.regex is None and self.ebnf is None and self.structural_tag is None:
             return None
         from radixserve.constrained import GrammarSpec
 
-        return GrammarSpec.from_fields(json_schema=self.json_schema, regex=self.regex, ebnf=self.ebnf)
+        return GrammarSpec.from_fields(json_schema=self.json_schema, regex=self.regex, ebnf=self.ebnf,
+                                       structural_tag=self.structural_tag)
 
     def _check_grammar(self) -> None:
-        if isinstance(self.json_schema, dict):
-            from radixserve.constrained.schema import GrammarError, schema_text
+        for name in ("json_schema", "structural_tag"):
+            if isinstance(getattr(self, name), dict):
+                from radixserve.constrained.schema import GrammarError, schema_text
 
-            try:
-                self.json_schema = schema_text(self.json_schema)
-            except GrammarError as e:
-                raise SamplingParamsError(str(e), "json_schema") from None
+                try:
+                    setattr(self, name, schema_text(getattr(self, name), name))
+                except GrammarError as e:
+                    raise SamplingParamsError(str(e), name) from None
         given = [name for name in _GRAMMAR_FIELDS if getattr(self, name) is not None]
         for name in given:
             value = getattr(self, name)
@@ -177,7 +181,8 @@ class SamplingParams:
             raise SamplingParamsError(str(e), given[0] if len(given) == 1 else None) from None
         if self.min_new_tokens > 0:
             raise SamplingParamsError(
-                "min_new_tokens cannot be combined with json_schema, regex or ebnf (the grammar decides the end)",
+                "min_new_tokens cannot be combined with json_schema, regex, ebnf or structural_tag (the grammar "
+                "decides the end)",
                 "min_new_tokens",
             )
 

@@ -19,7 +19,11 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "disaggregation_mode": ("null", "prefill", "decode"),
     "moe_a2a_backend": ("none", "deepep"),
     "load_balance_method": ("round_robin", "shortest_queue", "minimum_tokens"),
+    "grammar_backend": ("xgrammar", "outlines", "llguidance", "none"),
 }
+
+# Other spellings of a flag, as SGLang accepts them
+ALIASES: dict[str, tuple[str, ...]] = {"max_request_body_size": ("--max-payload-size",)}
 
 
 class ServerArgsError(ValueError):
@@ -85,6 +89,8 @@ class ServerArgs:
     chat_template: str | None = None
     enable_metrics: bool = False  # metrics are always served; the flag is accepted for compatibility
     max_request_body_size: int = 32 * 1024 * 1024
+    enable_cache_report: bool = False  # accepted: usage always reports cached tokens
+    grammar_backend: str = "xgrammar"
     shutdown_timeout: float = 60.0
     max_logprobs: int = 20  # top logprobs per token a request may ask for; -1: no cap (vLLM's flag)
     # slow or idle clients: seconds for a request's headers, for its body, between requests
@@ -193,6 +199,9 @@ class ServerArgs:
             (self.disaggregation_ib_device is not None,
              "--disaggregation-ib-device: InfiniBand KV transfer needs Mooncake, which is not installed"),
             (self.enable_two_batch_overlap, f"--enable-two-batch-overlap: two-batch overlap {pending}"),
+            (self.grammar_backend != "xgrammar",
+             f"--grammar-backend {self.grammar_backend}: radixserve's structured output runs on xgrammar only; "
+             "use --grammar-backend xgrammar"),
             (self.enable_dp_attention, f"--enable-dp-attention: DP attention (MoE models) {pending}"),
             (self.enable_dp_lm_head, f"--enable-dp-lm-head: DP LM head {pending}"),
             (self.moe_dense_tp_size is not None, f"--moe-dense-tp-size: MoE models {pending}"),
@@ -219,7 +228,7 @@ class ServerArgs:
                 return
             if name in CHOICES:
                 kw.setdefault("choices", CHOICES[name])
-            group.add_argument(flag_name(name), default=default(name), help=help_text, **kw)
+            group.add_argument(flag_name(name), *ALIASES.get(name, ()), default=default(name), help=help_text, **kw)
 
         g = parser.add_argument_group("model")
         add(g, "model_path", f"HF directory, GGUF file, or '{BUNDLED_MODEL_NAME}' (default: bundled model)")
@@ -237,7 +246,10 @@ class ServerArgs:
         add(g, "served_model_name", "model name in the OpenAI API (default: the model path)")
         add(g, "chat_template", "a Jinja chat template, inline or a file path (default: the tokenizer's)")
         add(g, "enable_metrics", "serve Prometheus metrics at /metrics (always on)")
-        add(g, "max_request_body_size", "largest accepted request body in bytes (413 above)", type=int)
+        add(g, "max_request_body_size", "largest accepted request body in bytes (413 above); also "
+            "--max-payload-size", type=int)
+        add(g, "enable_cache_report", "report cached prompt tokens in usage (always on)")
+        add(g, "grammar_backend", "structured output backend (xgrammar; the others are not built)")
         add(g, "shutdown_timeout", "seconds SIGTERM waits for requests in flight", type=float)
         add(g, "max_logprobs", "most top logprobs per token a request may ask for (/v1 logprobs and "
             "top_logprobs, /generate top_logprobs_num); -1: no cap", type=int)

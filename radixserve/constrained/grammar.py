@@ -19,7 +19,7 @@ import xgrammar as xgr
 
 from radixserve.constrained.schema import GrammarError, parse_schema, schema_text
 
-KINDS = ("json_schema", "json_object", "regex", "ebnf")
+KINDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
 # Any JSON object: the builtin JSON grammar would also allow arrays and scalars at the top level.
 _ANY_OBJECT_SCHEMA = '{"type": "object"}'
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; clients need only the rest.
@@ -31,7 +31,7 @@ CompiledGrammar = xgr.CompiledGrammar
 @dataclass(frozen=True)
 class GrammarSpec:
     kind: str  # one of KINDS
-    value: str  # schema JSON text, regex or EBNF grammar; "" for json_object
+    value: str  # schema or structural-tag JSON text, regex or EBNF grammar; "" for json_object
 
     @classmethod
     def from_fields(
@@ -40,17 +40,20 @@ class GrammarSpec:
         regex: str | None = None,
         ebnf: str | None = None,
         json_object: bool = False,
+        structural_tag: str | dict[str, Any] | None = None,
     ) -> GrammarSpec | None:
         """The spec named by request fields (at most one may be set), or None when none is."""
         given = {
             name: value
-            for name, value in (("json_schema", json_schema), ("regex", regex), ("ebnf", ebnf))
+            for name, value in (("json_schema", json_schema), ("regex", regex), ("ebnf", ebnf),
+                                ("structural_tag", structural_tag))
             if value is not None
         }
         if json_object:
             given["json_object"] = ""
         if len(given) > 1:
-            raise GrammarError(f"only one of json_schema, json_object, regex, ebnf may be set, got {sorted(given)}")
+            raise GrammarError(f"only one of json_schema, json_object, regex, ebnf, structural_tag may be set, "
+                               f"got {sorted(given)}")
         if not given:
             return None
         kind, value = given.popitem()
@@ -78,6 +81,10 @@ def _check_shape(spec: GrammarSpec) -> None:
         return
     if not spec.value:
         raise GrammarError(f"{spec.kind}: must not be empty")
+    if spec.kind == "structural_tag":
+        tag = parse_schema(spec.value, "structural_tag")
+        if not isinstance(tag, dict):
+            raise GrammarError(f"structural_tag: must be a JSON object, got {type(tag).__name__}")
     if spec.kind == "json_schema":
         schema = parse_schema(spec.value)
         if not isinstance(schema, (dict, bool)):
@@ -94,6 +101,8 @@ def validate_spec(spec: GrammarSpec) -> None:
             xgr.Grammar.from_regex(spec.value)
         elif spec.kind == "ebnf":
             xgr.Grammar.from_ebnf(spec.value)
+        elif spec.kind == "structural_tag":
+            xgr.Grammar.from_structural_tag(spec.value)
     except Exception as e:  # xgrammar reports every bad input as a RuntimeError from C++
         raise _error(spec.kind, e) from e
 
@@ -190,6 +199,8 @@ class GrammarBackend:
                 )
             if spec.kind == "regex":
                 return self._compiler.compile_regex(spec.value)
+            if spec.kind == "structural_tag":
+                return self._compiler.compile_structural_tag(spec.value)
             return self._compiler.compile_grammar(spec.value)
         except Exception as e:  # C++ RuntimeError for any invalid input
             raise _error(spec.kind, e) from e

@@ -32,9 +32,14 @@ class BodyError(HTTPException):
         super().__init__(status, message, headers={"Connection": "close"})
 
 
+def too_large_message(limit: int) -> str:
+    # "Payload Too Large": HTTP's own name for 413, which clients (and SGLang's tests) look for
+    return f"Payload Too Large: the request body is larger than {limit} bytes (--max-request-body-size)"
+
+
 class BodyTooLarge(BodyError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than {limit} bytes")
+        super().__init__(413, too_large_message(limit))
 
 
 class BodyTooSlow(BodyError):
@@ -74,7 +79,7 @@ class GateMiddleware:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await send_error(send, 413, f"request body is larger than {limit} bytes")
+            return await send_error(send, 413, too_large_message(limit))
 
         received = 0
         started = False

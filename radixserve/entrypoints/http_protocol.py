@@ -58,16 +58,26 @@ class GuardedProtocol(HttpToolsProtocol):
     max_connections: int = 4096
 
     _header_timer: asyncio.TimerHandle | None = None
+    _refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             logger.warning("connection refused: %d connections open (--http-max-connections)",
                            len(self.connections) - 1)
+            self._refused = True
             transport.write(error_bytes(503, "Service Unavailable", "too many open connections; retry later"))
-            transport.close()
+            # closing with the client's request unread would reset the connection and lose the answer:
+            # end our side, read and drop what comes, and close shortly
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(1.0, transport.close)
             return
         self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()

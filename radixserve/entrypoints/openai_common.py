@@ -62,6 +62,9 @@ def sampling_params_of(req: SamplingExtras, max_tokens: int | None) -> dict[str,
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise APIError(400, "response_format.json_schema.schema is required", "response_format")
             p["json_schema"] = schema_text(fmt.json_schema.schema_, "response_format")
+        elif fmt is not None and fmt.type == "structural_tag":
+            p["structural_tag"] = schema_text(fmt.model_dump(exclude_none=True, exclude={"json_schema"}),
+                                              "response_format")
     except GrammarError as e:  # the message starts with the field at fault
         field = "response_format" if str(e).startswith("response_format") else "json_schema"
         raise APIError(400, str(e), field) from None
@@ -86,17 +89,24 @@ def openai_names(req: SamplingExtras, max_tokens_name: str, prompt_name: str) ->
     names = {"max_new_tokens": max_tokens_name, "min_new_tokens": "min_tokens", "input_ids": prompt_name,
              "prompt": prompt_name, "top_logprobs_num": "top_logprobs" if prompt_name == "messages" else "logprobs"}
     if req.response_format is not None and req.response_format.type != "text":
-        names["json_schema"] = "response_format"
+        names["json_schema"] = names["structural_tag"] = "response_format"
     return names
 
 
-async def validate_openai(tm: TokenizerManager, reqs: list[SingleRequest], names: dict[str, str]) -> None:
+async def validate_openai(tm: TokenizerManager, reqs: list[SingleRequest], names: dict[str, str],
+                          budget_field: str | None = None) -> None:
     """validate_all, with errors in the client's terms: the OpenAI field names, in the message and
-    as the error's param."""
+    as the error's param. budget_field: the API's own name for the output budget, which a length
+    error names first (chat's max_completion_tokens, also when the older max_tokens was sent, as
+    SGLang's "max_completion_tokens is too large" says)."""
     try:
         await validate_all(tm, reqs)
     except RequestError as e:
-        raise APIError(400, _rename(str(e), names), names.get(e.param or "", e.param)) from None
+        message = _rename(str(e), names)
+        sent = names.get("max_new_tokens", "max_new_tokens")
+        if budget_field and budget_field != sent and message.startswith(f"{sent} is too large"):
+            message = f"{budget_field} is too large (sent as {sent})" + message[len(f"{sent} is too large"):]
+        raise APIError(400, message, names.get(e.param or "", e.param)) from None
 
 
 def _rename(message: str, names: dict[str, str]) -> str:
@@ -136,6 +146,23 @@ def usage_of(results: list[dict[str, Any]], n: int) -> dict[str, Any]:
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+
+
+def usage_options(req: SamplingExtras) -> tuple[bool, bool]:
+    """(a final usage chunk, usage on every chunk): stream_options' include_usage and vLLM's
+    continuous_usage_stats."""
+    opts = req.stream_options
+    if opts is None:
+        return False, False
+    return opts.include_usage, opts.include_usage and opts.continuous_usage_stats
+
+
+def usage_so_far(req: SingleRequest, res: dict[str, Any] | None) -> dict[str, int]:
+    """One choice's usage up to this chunk (continuous_usage_stats)."""
+    meta = res["meta_info"] if res is not None else {}
+    prompt = meta.get("prompt_tokens", len(req.input_ids or ()))
+    completion = meta.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(obj: dict[str, Any] | str) -> bytes:

@@ -132,6 +132,7 @@ class _Request(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage on every chunk too (with include_usage)
 
 
 class JsonSchemaFormat(_Lenient):
@@ -141,8 +142,12 @@ class JsonSchemaFormat(_Lenient):
 
 
 class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    # structural_tag (SGLang's extension, xgrammar's format): the whole object goes to xgrammar
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
 
 
 class SamplingExtras(_Request):

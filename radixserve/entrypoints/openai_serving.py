@@ -24,6 +24,8 @@ from radixserve.entrypoints.openai_common import (
     token_text,
     until_disconnect,
     usage_of,
+    usage_options,
+    usage_so_far,
     validate_openai,
 )
 from radixserve.entrypoints.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -72,8 +74,7 @@ class OpenAIServing:
             prompts = [t if t is not None else tokenizer.decode(r.input_ids) if tokenizer else ""
                        for t, r in zip(texts, reqs)]
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(self._completion_chunks(req, reqs, prompts, rid, created, include_usage))
+            return self._stream(self._completion_chunks(req, reqs, prompts, rid, created))
         results = await until_disconnect(raw, collect(self.tm, reqs))
         choices = []
         for i, res in enumerate(results):
@@ -109,17 +110,22 @@ class OpenAIServing:
             "text_offset": list(accumulate((len(x) for x in tokens), initial=offset))[:-1],
         }
 
-    async def _completion_chunks(self, req, reqs, prompts, rid, created, include_usage) -> AsyncIterator[bytes]:
+    async def _completion_chunks(self, req, reqs, prompts, rid, created) -> AsyncIterator[bytes]:
         sent_text = [0] * len(reqs)
         sent_lp = [0] * len(reqs)
         finals: dict[int, dict[str, Any]] = {}
+        include_usage, continuous = usage_options(req)
 
-        def chunk(i: int, text: str, logprobs: Any, finish: str | None, matched: Any = None) -> bytes:
-            return sse({
+        def chunk(i: int, text: str, logprobs: Any, finish: str | None, matched: Any = None,
+                  res: dict[str, Any] | None = None) -> bytes:
+            body = {
                 "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish,
                              "matched_stop": matched}],
-            })
+            }
+            if continuous:
+                body["usage"] = usage_so_far(reqs[i], res)
+            return sse(body)
 
         want_logprobs = req.logprobs is not None
         offsets = [0] * len(reqs)  # text_offset of each choice's next token
@@ -134,7 +140,7 @@ class OpenAIServing:
                 echo_pending.discard(i)
                 prompt_lp = self._completion_logprobs(res, True, prompt_only=True)
                 offsets[i] = sum(len(t) for t in prompt_lp["tokens"])
-                yield chunk(i, prompts[i], prompt_lp, None)
+                yield chunk(i, prompts[i], prompt_lp, None, res=res)
             delta = res["text"][sent_text[i]:]
             sent_text[i] = len(res["text"])
             logprobs = None
@@ -145,9 +151,9 @@ class OpenAIServing:
             finish = finish_reason_of(res["meta_info"])
             if finish is not None:  # the last chunk carries the end, as OpenAI's completion streams do
                 finals[i] = res
-                yield chunk(i, delta, logprobs, finish, matched_stop_of(res["meta_info"]))
+                yield chunk(i, delta, logprobs, finish, matched_stop_of(res["meta_info"]), res)
             elif delta or logprobs and logprobs["tokens"]:
-                yield chunk(i, delta, logprobs, None)
+                yield chunk(i, delta, logprobs, None, res=res)
         if include_usage:
             results = [finals[i] for i in range(len(reqs))]
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
@@ -219,14 +225,15 @@ class OpenAIServing:
                                   stream=req.stream)
         rid, created = new_id("chatcmpl"), now()
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        await validate_openai(self.tm, reqs, openai_names(req, max_name, "messages"))
+        await validate_openai(self.tm, reqs, openai_names(req, max_name, "messages"), "max_completion_tokens")
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(self._chat_chunks(req, reqs, rid, created, include_usage))
+            return self._stream(self._chat_chunks(req, reqs, rid, created))
         results = await until_disconnect(raw, collect(self.tm, reqs))
         choices = [{
             "index": i,
-            "message": {"role": "assistant", "content": res["text"]},
+            # reasoning_content: always there (null without a reasoning parser), as SGLang sends it, so
+            # clients that read it find the key
+            "message": {"role": "assistant", "content": res["text"], "reasoning_content": None},
             "logprobs": {"content": self._chat_logprobs(res)} if req.logprobs else None,
             "finish_reason": finish_reason_of(res["meta_info"]),
             "matched_stop": matched_stop_of(res["meta_info"]),
@@ -253,17 +260,22 @@ class OpenAIServing:
             })
         return out
 
-    async def _chat_chunks(self, req, reqs, rid, created, include_usage) -> AsyncIterator[bytes]:
+    async def _chat_chunks(self, req, reqs, rid, created) -> AsyncIterator[bytes]:
         sent_text = [0] * len(reqs)
         sent_lp = [0] * len(reqs)
         finals: dict[int, dict[str, Any]] = {}
+        include_usage, continuous = usage_options(req)
 
-        def chunk(i: int, delta: dict, logprobs: Any = None, finish: str | None = None, matched=None) -> bytes:
-            return sse({
+        def chunk(i: int, delta: dict, logprobs: Any = None, finish: str | None = None, matched=None,
+                  res: dict[str, Any] | None = None) -> bytes:
+            body = {
                 "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
-                             "matched_stop": matched}],
-            })
+                "choices": [{"index": i, "delta": {**delta, "reasoning_content": None}, "logprobs": logprobs,
+                             "finish_reason": finish, "matched_stop": matched}],
+            }
+            if continuous:
+                body["usage"] = usage_so_far(reqs[i], res)
+            return sse(body)
 
         for i in range(len(reqs)):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -275,11 +287,11 @@ class OpenAIServing:
                 logprobs = {"content": self._chat_logprobs(res, sent_lp[i])}
                 sent_lp[i] = len(res["meta_info"].get("output_token_logprobs", []))
             if delta or (logprobs and logprobs["content"]):
-                yield chunk(i, {"content": delta}, logprobs)
+                yield chunk(i, {"content": delta}, logprobs, res=res)
             finish = finish_reason_of(res["meta_info"])
             if finish is not None:
                 finals[i] = res
-                yield chunk(i, {}, None, finish, matched_stop_of(res["meta_info"]))
+                yield chunk(i, {}, None, finish, matched_stop_of(res["meta_info"]), res)
         if include_usage:
             results = [finals[i] for i in range(len(reqs))]
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,

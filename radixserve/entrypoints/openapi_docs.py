@@ -94,6 +94,7 @@ class ChatLogprobs(BaseModel):
 class ChatMessageOut(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # always null: no reasoning parser
 
 
 class ChatChoice(BaseModel):

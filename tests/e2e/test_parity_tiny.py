@@ -54,7 +54,8 @@ def test_greedy_parity(tiny, variant):
 
 def test_logprobs_match_transformers(tiny):
     arch, path, model, batch, expected = tiny
-    with Engine(model_path=path, dtype="float32", chunked_prefill_size=16) as engine:
+    # max_logprobs -1: no cap, so that asking past the vocabulary (below) reaches the scheduler's clamp
+    with Engine(model_path=path, dtype="float32", chunked_prefill_size=16, max_logprobs=-1) as engine:
         outs = engine.generate(
             input_ids=batch[:4], sampling_params={"temperature": 0, "max_new_tokens": MAX_NEW},
             return_logprob=True, logprob_start_len=0, top_logprobs_num=3,
@@ -88,6 +89,11 @@ def test_logprobs_match_transformers(tiny):
                                logprob_start_len=0, top_logprobs_num=vocab + 5)
         assert [len(t) for t in wide["meta_info"]["input_top_logprobs"][1:]] == [vocab]
         assert_pools_whole(engine)
+    # by default (max_logprobs 20, as vLLM) such a request is refused before it runs
+    with Engine(model_path=path, dtype="float32") as capped:
+        with pytest.raises(ValueError, match="top_logprobs_num must be at most 20"):
+            capped.generate(input_ids=batch[1][:2], return_logprob=True, top_logprobs_num=21)
+        assert_pools_whole(capped)
 
 
 BIAS_CASES = {

@@ -328,7 +328,8 @@ def test_chunked_body_too_large_is_413(server):
     r = httpx.post(server.url + CHAT, content=chunks(), timeout=60,
                    headers={**server.headers(), "content-type": "application/json"})
     assert r.status_code == 413, r.text
-    assert r.json()["error"]["message"] == f"request body is larger than {BODY_LIMIT} bytes"
+    assert r.json()["error"]["message"] == (f"Payload Too Large: the request body is larger than {BODY_LIMIT} "
+                                            "bytes (--max-request-body-size)")
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["missing", "wrong"])

@@ -284,3 +284,36 @@ def test_health_has_a_content_type_and_405_names_the_allowed_methods(server):
 def test_startup_polls_are_not_logged_as_errors(server):
     # start_server polled /health while the model loaded: those 503s are expected, not news
     assert "the server is starting" not in server.log()
+
+
+# ---- what SGLang's own OpenAI-server tests ask of a server ----------------------------------------
+def test_chat_carries_reasoning_content_null_and_continuous_usage(client):
+    messages = [{"role": "user", "content": "hi"}]
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].message.reasoning_content is None  # the key is there: clients read it
+    chunks = list(client.chat.completions.create(
+        model="m", messages=messages, max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert all(c.choices[0].delta.reasoning_content is None for c in with_choices)
+    assert all(c.usage is not None for c in chunks)
+    completions = [c.usage.completion_tokens for c in with_choices]
+    assert completions == sorted(completions) and completions[-1] == 4
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 4
+    once = list(client.chat.completions.create(model="m", messages=messages, max_tokens=4, stream=True,
+                                               stream_options={"include_usage": True}))
+    assert [c.usage is not None for c in once] == [False] * (len(once) - 1) + [True]
+
+
+def test_structural_tag_response_format_forces_the_text(server, client):
+    answer = "The capital of France is Berlin."
+    out = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=64, temperature=0,
+        response_format={"type": "structural_tag", "format": {"type": "const_string", "value": answer}})
+    assert out.choices[0].message.content == answer
+    tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "yes"}}
+    native = post(server, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 8, "structural_tag": tag}})
+    assert native.json()["text"] == "yes"
+    bad = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "structural_tag", "format": {"type": "no-such-format"}}})
+    assert bad.status_code == 400 and error_of(bad)["param"] == "response_format"
