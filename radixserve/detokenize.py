@@ -129,6 +129,33 @@ def find_stop(text: str, stops: Sequence[str], start: int = 0, end_after: int = 
     return best
 
 
+# A stop regex is matched against the whole output text at each check: a pathological pattern must not
+# stall the scheduler (the third-party `regex` module, which transformers needs anyway, has a timeout).
+STOP_REGEX_TIMEOUT = 0.05  # seconds per search
+
+
+class StopRegexTimeout(RuntimeError):
+    """A stop_regex took longer than STOP_REGEX_TIMEOUT to search the output."""
+
+
+def find_stop_regex(text: str, patterns: Sequence[str], end_after: int = 0) -> tuple[int, str] | None:
+    """Earliest match of any pattern that ends past `end_after` (and is not empty), with its pattern."""
+    import regex
+
+    best: tuple[int, str] | None = None
+    for pattern in patterns:
+        try:
+            for m in regex.finditer(pattern, text, timeout=STOP_REGEX_TIMEOUT):
+                if m.end() > end_after and m.end() > m.start():
+                    if best is None or m.start() < best[0]:
+                        best = (m.start(), pattern)
+                    break
+        except TimeoutError:
+            raise StopRegexTimeout(f"stop_regex {pattern!r} took over {STOP_REGEX_TIMEOUT:g} s to search "
+                                   "the output") from None
+    return best
+
+
 def trim_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """Cut text before its first stop string (the stop is removed); the flag says whether it cut."""
     found = find_stop(text, stops)
@@ -158,9 +185,12 @@ class StopChecker:
     Skipped special tokens decode to nothing, so each one inside the window widens it by one.
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, stops: Sequence[str], skip_special_tokens: bool = True,
+                 regexes: Sequence[str] = ()) -> None:
         self._tokenizer = tokenizer
         self.stops = [s for s in stops if s]
+        # regexes have no length bound: they are searched over the whole output text each check
+        self.regexes = list(regexes)
         self._skip = skip_special_tokens
         self._special = _special_ids(tokenizer) if skip_special_tokens else frozenset()
         # surrogatepass: SamplingParams refuses stops that are not valid Unicode; should one get
@@ -178,13 +208,25 @@ class StopChecker:
         self._floor = n
 
     def check(self, output_ids: Sequence[int]) -> bool:
-        """True once the decoded output contains a stop string (possibly split across tokens)."""
-        if not self.stops:
+        """True once the decoded output contains a stop string (possibly split across tokens) or
+        matches a stop regex. A stop regex that searches too long raises StopRegexTimeout."""
+        if not self.stops and not self.regexes:
             return False
         n = len(output_ids)
         prev = min(self._checked_len, n)
         self._checked_len = n
         if n == prev:
+            return False
+        if self.regexes:
+            text = _decode(self._tokenizer, output_ids, self._skip, True)
+            floor = _decode(self._tokenizer, output_ids[: self._floor], self._skip, True) if self._floor else ""
+            found = find_stop(text, self.stops, end_after=len(floor.rstrip(_REPLACEMENT)))
+            by_regex = find_stop_regex(text, self.regexes, end_after=len(floor.rstrip(_REPLACEMENT)))
+            if by_regex is not None and (found is None or by_regex[0] < found[0]):
+                found = by_regex
+            self.matched = found[1] if found else None
+            return found is not None
+        if not self.stops:
             return False
         start = max(0, prev - self._window)
         if self._special:

@@ -103,6 +103,8 @@ class ReqOutput:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     stop_strings: list[str] = field(default_factory=list)
+    stop_regexes: list[str] = field(default_factory=list)
+    stream: bool = False  # the text of a non-streaming request may wait for its end
     no_stop_trim: bool = False
     min_new_tokens: int = 0  # stop strings may not end in the text of the tokens before it
     # logprobs: increments since the last message

@@ -73,6 +73,8 @@ class SamplingParams:
     # After validation `stop` and `stop_token_ids` are always lists (possibly empty).
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    # SGLang's stop_regex: the output stops where a pattern first matches (the match trimmed like a stop)
+    stop_regex: str | list[str] | None = None
     ignore_eos: bool = False
     n: int = 1
     seed: int | None = None
@@ -124,9 +126,27 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        self._check_stop_regex()
         self._check_logit_bias()
         self._check_ranges()
         self._check_grammar()
+
+    def _check_stop_regex(self) -> None:
+        value = self.stop_regex
+        patterns = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+            raise SamplingParamsError(f"stop_regex must be a non-empty string or a list of them, got {value!r}",
+                                      "stop_regex")
+        import regex
+
+        for pattern in patterns:
+            _check_unicode("stop_regex", pattern)
+            try:
+                regex.compile(pattern)
+            except regex.error as e:
+                raise SamplingParamsError(f"stop_regex {pattern!r} is not a valid regular expression: {e}",
+                                          "stop_regex") from None
+        self.stop_regex = list(patterns)
 
     def _check_logit_bias(self) -> None:
         bias = self.logit_bias

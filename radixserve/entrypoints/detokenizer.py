@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from radixserve.detokenize import IncrementalDetokenizer, find_stop
+from radixserve.detokenize import IncrementalDetokenizer, StopRegexTimeout, find_stop, find_stop_regex
 from radixserve.ipc import PortArgs, pull_socket, push_socket
 from radixserve.messages import BatchOut, ReqOutput
 from radixserve.server_args import ServerArgs
@@ -17,6 +17,9 @@ from radixserve.utils.logging import configure_logging
 from radixserve.utils.process import die_with_parent, ignore_sigterm
 
 logger = logging.getLogger("radixserve.detokenizer")
+# characters of a stream held back while a stop_regex could still match them (a longer match that
+# starts earlier may already have been sent when it completes)
+REGEX_HOLDBACK = 32
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Detokenizer:
         if isinstance(matched, int) and not out.no_stop_trim and ids and ids[-1] == matched:
             ids = ids[:-1]  # a matched stop token is not part of the text
         floor_tokens = out.min_new_tokens - 1  # as the scheduler's StopChecker counts them
-        if out.stop_strings and state.ids_added < floor_tokens and ids:
+        if (out.stop_strings or out.stop_regexes) and state.ids_added < floor_tokens and ids:
             under = ids[: floor_tokens - state.ids_added]
             state.decoder.add(under)
             state.ids_added += len(under)
@@ -64,7 +67,13 @@ class Detokenizer:
         text = state.decoder.text
         if out.finish_reason is not None:
             if isinstance(matched, str) and not out.no_stop_trim:
-                hit = find_stop(text, out.stop_strings, end_after=state.stop_floor)
+                if matched in out.stop_regexes:
+                    try:
+                        hit = find_stop_regex(text, [matched], end_after=state.stop_floor)
+                    except StopRegexTimeout:  # the scheduler's search of this text ended in time
+                        hit = None
+                else:
+                    hit = find_stop(text, out.stop_strings, end_after=state.stop_floor)
                 if hit is not None:
                     text = text[: hit[0]]
             end = len(text)
@@ -76,6 +85,10 @@ class Detokenizer:
                 # hold back what could be the start of a stop string (none can end before the floor)
                 held = max(end - (max(map(len, out.stop_strings)) - 1), min(end, state.stop_floor))
                 end = hit[0] if hit is not None else held
+            if out.stop_regexes:
+                # a regex has no prefix test: a non-streaming request's text waits for its end (it
+                # is sent only then anyway); a stream holds back its last REGEX_HOLDBACK characters
+                end = min(end, end - REGEX_HOLDBACK if out.stream else state.emitted)
         out.text = text[state.emitted : max(end, state.emitted)]
         state.emitted = max(end, state.emitted)
         return out

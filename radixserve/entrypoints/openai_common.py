@@ -44,6 +44,7 @@ def sampling_params_of(req: SamplingExtras, max_tokens: int | None) -> dict[str,
         ("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k), ("min_p", req.min_p),
         ("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty),
         ("repetition_penalty", req.repetition_penalty), ("seed", req.seed), ("stop", req.stop),
+        ("stop_regex", req.stop_regex),
         ("stop_token_ids", req.stop_token_ids), ("regex", req.regex), ("ebnf", req.ebnf),
         ("logit_bias", req.logit_bias),
     ):

@@ -164,6 +164,7 @@ class SamplingExtras(_Request):
     repetition_penalty: Float | None = None
     seed: Int | None = None
     stop: str | list[str] | None = None
+    stop_regex: str | list[str] | None = None  # SGLang's
     stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
     min_tokens: Int = 0

@@ -71,7 +71,7 @@ def take_output(req: Req) -> ReqOutput | None:
         prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
         cached_tokens=req.cached_tokens, skip_special_tokens=p.skip_special_tokens,
         spaces_between_special_tokens=p.spaces_between_special_tokens,
-        stop_strings=list(p.stop or []), no_stop_trim=p.no_stop_trim, min_new_tokens=p.min_new_tokens,
+        stop_strings=list(p.stop or []), stop_regexes=list(p.stop_regex or []), stream=req.stream, no_stop_trim=p.no_stop_trim, min_new_tokens=p.min_new_tokens,
     )
     req.sent_ids = len(req.output_ids)
     if req.return_logprob:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from radixserve.detokenize import StopChecker
+from radixserve.detokenize import StopChecker, StopRegexTimeout
 from radixserve.sampling_params import SamplingParams
 
 
@@ -113,7 +113,12 @@ class Req:
                 self.finish_reason = {"type": "stop", "matched": last}
                 return
             if self.stop_checker is not None:
-                if self.stop_checker.check(self.output_ids):
+                try:
+                    hit = self.stop_checker.check(self.output_ids)
+                except StopRegexTimeout as e:  # the client's pattern: its error, and no further searches
+                    self.finish_reason = {"type": "abort", "message": str(e), "status_code": 400}
+                    return
+                if hit:
                     self.finish_reason = {"type": "stop", "matched": self.stop_checker.matched}
                     return
         if n_out >= self.max_new_tokens:

@@ -213,7 +213,7 @@ class Scheduler:
         if problem is not None:
             return self.reject(msg.rid, problem[0], n)
         max_new = limits.max_new_tokens(n, params.max_new_tokens)
-        if self.tokenizer is None and (params.stop or params.grammar_spec() is not None):
+        if self.tokenizer is None and (params.stop or params.stop_regex or params.grammar_spec() is not None):
             return self.reject(msg.rid, "stop strings and structured output need a tokenizer; this model has none", n)
         try:
             grammar = self.new_grammar(params)
@@ -222,7 +222,8 @@ class Scheduler:
         req = Req(
             rid=msg.rid, origin_input_ids=list(msg.input_ids), params=params, eos_ids=self.eos_ids,
             grammar=grammar,
-            stop_checker=StopChecker(self.tokenizer, params.stop) if params.stop else None,
+            stop_checker=StopChecker(self.tokenizer, params.stop, regexes=params.stop_regex or ())
+            if params.stop or params.stop_regex else None,
             return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
             logprob_start_len=msg.logprob_start_len, stream=msg.stream, max_new_tokens=max_new,
         )

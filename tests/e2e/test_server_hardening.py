@@ -317,3 +317,22 @@ def test_structural_tag_response_format_forces_the_text(server, client):
     bad = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
         "type": "structural_tag", "format": {"type": "no-such-format"}}})
     assert bad.status_code == 400 and error_of(bad)["param"] == "response_format"
+
+
+def test_stop_regex_stops_and_trims_like_sglang(client):
+    import re
+
+    kwargs = {"model": "m", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+    full = client.completions.create(**kwargs).choices[0].text
+    piece = full[6:9]
+    pattern = re.escape(piece[0]) + "." + re.escape(piece[2])  # a real pattern, matching that piece
+    first = re.search(pattern, full)
+    out = client.completions.create(**kwargs, extra_body={"stop_regex": pattern}).choices[0]
+    assert out.finish_reason == "stop" and out.model_extra["matched_stop"] == pattern
+    assert out.text == full[: first.start()]
+    streamed = [c.choices[0] for c in client.completions.create(**kwargs, stream=True,
+                                                                 extra_body={"stop_regex": pattern})]
+    assert "".join(c.text for c in streamed) == out.text and streamed[-1].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**kwargs, extra_body={"stop_regex": "(unclosed"})
+    assert info.value.body["param"] == "stop_regex"

@@ -275,3 +275,53 @@ def test_stops_count_only_from_min_new_tokens(tok: Any) -> None:
     reason = {"type": "stop", "matched": "answer"}
     for parts in ([1] * n, [1, n - 1]):  # streamed, and sent at the end
         assert run_detokenizer(tok, ids[:n], parts, ["answer"], reason, min_new) == want
+
+
+def test_stop_regex_stops_at_its_first_match_and_is_trimmed(tok: Any) -> None:
+    """SGLang's stop_regex: the request stops at the first match (ending past min_new_tokens), the
+    pattern is the matched stop, and the text ends before the match."""
+    from radixserve.entrypoints.detokenizer import Detokenizer
+    from radixserve.messages import ReqOutput
+    from radixserve.sampling_params import SamplingParams
+    from radixserve.scheduler.req import Req
+
+    ids = encode(tok, " It was 1999 and then 2024 came, or so they say")
+    past_1999 = len(encode(tok, " It was 1999")) + 1  # 1999 lies wholly in the text before min_new_tokens
+    for min_new, want_before in ((0, " It was "), (past_1999, " It was 1999 and then ")):
+        pattern = r"\d{4}"
+        params = SamplingParams(stop_regex=pattern, min_new_tokens=min_new, max_new_tokens=len(ids),
+                                ignore_eos=True)
+        assert params.stop_regex == [pattern]
+        req = Req(rid="r", origin_input_ids=[1], params=params, eos_ids=set(), max_new_tokens=len(ids),
+                  stop_checker=StopChecker(tok, [], regexes=[pattern]))
+        for t in ids:
+            req.output_ids.append(t)
+            req.check_finished()
+            if req.finished:
+                break
+        assert req.finish_reason == {"type": "stop", "matched": pattern}
+        n = len(req.output_ids)
+        out = ReqOutput("r", ids[:n], req.finish_reason, 3, n, 0, stop_regexes=[pattern], min_new_tokens=min_new)
+        assert Detokenizer(tok).process(out).text == want_before
+
+
+def test_a_stop_regex_that_backtracks_forever_is_cut_off(tok: Any) -> None:
+    from radixserve.detokenize import StopRegexTimeout, find_stop_regex
+    from radixserve.sampling_params import SamplingParams, SamplingParamsError
+    from radixserve.scheduler.req import Req
+
+    with pytest.raises(StopRegexTimeout):
+        find_stop_regex("a" * 40 + "!", [r"(a|aa)+b"])
+    ids = encode(tok, "a" * 60 + "!")
+    params = SamplingParams(stop_regex=r"(a|aa)+b", max_new_tokens=len(ids), ignore_eos=True)
+    req = Req(rid="r", origin_input_ids=[1], params=params, eos_ids=set(), max_new_tokens=len(ids),
+              stop_checker=StopChecker(tok, [], regexes=[r"(a|aa)+b"]))
+    for t in ids:
+        req.output_ids.append(t)
+        req.check_finished()
+        if req.finished:
+            break
+    assert req.finish_reason["type"] == "abort" and req.finish_reason["status_code"] == 400
+    assert "stop_regex" in req.finish_reason["message"]
+    with pytest.raises(SamplingParamsError, match="stop_regex"):
+        SamplingParams(stop_regex="(unclosed")
