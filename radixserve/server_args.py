@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from radixserve.scheduler.output_estimate import clip_from_env
+
 BUNDLED_MODEL_NAME = "smollm2-135m-instruct"
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -136,6 +138,10 @@ class ServerArgs:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ServerArgsError(f"{flag_name(name)}: must be > 0 seconds; got {value!r}")
         self._check_int("http_max_connections", minimum=1)
+        try:
+            clip_from_env()
+        except ValueError as e:
+            raise ServerArgsError(str(e)) from None
         self._check_int("max_logprobs", minimum=-1)
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ServerArgsError(

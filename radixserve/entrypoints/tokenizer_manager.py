@@ -249,9 +249,8 @@ class TokenizerManager:
         if 0 <= self.max_logprobs < req.top_logprobs_num:
             raise RequestError(f"top_logprobs_num must be at most {self.max_logprobs} (--max-logprobs), "
                                f"got {req.top_logprobs_num}", "top_logprobs_num")
-        for t in params.stop_token_ids or []:
-            if not 0 <= t < self.vocab_size:
-                raise RequestError(f"stop_token_ids must be token ids in [0, {self.vocab_size})", "stop_token_ids")
+        # stop_token_ids past the vocabulary are kept, as vLLM and SGLang keep them: they can
+        # never be sampled, so they never stop anything (clients share one list across models).
         for t in params.logit_bias or {}:
             if t >= self.vocab_size:
                 raise RequestError(f"logit_bias keys must be token ids in [0, {self.vocab_size})", "logit_bias")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from radixserve.scheduler.output_estimate import DEFAULT_CLIP_MAX_NEW_TOKENS, clip_from_env
 from radixserve.scheduler.policy import cacheable_len
 from radixserve.scheduler.req import Req, ReqStage
 
@@ -12,10 +13,6 @@ if TYPE_CHECKING:
     from radixserve.cache.allocator import KVAllocator
     from radixserve.cache.base import PrefixCache
     from radixserve.cache.pools import ReqToTokenPool
-
-# A running request's future tokens are reserved at most this many at a time (SGLang does the same),
-# so a huge max_new_tokens does not block admission forever.
-CLIP_MAX_NEW_TOKENS = 4096
 
 
 @dataclass
@@ -26,8 +23,8 @@ class PrefillPlan:
     cached_tokens: int = 0
 
 
-def reserved_tokens(req: Req, ratio: float) -> int:
-    return int(min(req.remaining_new_tokens(), CLIP_MAX_NEW_TOKENS) * ratio)
+def reserved_tokens(req: Req, ratio: float, clip: int = DEFAULT_CLIP_MAX_NEW_TOKENS) -> int:
+    return int(min(req.remaining_new_tokens(), clip) * ratio)
 
 
 class PrefillPlanner:
@@ -48,10 +45,11 @@ class PrefillPlanner:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_running = max_running_requests
         self.page_size = page_size
+        self.clip = clip_from_env()
 
     def plan(self, waiting: list[Req], running: list[Req], chunked: Req | None, ratio: float) -> PrefillPlan:
         plan = PrefillPlan()
-        reserved = sum(reserved_tokens(r, ratio) for r in running)
+        reserved = sum(reserved_tokens(r, ratio, self.clip) for r in running)
         spent = 0  # KV promised to the requests of this plan
 
         def kv_room() -> int:
@@ -76,7 +74,7 @@ class PrefillPlanner:
             if chunked.kv_committed_len + n < chunked.seq_len:
                 plan.chunked_req = chunked
                 return plan
-            spent += n + self.page_size + reserved_tokens(chunked, ratio)
+            spent += n + self.page_size + reserved_tokens(chunked, ratio, self.clip)
             budget_input -= n
             budget_chunk -= n
 
@@ -87,21 +85,22 @@ class PrefillPlanner:
                 break
             match = self.cache.match_prefix(req.fill_ids[: cacheable_len(req)])
             extend = req.seq_len - len(match.indices)
+            # round the page a request would partly fill up to a whole page, and keep room for
+            # (an estimate of) its output
+            need = extend + self.page_size + reserved_tokens(req, ratio, self.clip)
             if running or plan.reqs or chunked is not None:
-                # round the page a request would partly fill up to a whole page, and keep room for
-                # (an estimate of) its output
-                need = extend + self.page_size + reserved_tokens(req, ratio)
+                need_now = need
             else:
                 # alone, a request needs only its prompt's pages: its output fits the pool (the
                 # scheduler clips max_new_tokens to it) and nobody else's room is at stake. Without
                 # this a request whose output estimate exceeds the pool would wait forever.
-                need = self.allocator.pages_needed(len(match.indices), extend) * self.page_size
-            if need > kv_room():
+                need_now = self.allocator.pages_needed(len(match.indices), extend) * self.page_size
+            if need_now > kv_room():
                 break
             if extend > budget_input and plan.reqs:
                 break
             self.cache.inc_lock_ref(match.last_node)
-            if need > kv_room():  # its prefix was evictable, and counted as room, until locked
+            if need_now > kv_room():  # its prefix was evictable, and counted as room, until locked
                 self.cache.dec_lock_ref(match.last_node)
                 break
             self._admit(req, match)

@@ -11,8 +11,10 @@ from radixserve.cache.pools import ReqToTokenPool
 from radixserve.cache.radix import RadixCache
 from radixserve.request_limits import RequestLimits
 from radixserve.sampling_params import SamplingParams
+from radixserve.scheduler.output_estimate import CLIP_ENV_NAMES, clip_from_env
 from radixserve.scheduler.prefill import PrefillPlanner
 from radixserve.scheduler.req import Req
+from radixserve.server_args import ServerArgs, ServerArgsError
 
 POOL = 64
 
@@ -65,3 +67,41 @@ def test_limits_refuse_what_can_never_run_in_the_words_clients_match():
     assert field == "prompt" and "KV cache" in message
     assert limits.check(49, 51) is None  # fits the context; the pool clips its output
     assert limits.max_new_tokens(49, 51) == 1 and limits.max_new_tokens(10, 5) == 5
+
+
+def test_the_output_estimate_clip_lets_requests_without_max_tokens_run_together(monkeypatch):
+    # SGLang's test_large_max_new_tokens: pool far below the context, no max_tokens, clip 256
+    pool, context, prompt = 1536, 8192, 36
+    limits = RequestLimits(context_len=context, kv_capacity=pool)
+    reqs = [request(str(i), prompt, limits.max_new_tokens(prompt, None)) for i in range(4)]
+    rows = ReqToTokenPool(8, context, "cpu")
+    allocator = KVAllocator(pool, 1, "cpu")
+    cache = RadixCache(rows, allocator, 1)
+
+    def plan_with(env: dict[str, str]) -> list[Req]:
+        for name in CLIP_ENV_NAMES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        p = PrefillPlanner(cache, allocator, rows, chunked_prefill_size=8192, max_prefill_tokens=8192,
+                           max_running_requests=8, page_size=1)
+        admitted = p.plan(list(reqs), [], None, ratio=0.7).reqs
+        for r in admitted:  # give the rows and prefix locks back for the next plan
+            cache.dec_lock_ref(r.last_node)
+            rows.free(r.req_pool_idx)
+            r.req_pool_idx = None
+        return admitted
+
+    assert len(plan_with({})) == 1  # 4,096 clipped to the pool's 1,500: one at a time
+    assert len(plan_with({"SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "256"})) == 4
+    assert len(plan_with({"RADIXSERVE_CLIP_MAX_NEW_TOKENS_ESTIMATION": "256",
+                          "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "4096"})) == 4
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_a_bad_clip_is_refused_by_the_server_args(monkeypatch, value):
+    monkeypatch.setenv("RADIXSERVE_CLIP_MAX_NEW_TOKENS_ESTIMATION", value)
+    with pytest.raises(ServerArgsError, match="RADIXSERVE_CLIP_MAX_NEW_TOKENS_ESTIMATION"):
+        ServerArgs()
+    assert clip_from_env({"SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "300"}) == 300
+    assert clip_from_env({}) == 4096

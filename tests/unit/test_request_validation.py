@@ -150,6 +150,14 @@ def test_offline_errors_name_the_native_field(tm: TokenizerManager) -> None:
     assert info.value.param == "max_new_tokens"
 
 
+def test_offline_stop_token_ids_past_the_vocabulary_are_kept_negative_ones_refused(tm: TokenizerManager) -> None:
+    # vLLM and SGLang keep ids the model cannot sample (one client list serves many models)
+    offline(tm, "hi", {"max_new_tokens": 2, "stop_token_ids": [128009, 49151]})
+    with pytest.raises(RequestError, match="stop_token_ids") as info:
+        offline(tm, "hi", {"max_new_tokens": 2, "stop_token_ids": [-1]})
+    assert info.value.param == "stop_token_ids"
+
+
 # ---- until_disconnect --------------------------------------------------------------------------------
 class FakeRequest:
     def __init__(self, gone_after: float | None) -> None:
