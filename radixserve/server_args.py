@@ -325,16 +325,9 @@ class ServerArgs:
         return server_args
 
 
-def resolved_defaults(args: ServerArgs, on_gpu: bool) -> dict[str, Any]:
-    """Auto values the runbook leaves to the server: chunk size, memory fraction, backend."""
-    return {
-        "chunked_prefill_size": args.chunked_prefill_size if args.chunked_prefill_size is not None
-        else (8192 if on_gpu else 2048),
-        "mem_fraction_static": args.mem_fraction_static if args.mem_fraction_static is not None else 0.9,
-        "attention_backend": args.attention_backend or ("triton" if on_gpu else "torch_native"),
-    }
-
-
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(ServerArgs)]
+def chunked_prefill_size(args: ServerArgs, on_gpu: bool) -> int:
+    """--chunked-prefill-size, or its default for the device (-1: no chunking)."""
+    if args.chunked_prefill_size is not None:
+        return args.chunked_prefill_size
+    return 8192 if on_gpu else 2048
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from radixserve.bench.bench_one_batch import BatchDriver, build_runner, resolve_model_path
+from radixserve.bench.batch_driver import BatchDriver, build_runner, resolve_model_path
 from radixserve.sampling_batch import SamplingBatch
 from radixserve.scheduler.batch import build_decode_batch, record_sampled
 from radixserve.server_args import ServerArgs

@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from radixserve.bench.bench_one_batch import main as one_batch_main  # noqa: F401 (import check)
 from radixserve.loader.source import resolve_model_source
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
-from radixserve.model_executor.model_runner import ModelRunner
+from radixserve.model_executor.model_runner import build_model_runner
 from radixserve.server_args import ServerArgs
 
 
@@ -22,8 +22,8 @@ def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else "radixserve/configs/llama-3.1-8b"
     args = ServerArgs(model_path=path, load_format="dummy", dtype="bfloat16", max_total_tokens=40000,
                       max_running_requests=64, context_length=4096)
-    runner = ModelRunner(args, resolve_model_source(path, "dummy"), torch.device("cuda"), 4096)
-    table = runner.req_to_token_pool.req_to_token
+    runner = build_model_runner(args, resolve_model_source(path, "dummy"), torch.device("cuda"), 4096)
+    table = runner.pools.req_to_token.req_to_token
     print("graphs:", runner.graph_runner is not None and runner.graph_runner.sizes[-1])
 
     def batch(mode: ForwardMode, bs: int, n_new: int, ctx: int) -> ForwardBatch:
@@ -37,7 +37,7 @@ def main() -> None:
         slots = torch.cat([table[i + 1, ctx - n_new:ctx] for i in range(bs)])
         return ForwardBatch(mode=mode, input_ids=torch.randint(0, 1000, (bs * n_new,), device="cuda"),
                             positions=pos.cuda(), req_pool_indices=rows, seq_lens=seq.cuda(), seq_lens_cpu=seq,
-                            out_cache_loc=slots, req_to_token=table, kv_pool=runner.kv_pool,
+                            out_cache_loc=slots, req_to_token=table, kv_pool=runner.pools.kv,
                             attn_backend=runner.attn_backend,
                             extend_lens_cpu=torch.full((bs,), n_new), prefix_lens_cpu=torch.full((bs,), ctx - n_new),
                             logits_indices=torch.arange(n_new - 1, bs * n_new, n_new, device="cuda"))

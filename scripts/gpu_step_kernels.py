@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, "scripts")
 from gpu_gemv_bench import graph_time_us, replay_ms  # noqa: E402
 
-from radixserve.bench.bench_one_batch import BatchDriver, build_runner, resolve_model_path  # noqa: E402
+from radixserve.bench.batch_driver import BatchDriver, build_runner, resolve_model_path  # noqa: E402
 from radixserve.layers import gemv as model_gemv  # noqa: E402
 from radixserve.model_executor.cuda_graph import CudaGraphRunner  # noqa: E402
 from radixserve.server_args import ServerArgs  # noqa: E402

@@ -32,9 +32,6 @@ class MatchResult:
 class PrefixCache(ABC):
     """Owns the KV slots of cached prefixes and decides what a finished request leaves behind."""
 
-    # Whether match_prefix can ever return a non-empty prefix (schedulers skip prefix-aware work if not).
-    reuses_prefixes: bool = True
-
     def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: KVAllocator, page_size: int):
         if page_size != allocator.page_size:
             raise ValueError(f"cache page_size {page_size} != allocator page_size {allocator.page_size}")

@@ -12,8 +12,6 @@ from radixserve.cache.base import CacheableRequest, MatchResult, PrefixCache
 
 
 class ChunkCache(PrefixCache):
-    reuses_prefixes = False
-
     def match_prefix(self, key: list[int]) -> MatchResult:
         return MatchResult(indices=self.empty_indices(), last_node=None)
 

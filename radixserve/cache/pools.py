@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:  # the Triton store serves CUDA tensors; CPU keeps the indexed write
@@ -46,6 +48,28 @@ class ReqToTokenPool:
         # Stack with row 1 on top so the first requests get the low rows.
         self._free_rows: list[int] = list(range(self.size, 0, -1))
         self._is_free: list[bool] = [False] + [True] * self.size
+
+
+@dataclass(frozen=True)
+class KVBuffer:
+    """One buffer of one layer: slot s is row s of `tensor`, `bytes_per_slot` bytes from
+    `data_ptr + s * bytes_per_slot`. (An MLA pool has one "latent" buffer per layer.)"""
+
+    layer: int
+    kind: str  # "k", "v"
+    tensor: torch.Tensor
+
+    @property
+    def data_ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.tensor[0].numel() * self.tensor.element_size()
+
+    def span(self, first_slot: int, num_slots: int) -> tuple[int, int]:
+        """(byte offset, byte length) of consecutive slots, e.g. a page."""
+        return first_slot * self.bytes_per_slot, num_slots * self.bytes_per_slot
 
 
 class KVPool:
@@ -97,6 +121,16 @@ class KVPool:
 
     def bytes_per_token(self) -> int:
         return self.bytes_per_token_for(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    def bytes_per_page(self) -> int:
+        return self.bytes_per_token() * self.page_size
+
+    def layout(self) -> list[KVBuffer]:
+        """Every buffer of every layer, for whoever addresses the pool by bytes (a transfer engine
+        registers each once, then moves a request's pages as (buffer, offset, length))."""
+        return [KVBuffer(layer, kind, bufs[layer])
+                for layer in range(self.num_layers)
+                for kind, bufs in (("k", self.k_buffers), ("v", self.v_buffers))]
 
     @staticmethod
     def bytes_per_token_for(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -63,7 +63,6 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     inflight: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -3,9 +3,8 @@
 At batch 1 each projection is a matrix-vector product bound by HBM bandwidth. cuBLAS reads the
 narrow ones well below it and follows two of them with a split-K reduction kernel; this kernel gives
 each program BLOCK_N output rows and walks K in BLOCK_K-wide steps, so thousands of small programs
-keep the memory system busy and no second kernel is needed. Inside the CUDA graph of a Llama-3.1-8B
-decode step on an H200 they read the weights at 3.6-4.4 TB/s where cuBLAS reads the narrow ones at
-2.5-3.8 (docs/gpu.md, "Batch-1 projections"; scripts/gpu_gemv_bench.py, scripts/gpu_step_kernels.py).
+keep the memory system busy and no second kernel is needed. The measurements against cuBLAS are in
+docs/gpu.md ("Batch-1 projections"; scripts/gpu_gemv_bench.py, scripts/gpu_step_kernels.py).
 
 The gate/up projection rides on it fused with SiLU-and-mul (a program owns matching rows of gate and
 up, so the activation is written directly). Outputs are rounded to the activation dtype as cuBLAS's
@@ -31,19 +30,17 @@ except ImportError:  # CPU installs without Triton keep F.linear
     triton = None
 
 ENABLED = os.environ.get("RADIXSERVE_TRITON_GEMV", "1") != "0"
-# A program reads BLOCK_N rows x BLOCK_K columns per step. Two rows of 2048 with 4 warps, in the form
-# below, was the fastest tile on every Llama-3.1-8B shape on the H200 (scripts/gpu_gemv_bench.py).
+# A program reads BLOCK_N rows x BLOCK_K columns per step: two rows of 2048 with 4 warps, the tile
+# scripts/gpu_gemv_bench.py picked (docs/gpu.md).
 MAX_BLOCK_K = 2048
 TILE_ELEMENTS = 4096
 NUM_WARPS = 4
 
 # The loop body below picks an unmasked load for full steps and a masked one for the tail, and rows
-# past the end are clamped rather than masked. Written so, ptxas issues every load of a step before
-# the first multiply: a thread's 16-byte loads are all in flight at once. With masks on every load
-# the same kernel kept two in flight and read the weights 10-25% slower than cuBLAS does. The two
-# kernels spell the step out each rather than share a load helper: with one helper call per pointer,
-# ptxas issued only 12 of the SiLU kernel's 20 loads before its first multiply (checked with Triton
-# 3.6's ptxas for sm_90; the GEMV's schedule was unchanged).
+# past the end are clamped rather than masked, so that every load of a step is issued before the
+# first multiply (a thread's 16-byte loads all in flight at once); masks on every load serialise
+# them. Each kernel spells its step out rather than share a load helper, which also split the loads.
+# docs/gpu.md ("Batch-1 projections") has the schedules this was checked against.
 if triton is not None:
 
     @triton.jit

@@ -131,7 +131,7 @@ def dummy_decode_batch(runner: ModelRunner, bs: int) -> ForwardBatch:
     return ForwardBatch(
         mode=ForwardMode.DECODE, input_ids=zeros, positions=zeros.clone(), req_pool_indices=zeros.clone(),
         seq_lens=torch.ones(bs, dtype=torch.int64, device=dev), seq_lens_cpu=torch.ones(bs, dtype=torch.int64),
-        out_cache_loc=zeros.clone(), req_to_token=runner.req_to_token_pool.req_to_token, kv_pool=runner.kv_pool,
+        out_cache_loc=zeros.clone(), req_to_token=runner.pools.req_to_token.req_to_token, kv_pool=runner.pools.kv,
         attn_backend=runner.attn_backend,
     )
 

@@ -61,10 +61,8 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
-        attn = runner.model.layers[0].self_attn.attn
-        runner.attn_backend.init_cuda_graph_state(
-            self.max_bs, attn.num_heads, attn.head_dim, attn.num_kv_heads, runner.context_len, dev
-        )
+        num_heads, head_dim, num_kv_heads = runner.attention_shape
+        runner.attn_backend.init_cuda_graph_state(self.max_bs, num_heads, head_dim, num_kv_heads, runner.context_len, dev)
         self.capture()
 
     def bucket(self, bs: int) -> int:
@@ -81,13 +79,13 @@ class CudaGraphRunner:
             mode=ForwardMode.DECODE, input_ids=self.input_ids[:bs], positions=block[POSITIONS, :bs],
             req_pool_indices=block[ROWS, :bs], seq_lens=block[SEQ_LENS, :bs],
             seq_lens_cpu=seq_lens_cpu, out_cache_loc=block[SLOTS, :bs],
-            req_to_token=r.req_to_token_pool.req_to_token, kv_pool=r.kv_pool, attn_backend=r.attn_backend,
+            req_to_token=r.pools.req_to_token.req_to_token, kv_pool=r.pools.kv, attn_backend=r.attn_backend,
             graph_bucket=bucket,
         )
 
     def _step(self, forward: Callable[[ForwardBatch], LogitsOutput], batch: ForwardBatch) -> torch.Tensor:
         """What a replay runs: the inputs from the staged rows, the attention metadata, the model."""
-        write_decode_inputs(batch.req_to_token, self.runner.last_token, batch.req_pool_indices,
+        write_decode_inputs(batch.req_to_token, self.runner.pools.last_token, batch.req_pool_indices,
                             batch.positions, batch.out_cache_loc, batch.input_ids)
         self.runner.attn_backend.init_forward_metadata_replay(batch, batch.batch_size)
         return forward(batch).next_token_logits

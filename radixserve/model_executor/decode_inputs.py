@@ -3,7 +3,7 @@ its length after this step, and the KV slot of its new token.
 
 Every way of building them ends in the same two device ops (`write_decode_inputs`): the new slot goes
 into the request table at position seq_len - 1, and each row's input token is read from
-`ModelRunner.last_token`, where the previous batch's sampler left it (the host may not have it yet).
+`MemoryPools.last_token`, where the previous batch's sampler left it (the host may not have it yet).
 
 - Eager (`eager_decode_batch`): one host-to-device copy of the four rows, then those two ops.
 - CUDA graphs (`CudaGraphRunner.stage_decode`): the host copies the rows, padded to the graph's
@@ -36,11 +36,11 @@ def eager_decode_batch(runner: ModelRunner, rows: list[int], seq_lens: list[int]
     dev_rows, positions, dev_seq_lens, dev_slots = upload_int64(
         [rows, [n - 1 for n in seq_lens], seq_lens, slots], runner.device
     )
-    table = runner.req_to_token_pool.req_to_token
+    table = runner.pools.req_to_token.req_to_token
     input_ids = torch.empty_like(dev_rows)
-    write_decode_inputs(table, runner.last_token, dev_rows, positions, dev_slots, input_ids)
+    write_decode_inputs(table, runner.pools.last_token, dev_rows, positions, dev_slots, input_ids)
     return ForwardBatch(
         mode=ForwardMode.DECODE, input_ids=input_ids, positions=positions, req_pool_indices=dev_rows,
         seq_lens=dev_seq_lens, seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64), out_cache_loc=dev_slots,
-        req_to_token=table, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend,
+        req_to_token=table, kv_pool=runner.pools.kv, attn_backend=runner.attn_backend,
     )

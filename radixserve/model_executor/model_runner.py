@@ -1,17 +1,18 @@
-"""ModelRunner: owns the model, the KV memory and the attention backend of one rank."""
+"""Loading a rank's model, sizing its KV memory, and running its forward passes."""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import torch
 
 from radixserve.attention.torch_native import TorchNativeBackend
-from radixserve.cache.allocator import KVAllocator
-from radixserve.cache.pools import KVPool, ReqToTokenPool
+from radixserve.cache.memory import MemoryPools
+from radixserve.cache.pools import KVPool
 from radixserve.distributed.parallel_state import tp_min_int
 from radixserve.layers.logits import LogitsOutput
 from radixserve.loader import config as cfgutil
@@ -75,26 +76,111 @@ class MemoryPlan:
     max_running_requests: int
 
 
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    cfg: Any
+    dtype: torch.dtype
+    context_len: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return KVPool.bytes_per_token_for(
+            self.cfg.num_hidden_layers, self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype
+        )
+
+
+def load_model(args: ServerArgs, source: ModelSource, device: torch.device, context_len: int) -> LoadedModel:
+    cfg = source.hf_config
+    dtype = resolve_dtype(args.dtype, cfg, device)
+    if args.random_seed is not None:
+        torch.manual_seed(args.random_seed)
+    cls = model_class_for(cfg)
+    dummy = source.kind == "dummy" or args.load_format == "dummy"
+    what = "random weights (--load-format dummy)" if dummy else source.gguf_file or source.model_path
+    logger.info("loading %s from %s as %s on %s ...", cls.__name__, what, str(dtype).replace("torch.", ""), device)
+    started = time.perf_counter()
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg, context_len)
+    finally:
+        torch.set_default_dtype(old_dtype)
+    if dummy:
+        init_dummy_weights(model, args.random_seed or 0)
+    else:
+        model.load_weights(iter_weights(source))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("weights loaded in %.1f s (%.2f GB)", time.perf_counter() - started, size / 1e9)
+    return LoadedModel(model.eval(), cfg, dtype, context_len)
+
+
+def cuda_graph_reserve(args: ServerArgs, vocab_size: int) -> int:
+    """Bytes kept out of the KV pool for the captured graphs' activations and logits."""
+    if args.disable_cuda_graph:
+        return 0
+    max_bs = args.cuda_graph_max_bs or 256
+    return (512 << 20) + max_bs * vocab_size * 4 * 2
+
+
+def plan_memory(args: ServerArgs, loaded: LoadedModel, device: torch.device) -> MemoryPlan:
+    """How many tokens the KV pool holds and how many requests run at once."""
+    bytes_per_token = loaded.kv_bytes_per_token
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = args.mem_fraction_static if args.mem_fraction_static is not None else 0.9
+        used = total - free
+        # the request table ([rows, context] int64) lives beside the KV pool
+        rows = (args.max_running_requests or 512) + 1
+        budget = (int(total * fraction) - used - cuda_graph_reserve(args, loaded.cfg.vocab_size)
+                  - rows * loaded.context_len * 8)
+        if budget <= 0:
+            raise ValueError(
+                f"--mem-fraction-static {fraction}: the weights already use {used / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB; raise the fraction"
+            )
+        capacity = budget // bytes_per_token
+    else:
+        if args.mem_fraction_static is not None:  # accepted, so say what it does here
+            logger.info("--mem-fraction-static sizes the KV pool on GPUs only; on the CPU it is "
+                        "--max-total-tokens (default: up to %d tokens in %.0f%% of free RAM)",
+                        CPU_DEFAULT_MAX_TOKENS, CPU_MEMORY_SHARE * 100)
+        capacity = min(CPU_DEFAULT_MAX_TOKENS, int(psutil.virtual_memory().available * CPU_MEMORY_SHARE) // bytes_per_token)
+    if args.max_total_tokens is not None:
+        capacity = args.max_total_tokens if device.type == "cpu" else min(capacity, args.max_total_tokens)
+    capacity = tp_min_int(capacity)  # every TP rank must hold the same number of tokens
+    page = args.page_size
+    capacity = capacity // page * page
+    if capacity < page:
+        raise ValueError("KV cache has no room: raise --max-total-tokens or --mem-fraction-static")
+    max_running = args.max_running_requests or max(1, min(512 if device.type == "cuda" else 128, capacity // 2))
+    return MemoryPlan(capacity, max_running)
+
+
+def create_memory_pools(args: ServerArgs, loaded: LoadedModel, plan: MemoryPlan, device: torch.device) -> MemoryPools:
+    return MemoryPools.create(
+        plan.max_total_tokens, plan.max_running_requests, loaded.context_len, args.page_size,
+        loaded.cfg.num_hidden_layers, loaded.model.num_kv_heads_per_rank, cfgutil.head_dim(loaded.cfg),
+        loaded.dtype, device,
+    )
+
+
 class ModelRunner:
-    def __init__(self, args: ServerArgs, source: ModelSource, device: torch.device, context_len: int) -> None:
+    """Runs one rank's forward passes: the model, the attention backend, CUDA graphs or a compiled
+    decode, over the KV memory it is handed (`MemoryPools`, shared with the scheduler and the cache)."""
+
+    def __init__(self, args: ServerArgs, loaded: LoadedModel, plan: MemoryPlan, pools: MemoryPools,
+                 device: torch.device) -> None:
         self.args = args
         self.device = device
-        self.cfg = source.hf_config
-        self.dtype = resolve_dtype(args.dtype, self.cfg, device)
-        self.context_len = context_len
-        if args.random_seed is not None:
-            torch.manual_seed(args.random_seed)
-        self.model = self._load_model(source)
-        self.plan = self._plan_memory()
+        self.cfg = loaded.cfg
+        self.dtype = loaded.dtype
+        self.context_len = loaded.context_len
+        self.model = loaded.model
+        self.plan = plan
+        self.pools = pools
         self.page_size = args.page_size
-        self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests, context_len, device)
-        # newest sampled token of each request row: decode batches read their inputs from here
-        self.last_token = torch.zeros(self.plan.max_running_requests + 1, dtype=torch.int64, device=device)
-        self.kv_pool = KVPool(
-            self.plan.max_total_tokens, self.page_size, self.cfg.num_hidden_layers,
-            self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype, device,
-        )
-        self.allocator = KVAllocator(self.plan.max_total_tokens, self.page_size, device)
         self.attn_backend = make_attention_backend(args.attention_backend, device)
         self.vocab_size = self.cfg.vocab_size
         self.compiled_decode = make_compiled_decode(self)  # --enable-torch-compile; graphs capture it
@@ -102,66 +188,11 @@ class ModelRunner:
         if self.use_cuda_graph:
             self.graph_runner = CudaGraphRunner(self, self.cuda_graph_max_bs)
 
-    def _load_model(self, source: ModelSource) -> torch.nn.Module:
-        cls = model_class_for(self.cfg)
-        dummy = source.kind == "dummy" or self.args.load_format == "dummy"
-        what = "random weights (--load-format dummy)" if dummy else source.gguf_file or source.model_path
-        logger.info("loading %s from %s as %s on %s ...", cls.__name__, what,
-                    str(self.dtype).replace("torch.", ""), self.device)
-        started = time.perf_counter()
-        old_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                model = cls(self.cfg, self.context_len)
-        finally:
-            torch.set_default_dtype(old_dtype)
-        if dummy:
-            init_dummy_weights(model, self.args.random_seed or 0)
-        else:
-            model.load_weights(iter_weights(source))
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        logger.info("weights loaded in %.1f s (%.2f GB)", time.perf_counter() - started, size / 1e9)
-        return model.eval()
-
-    def _plan_memory(self) -> MemoryPlan:
-        bytes_per_token = KVPool.bytes_per_token_for(
-            self.cfg.num_hidden_layers, self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype
-        )
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            fraction = self.args.mem_fraction_static if self.args.mem_fraction_static is not None else 0.9
-            used = total - free
-            # the request table ([rows, context] int64) lives beside the KV pool
-            rows = (self.args.max_running_requests or 512) + 1
-            budget = int(total * fraction) - used - self._cuda_graph_reserve() - rows * self.context_len * 8
-            if budget <= 0:
-                raise ValueError(
-                    f"--mem-fraction-static {fraction}: the weights already use {used / 2**30:.1f} GiB of "
-                    f"{total / 2**30:.1f} GiB; raise the fraction"
-                )
-            capacity = budget // bytes_per_token
-        else:
-            if self.args.mem_fraction_static is not None:  # accepted, so say what it does here
-                logger.info("--mem-fraction-static sizes the KV pool on GPUs only; on the CPU it is "
-                            "--max-total-tokens (default: up to %d tokens in %.0f%% of free RAM)",
-                            CPU_DEFAULT_MAX_TOKENS, CPU_MEMORY_SHARE * 100)
-            capacity = min(
-                CPU_DEFAULT_MAX_TOKENS, int(psutil.virtual_memory().available * CPU_MEMORY_SHARE) // bytes_per_token
-            )
-        if self.args.max_total_tokens is not None:
-            capacity = self.args.max_total_tokens if self.device.type == "cpu" else min(
-                capacity, self.args.max_total_tokens
-            )
-        capacity = tp_min_int(capacity)  # every TP rank must hold the same number of tokens
-        page = self.args.page_size
-        capacity = capacity // page * page
-        if capacity < page:
-            raise ValueError("KV cache has no room: raise --max-total-tokens or --mem-fraction-static")
-        max_running = self.args.max_running_requests or max(
-            1, min(512 if self.device.type == "cuda" else 128, capacity // 2)
-        )
-        return MemoryPlan(capacity, max_running)
+    @property
+    def attention_shape(self) -> tuple[int, int, int]:
+        """(query heads, head dim, KV heads) of this rank's attention layers."""
+        attn = self.model.layers[0].self_attn.attn
+        return attn.num_heads, attn.head_dim, attn.num_kv_heads
 
     @property
     def use_cuda_graph(self) -> bool:
@@ -171,13 +202,6 @@ class ModelRunner:
     @property
     def cuda_graph_max_bs(self) -> int:
         return min(self.args.cuda_graph_max_bs or 256, self.plan.max_running_requests)
-
-    def _cuda_graph_reserve(self) -> int:
-        """Bytes kept out of the KV pool for the captured graphs' activations and logits."""
-        if self.args.disable_cuda_graph:
-            return 0
-        max_bs = self.args.cuda_graph_max_bs or 256
-        return (512 << 20) + max_bs * self.cfg.vocab_size * 4 * 2
 
     def decode_batch(self, rows: list[int], seq_lens: list[int], slots: list[int]) -> ForwardBatch:
         """The device inputs of a decode step (decode_inputs.py): staged in a CUDA graph's static block
@@ -194,3 +218,10 @@ class ModelRunner:
         if self.compiled_decode is not None and self.compiled_decode.can_run(batch):
             return self.compiled_decode(batch)
         return self.model(batch, prompt_top_k)
+
+
+def build_model_runner(args: ServerArgs, source: ModelSource, device: torch.device, context_len: int) -> ModelRunner:
+    """Load the model, size and create its KV memory, and a runner over both (benchmarks, tests)."""
+    loaded = load_model(args, source, device, context_len)
+    plan = plan_memory(args, loaded, device)
+    return ModelRunner(args, loaded, plan, create_memory_pools(args, loaded, plan, device), device)

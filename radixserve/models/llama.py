@@ -33,7 +33,7 @@ class ProjectionBiases:
 class LlamaAttention(nn.Module):
     def __init__(self, cfg, layer_id: int, qk_norm: bool = False, biases: ProjectionBiases = ProjectionBiases()) -> None:
         super().__init__()
-        hidden, head_dim = cfg.hidden_size, cfg_head_dim(cfg)
+        hidden, head_dim = cfg.hidden_size, cfgutil.head_dim(cfg)
         self.qkv_proj = QKVParallelLinear(
             hidden, head_dim, cfg.num_attention_heads, cfgutil.num_kv_heads(cfg), bias=biases.qkv
         )
@@ -177,7 +177,3 @@ class LlamaForCausalLM(nn.Module):
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-
-
-def cfg_head_dim(cfg) -> int:
-    return cfgutil.head_dim(cfg)

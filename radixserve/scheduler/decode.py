@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from radixserve.scheduler.req import Req, ReqStage
+from radixserve.scheduler.kv import free_kv_of
 
 if TYPE_CHECKING:
     from radixserve.cache.base import PrefixCache
-    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.cache.memory import MemoryPools
+    from radixserve.scheduler.req import Req
 
 
 def decode_tokens_needed(reqs: list[Req], page_size: int) -> int:
@@ -18,23 +17,14 @@ def decode_tokens_needed(reqs: list[Req], page_size: int) -> int:
     return sum(page_size for r in reqs if r.kv_committed_len % page_size == 0)
 
 
-def free_kv_of(req: Req, cache: PrefixCache) -> None:
-    """Hand the request's KV to the cache (kept as an evictable prefix) and its row back."""
-    cache.cache_finished_req(req)
-    req.req_pool_idx = None
-    req.prefix_indices = torch.empty(0, dtype=torch.int64)
-    req.last_node = None
-    req.kv_committed_len = 0
-
-
-def retract_for_decode(running: list[Req], runner: ModelRunner, cache: PrefixCache) -> list[Req]:
-    """Retract requests until one decode step of the rest fits. Returns the retracted ones, which keep
-    their generated tokens and will be prefilled again."""
-    page = runner.allocator.page_size
+def retract_for_decode(running: list[Req], pools: MemoryPools, cache: PrefixCache) -> list[Req]:
+    """Retract requests until one decode step of the rest fits. Returns the retracted ones (the caller
+    moves them to WAITING), which keep their generated tokens and will be prefilled again."""
+    page = pools.allocator.page_size
     retracted: list[Req] = []
 
     def short() -> bool:
-        free = runner.allocator.available_size() + cache.evictable_size()
+        free = pools.allocator.available_size() + cache.evictable_size()
         return decode_tokens_needed(running, page) > free
 
     if not short():
@@ -44,6 +34,5 @@ def retract_for_decode(running: list[Req], runner: ModelRunner, cache: PrefixCac
     while short() and len(running) > 1:
         victim = running.pop()
         free_kv_of(victim, cache)
-        victim.stage = ReqStage.WAITING
         retracted.append(victim)
     return retracted

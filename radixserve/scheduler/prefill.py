@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from radixserve.scheduler.output_estimate import DEFAULT_CLIP_MAX_NEW_TOKENS, clip_from_env
 from radixserve.scheduler.policy import cacheable_len
-from radixserve.scheduler.req import Req, ReqStage
+from radixserve.scheduler.req import Req
+from radixserve.scheduler.state import ReqState, move
 
 if TYPE_CHECKING:
     from radixserve.cache.allocator import KVAllocator
@@ -133,4 +134,4 @@ class PrefillPlanner:
         if not req.admitted_once:
             req.cached_tokens = n
             req.admitted_once = True
-        req.stage = ReqStage.PREFILLING
+        move(req, ReqState.PREFILLING)

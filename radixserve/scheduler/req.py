@@ -1,22 +1,15 @@
-"""A request as the scheduler sees it: its tokens, its KV bookkeeping and its stage."""
+"""A request as the scheduler sees it: its tokens, its KV bookkeeping and its state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
 
 from radixserve.detokenize import StopChecker, StopRegexTimeout
 from radixserve.sampling_params import SamplingParams
-
-
-class ReqStage(Enum):
-    WAITING = "waiting"
-    PREFILLING = "prefilling"  # some chunks done, more to go
-    DECODING = "decoding"
-    FINISHED = "finished"
+from radixserve.scheduler.state import ReqState
 
 
 @dataclass(eq=False)
@@ -37,7 +30,7 @@ class Req:
     # Tokens sampled on the device whose values the host has not read yet (overlap scheduling: the
     # next batch is launched before the last one's results are processed). 0 or 1 between steps.
     pending: int = 0
-    stage: ReqStage = ReqStage.WAITING
+    state: ReqState = ReqState.WAITING  # changed only by state.move
     finish_reason: dict[str, Any] | None = None
     # KV bookkeeping, shared with the prefix cache
     req_pool_idx: int | None = None

@@ -12,7 +12,7 @@ import radixserve
 from radixserve import Engine
 from radixserve.loader.source import resolve_model_source
 from radixserve.model_executor.compile import CompiledDecode, dummy_decode_batch
-from radixserve.model_executor.model_runner import ModelRunner
+from radixserve.model_executor.model_runner import build_model_runner
 from radixserve.server_args import ServerArgs
 from tests.helpers import assert_pools_whole
 
@@ -50,7 +50,7 @@ def test_compiled_decode_matches_eager():
 def test_runner_routes_small_decode_batches_to_the_compiled_model(monkeypatch):
     args = ServerArgs(model_path=TINY, load_format="dummy", dtype="float32", device="cpu", random_seed=0,
                       max_total_tokens=1024, enable_torch_compile=True, torch_compile_max_bs=2)
-    runner = ModelRunner(args, resolve_model_source(TINY, "dummy"), torch.device("cpu"), 128)
+    runner = build_model_runner(args, resolve_model_source(TINY, "dummy"), torch.device("cpu"), 128)
     assert isinstance(runner.compiled_decode, CompiledDecode) and runner.compiled_decode.max_bs == 2
     calls = []
     real = CompiledDecode.__call__

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def runner():
-    from radixserve.bench.bench_one_batch import CONFIGS_DIR, build_runner
+    from radixserve.bench.batch_driver import CONFIGS_DIR, build_runner
     from radixserve.server_args import ServerArgs
 
     sargs = ServerArgs(model_path=os.path.join(CONFIGS_DIR, "tiny-llama"), load_format="dummy",
@@ -26,7 +26,7 @@ def runner():
 
 @pytest.mark.parametrize("bs", [1, 5, 9, 16])  # 9 and 16 share the bucket of 16: 7 padding rows, then none
 def test_staged_decode_matches_eager(runner, bs):
-    from radixserve.bench.bench_one_batch import BatchDriver
+    from radixserve.bench.batch_driver import BatchDriver
     from radixserve.model_executor.decode_inputs import eager_decode_batch
     from radixserve.scheduler.batch import build_decode_batch
 
@@ -37,7 +37,7 @@ def test_staged_decode_matches_eager(runner, bs):
     reqs = driver.new_reqs(bs, 13, 8)  # 13 tokens: with pages of 4 the first decode continues a page
     driver.prefill(reqs)
     driver.decode(reqs)
-    table = runner.req_to_token_pool.req_to_token
+    table = runner.pools.req_to_token.req_to_token
     dummy_row = table[0].clone()
 
     staged = build_decode_batch(reqs, runner, driver.cache)
@@ -49,7 +49,7 @@ def test_staged_decode_matches_eager(runner, bs):
     # the table got each new slot at position seq_len - 1; padding touched only the dummy row
     assert table[torch.tensor(rows), torch.tensor(seq_lens) - 1].tolist() == slots
     assert torch.equal(table[0, 1:], dummy_row[1:])
-    assert staged.input_ids.tolist() == runner.last_token[torch.tensor(rows)].tolist()
+    assert staged.input_ids.tolist() == runner.pools.last_token[torch.tensor(rows)].tolist()
 
     eager = eager_decode_batch(runner, rows, seq_lens, slots)  # same rows again: its writes are idempotent
     assert eager.graph_bucket is None

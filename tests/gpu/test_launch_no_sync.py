@@ -26,7 +26,7 @@ def no_sync():
 @pytest.mark.parametrize("page_size", [1, 4])
 @pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graph", "eager"])
 def test_launch_path_never_syncs(graphs, page_size):
-    from radixserve.bench.bench_one_batch import CONFIGS_DIR, BatchDriver, build_runner
+    from radixserve.bench.batch_driver import CONFIGS_DIR, BatchDriver, build_runner
     from radixserve.sampling_batch import SamplingBatch
     from radixserve.scheduler.batch import build_decode_batch, build_extend_batch, record_sampled
     from radixserve.scheduler.inflight import InFlightBatch

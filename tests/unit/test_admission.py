@@ -73,7 +73,6 @@ def test_the_output_estimate_clip_lets_requests_without_max_tokens_run_together(
     # SGLang's test_large_max_new_tokens: pool far below the context, no max_tokens, clip 256
     pool, context, prompt = 1536, 8192, 36
     limits = RequestLimits(context_len=context, kv_capacity=pool)
-    reqs = [request(str(i), prompt, limits.max_new_tokens(prompt, None)) for i in range(4)]
     rows = ReqToTokenPool(8, context, "cpu")
     allocator = KVAllocator(pool, 1, "cpu")
     cache = RadixCache(rows, allocator, 1)
@@ -85,7 +84,8 @@ def test_the_output_estimate_clip_lets_requests_without_max_tokens_run_together(
             monkeypatch.setenv(name, value)
         p = PrefillPlanner(cache, allocator, rows, chunked_prefill_size=8192, max_prefill_tokens=8192,
                            max_running_requests=8, page_size=1)
-        admitted = p.plan(list(reqs), [], None, ratio=0.7).reqs
+        reqs = [request(str(i), prompt, limits.max_new_tokens(prompt, None)) for i in range(4)]
+        admitted = p.plan(reqs, [], None, ratio=0.7).reqs
         for r in admitted:  # give the rows and prefix locks back for the next plan
             cache.dec_lock_ref(r.last_node)
             rows.free(r.req_pool_idx)

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from radixserve.bench.bench_one_batch import CONFIGS_DIR, BatchDriver, build_runner
-from radixserve.scheduler.batch import last_slot_of
+from radixserve.bench.batch_driver import CONFIGS_DIR, BatchDriver, build_runner
+from radixserve.scheduler.kv import last_slot_of
 from radixserve.server_args import ServerArgs
 
 
@@ -20,7 +20,7 @@ def test_host_last_slot_matches_the_table(page_size):
                        page_size=page_size)
     runner = build_runner(sargs)
     driver = BatchDriver(runner, seed=0)
-    table = runner.req_to_token_pool.req_to_token
+    table = runner.pools.req_to_token.req_to_token
     reqs = driver.new_reqs(3, 7, 9)
     with torch.inference_mode():
         driver.prefill(reqs)
@@ -40,7 +40,7 @@ def test_host_last_slot_matches_the_table(page_size):
     # a stale host copy (something else moved the row) falls back to reading the table
     r = reqs[0]
     r.last_slot_pos = -1
-    assert last_slot_of(r, runner) == int(table[r.req_pool_idx, r.kv_committed_len - 1])
+    assert last_slot_of(r, runner.pools) == int(table[r.req_pool_idx, r.kv_committed_len - 1])
     driver.reset()
 
 
@@ -48,20 +48,21 @@ def test_failed_extend_allocation_gives_back_the_pages_it_took():
     """When a later request of a prefill batch cannot get KV, the pages already taken for earlier ones
     (not yet in req_to_token, so nothing else would free them) go back; a page the request already
     owned stays its own."""
-    from radixserve.scheduler.batch import OutOfKVError, build_extend_batch
+    from radixserve.scheduler.batch import build_extend_batch
+    from radixserve.scheduler.kv import OutOfKVError
 
     sargs = ServerArgs(model_path=os.path.join(CONFIGS_DIR, "tiny-llama"), load_format="dummy", dtype="float32",
                        device="cpu", max_total_tokens=30, max_running_requests=2, context_length=64, page_size=3)
     runner = build_runner(sargs)
     driver = BatchDriver(runner, seed=0)
-    alloc = runner.allocator
+    alloc = runner.pools.allocator
     a, b = driver.new_reqs(2, 40, 4)
     a.extend_len = 4  # two pages, the second partly filled
     with torch.inference_mode():
         build_extend_batch([a], runner, driver.cache)
     a.kv_committed_len = 4
     free_before = alloc.available_size()
-    owned = set(runner.req_to_token_pool.req_to_token[a.req_pool_idx, :4].tolist())
+    owned = set(runner.pools.req_to_token.req_to_token[a.req_pool_idx, :4].tolist())
     a.extend_len, b.extend_len = 5, 30  # a: 2 slots in its own page + one new page; b cannot fit
     with pytest.raises(OutOfKVError), torch.inference_mode():
         build_extend_batch([a, b], runner, driver.cache)

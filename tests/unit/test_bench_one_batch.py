@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from radixserve.bench.batch_driver import CONFIGS_DIR
 from radixserve.bench.bench_one_batch import (
-    CONFIGS_DIR,
     ModelCost,
     build_parser,
     check_args,

@@ -19,8 +19,6 @@ from aiohttp import web
 
 from radixserve.bench import serving_dataset
 from radixserve.bench.bench_serving import (
-    SSEParser,
-    StreamDecoder,
     arrivals,
     build_parser,
     build_payload,
@@ -38,6 +36,7 @@ from radixserve.bench.serving_dataset import (
     sampling_ids,
 )
 from radixserve.bench.serving_metrics import LatencyStats, RequestOutput, compute_metrics, format_report
+from radixserve.bench.serving_stream import SSEParser, StreamDecoder
 
 
 class WordTokenizer:

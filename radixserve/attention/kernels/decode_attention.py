@@ -26,8 +26,8 @@ import triton.language as tl
 
 # A split shorter than this costs more in its fixed work (query load, workspace write, its share
 # of the merge) than the parallelism it adds. Small batches need short splits: each program walks
-# its split serially, one dependent slot -> K -> V load chain per block, so at batch 1 with 256-token
-# splits (8 programs per layer on an 8-KV-head model) a layer took 17.6 us on an H200.
+# its split serially, one dependent slot -> K -> V load chain per block, so at batch 1 long splits
+# leave most of the GPU idle (docs/gpu.md has the timings).
 MIN_SPLIT_TOKENS = 64
 # Enough programs to fill the GPU a few times over; beyond that splitting only adds merge work.
 WAVES_PER_SM = 4

@@ -160,9 +160,8 @@ class ExtendConfig:
 
 
 def extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
-    """Tiles chosen by the sweep in scripts/gpu_extend_attention_bench.py (H200, bf16, head_dim 128, where
-    TMA loads of the new tokens beat pointer loads by 12% at 32 x 1024). Without TMA (older GPUs, odd
-    head_dim) the same tiles run through pointer loads."""
+    """Tiles chosen by the sweep in scripts/gpu_extend_attention_bench.py (docs/gpu.md has its figures).
+    Without TMA (older GPUs, odd head_dim) the same tiles run through pointer loads."""
     block_d = triton.next_power_of_2(head_dim)
     if block_d <= 128:
         cfg = ExtendConfig(128, 64, 4, 2, tma=True)

@@ -1,0 +1,51 @@
+"""The scheduler's event loops, one per server mode (--disaggregation-mode): a prefill-only and a
+decode-only loop go beside the normal one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from radixserve.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger("radixserve.scheduler")
+
+
+def normal_loop(scheduler: Scheduler) -> None:
+    """Prefill and decode in one server: take messages, run a step, report the load; sleep on the
+    socket (up to a second at a time) while there is nothing to do."""
+    profile_steps = int(os.environ.get("RADIXSERVE_PROFILE_STEPS", "0"))
+    while True:
+        scheduler.recv_requests(block=not scheduler.has_work())
+        if profile_steps and scheduler.has_work():
+            profile(scheduler, profile_steps)
+            profile_steps = 0
+        scheduler.step()
+        scheduler.report_load()
+
+
+def profile(scheduler: Scheduler, steps: int) -> None:
+    """Developer aid (RADIXSERVE_PROFILE_STEPS=N): cProfile the next N busy steps into the log."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        scheduler.recv_requests(block=False)
+        scheduler.step()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    logger.info("profile of %d steps (%.2f ms/step):\n%s", steps, (time.perf_counter() - start) / steps * 1e3,
+                out.getvalue())
+
+
+# --disaggregation-mode -> loop; "prefill" and "decode" are refused by ServerArgs until built
+EVENT_LOOPS: dict[str, Callable[[Scheduler], None]] = {"null": normal_loop}
