@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from radixserve.entrypoints.errors import error_body
 
 if TYPE_CHECKING:
-    from radixserve.entrypoints.http_server import ServerState
+    from radixserve.entrypoints.http_state import ServerState
 
 logger = logging.getLogger("radixserve.http")
 OPEN_PATHS = {"/health", "/metrics"}  # answered while starting or draining

@@ -1,0 +1,150 @@
+"""SGLang's native endpoints: health, server and model info, cache and abort control, metrics,
+tokenize / detokenize, and /generate.
+Handlers carry no return annotation where FastAPI would take it for a response model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+
+from radixserve import __version__
+from radixserve.entrypoints import openapi_docs as docs
+from radixserve.entrypoints.errors import APIError, error_body, error_response
+from radixserve.entrypoints.http_state import ServerState, server_state
+from radixserve.entrypoints.openai_common import as_api_error, collect, merged_streams, sse, until_disconnect
+from radixserve.entrypoints.openai_protocol import (
+    AbortRequest,
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
+from radixserve.entrypoints.request_errors import RequestAborted, RequestError, ServerDeadError
+from radixserve.entrypoints.requests import expand_requests
+from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerManager, validate_all
+
+router = APIRouter()
+PLAIN = {"response_class": PlainTextResponse}
+
+
+# ---- health and info ------------------------------------------------------------------------
+@router.get("/health", responses=docs.text_body("Ready (empty body)"), **PLAIN)
+async def health(request: Request) -> Response:
+    state = server_state(request)
+    if not state.ready or state.draining or state.tm.dead:
+        status = "starting" if not state.ready else "draining" if state.draining else "dead"
+        # polled while the model loads: an expected answer, not worth a log line each time
+        return error_response(503, f"the server is {status}", quiet=status == "starting")
+    return PlainTextResponse("")
+
+
+@router.get("/health_generate", responses=docs.text_body("A one-token generation went through (empty body)"),
+            **PLAIN)
+async def health_generate(request: Request) -> Response:
+    state = server_state(request)
+    req = SingleRequest(rid=state.tm.new_rid(), text=None, input_ids=[state.info["eos_token_ids"][0]],
+                        sampling_params={"max_new_tokens": 1, "temperature": 0})
+    await collect(state.tm, [req])
+    return PlainTextResponse("")
+
+
+@router.get("/get_model_info", responses=docs.json_body(docs.ModelInfo))
+async def model_info(request: Request):
+    state = server_state(request)
+    return {"model_path": state.args.model_path or state.served_model_name,
+            "tokenizer_path": state.args.tokenizer_path, "is_generation": True,
+            "served_model_name": state.served_model_name, "context_length": state.tm.context_len}
+
+
+@router.get("/get_server_info", responses=docs.json_body(dict[str, Any], "Every flag, the model's limits and "
+                                                         "internal_states (pools and queues)"))
+async def server_info(request: Request):
+    state = server_state(request)
+    sched = await state.tm.get_state()
+    return {**dataclasses.asdict(state.args), **state.info, "version": __version__,
+            "served_model_name": state.served_model_name, "internal_states": [dataclasses.asdict(sched)]}
+
+
+@router.get("/get_load", responses=docs.json_body(list[docs.DPLoad]))
+async def get_load(request: Request):
+    s = await server_state(request).tm.get_state()
+    return [{"dp_rank": g.dp_rank, "num_reqs": g.num_running + g.num_waiting, "num_waiting_reqs": g.num_waiting,
+             "num_tokens": g.num_tokens} for g in (s.per_dp or [s])]
+
+
+# ---- control --------------------------------------------------------------------------------
+@router.api_route("/flush_cache", methods=["GET", "POST"], responses=docs.text_body("Cache flushed."), **PLAIN)
+async def flush_cache(request: Request) -> Response:
+    reply = await server_state(request).tm.flush_cache()
+    if not reply.success:
+        return error_response(400, f"cache not flushed: {reply.message}")
+    return PlainTextResponse("Cache flushed.\n")
+
+
+@router.post("/abort_request", responses=docs.text_body("Aborted (empty body)"), **PLAIN)
+async def abort_request(req: AbortRequest, request: Request) -> Response:
+    await server_state(request).tm.abort(req.rid)
+    return PlainTextResponse("")
+
+
+@router.get("/metrics", responses=docs.text_body("Prometheus text format"), **PLAIN)
+async def metrics(request: Request) -> Response:
+    state = server_state(request)
+    sched = None if state.tm.dead else await state.tm.get_state()
+    return Response(state.metrics.render(sched), media_type="text/plain; version=0.0.4")
+
+
+# ---- text -------------------------------------------------------------------------------------
+@router.post("/tokenize", responses=docs.json_body(docs.TokenizeResponse))
+async def tokenize(req: TokenizeRequest, request: Request):
+    state: ServerState = server_state(request)
+    tm = state.tm
+    if req.messages is not None:
+        text = state.serving.apply_template(ChatCompletionRequest(messages=req.messages))
+        ids = tm.encode(text, "messages", add_special_tokens=False)
+    else:
+        field = "text" if req.text is not None else "prompt"
+        text = req.text if req.text is not None else req.prompt
+        if text is None:
+            raise APIError(400, "give text, prompt or messages", "text")
+        ids = tm.encode(text, field, add_special_tokens=req.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
+
+
+@router.post("/detokenize", responses=docs.json_body(docs.DetokenizeResponse))
+async def detokenize(req: DetokenizeRequest, request: Request):
+    tm = server_state(request).tm
+    if any(not 0 <= t < tm.vocab_size for t in req.tokens):
+        raise APIError(400, f"tokens must be in [0, {tm.vocab_size})", "tokens")
+    return {"text": tm.tokenizer.decode(req.tokens)}
+
+
+# ---- generation -------------------------------------------------------------------------------
+@router.post("/generate", responses=docs.streamable(
+    docs.GenerateResponse | list[docs.GenerateResponse], "One result, or a list for a batch or n > 1"))
+async def generate(req: GenerateRequest, raw: Request):
+    tm = server_state(raw).tm
+    reqs, single = expand_requests(
+        req.text, req.input_ids, req.sampling_params, req.return_logprob, req.top_logprobs_num,
+        req.logprob_start_len, req.stream, req.rid,
+    )
+    await validate_all(tm, reqs)
+    if req.stream:
+        return StreamingResponse(_native_stream(tm, reqs, single), media_type="text/event-stream")
+    results = await until_disconnect(raw, collect(tm, reqs))
+    return results[0] if single else results
+
+
+async def _native_stream(tm: TokenizerManager, reqs: list[SingleRequest], single: bool) -> AsyncIterator[bytes]:
+    try:
+        async for i, out in merged_streams(tm, reqs):
+            yield sse(out if single else {**out, "index": i})
+    except (RequestError, ValueError, ServerDeadError, RequestAborted) as e:
+        err = as_api_error(e)
+        yield sse(error_body(err.status, err.message, err.param))
+    yield sse("[DONE]")
