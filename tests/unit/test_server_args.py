@@ -118,3 +118,37 @@ def test_each_dp_group_rendezvouses_at_its_own_port():
 def test_dist_init_addr_port_must_be_a_port(addr):
     with pytest.raises(ServerArgsError, match="--dist-init-addr"):
         ServerArgs(dist_init_addr=addr)
+
+
+def test_every_flag_is_declared_once_and_the_parser_follows_the_declaration():
+    import dataclasses
+
+    from radixserve.server_flags import declared, flag_name
+
+    fields = dataclasses.fields(ServerArgs)
+    assert len(declared(ServerArgs)) == len(fields)  # nothing outside the declarations
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for f in fields:
+        action = actions[f.name]
+        assert flag_name(f.name) in action.option_strings and action.help == f.metadata["flag"].help
+        if f.metadata["flag"].choices:
+            assert tuple(action.choices) == f.metadata["flag"].choices
+    assert "--max-payload-size" in actions["max_request_body_size"].option_strings
+    args = parse(["--shutdown-timeout", "2.5", "--max-logprobs", "-1", "--port", "8080"])
+    assert (args.shutdown_timeout, args.max_logprobs, args.port) == (2.5, -1, 8080)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"http_header_timeout": 0}, "--http-header-timeout: must be > 0 seconds"),
+    ({"shutdown_timeout": -1}, "--shutdown-timeout: must be >= 0 seconds"),
+    ({"mem_fraction_static": 0.0}, r"--mem-fraction-static: must be in \(0, 1\)"),
+    ({"max_logprobs": -2}, "--max-logprobs: must be >= -1"),
+    ({"random_seed": "7"}, "--random-seed: must be an integer"),
+    ({"timeout_keep_alive": True}, "--timeout-keep-alive: must be a number"),
+    ({"log_level": "loud"}, "--log-level: invalid value"),
+])
+def test_declared_bounds_are_checked_with_the_flag_named(kwargs, message):
+    with pytest.raises(ServerArgsError, match=message):
+        ServerArgs(**kwargs)
