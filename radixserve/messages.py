@@ -1,13 +1,19 @@
-"""The typed messages between processes (pickled over ZMQ)."""
+"""The typed messages between processes. They cross sockets as MessagePack (ipc_codec.py), each tagged
+with its class name and decoded against these types: never pickled, so a message from another host
+can be no more than data."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 
-@dataclass
-class TokenizedGenerateReq:
+
+class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
+    """Base of every message: the tag (the class name) says which type a payload decodes to."""
+
+
+class TokenizedGenerateReq(Message):
     rid: str
     input_ids: list[int]
     sampling_params: dict[str, Any]
@@ -21,44 +27,38 @@ class TokenizedGenerateReq:
     bootstrap_room: int | None = None
 
 
-@dataclass
-class GenerateBatch:
+class GenerateBatch(Message):
     """The requests of one API call (a prompt list, n samples), sent as one message: a call with
     many requests costs one send, not one each."""
 
     reqs: list[TokenizedGenerateReq]
 
 
-@dataclass
-class AbortReq:
+class AbortReq(Message):
     """Abort these requests (abort_all: every request). A status code marks an abort the server
     decided (shutdown timeout: 503), which the API reports as an error; without one (an operator's
     /abort_request) the request ends with finish_reason abort."""
 
-    rids: list[str] = field(default_factory=list)
+    rids: list[str] = msgspec.field(default_factory=list)
     abort_all: bool = False
     message: str = "aborted"
     status_code: int | None = None
 
 
-@dataclass
-class FlushCacheReq:
+class FlushCacheReq(Message):
     pass
 
 
-@dataclass
-class FlushCacheReply:
+class FlushCacheReply(Message):
     success: bool
     message: str = ""
 
 
-@dataclass
-class GetStateReq:
+class GetStateReq(Message):
     pass
 
 
-@dataclass
-class SchedulerState:
+class SchedulerState(Message):
     """Pool and queue counts, for /get_server_info, /get_load and tests that assert no leaks."""
 
     kv_total: int
@@ -75,11 +75,10 @@ class SchedulerState:
     num_tokens: int = 0  # tokens held by running requests
     overlapped_launches: int = 0  # batches launched while the previous one's tokens were unread
     dp_rank: int = 0
-    per_dp: list[SchedulerState] = field(default_factory=list)  # filled by the DP controller
+    per_dp: list[SchedulerState] = msgspec.field(default_factory=list)  # filled by the DP controller
 
 
-@dataclass
-class LoadReport:
+class LoadReport(Message):
     """A scheduler's load, sent to the DP controller whenever it changes."""
 
     dp_rank: int
@@ -89,8 +88,7 @@ class LoadReport:
     received: int = 0  # requests received in all (lets the controller count those still in transit)
 
 
-@dataclass
-class ReqOutput:
+class ReqOutput(Message):
     """One step's news for one request, on its way scheduler -> detokenizer -> API."""
 
     rid: str
@@ -102,20 +100,33 @@ class ReqOutput:
     # decode options the detokenizer needs (sent every time: requests are stateless there)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    stop_strings: list[str] = field(default_factory=list)
-    stop_regexes: list[str] = field(default_factory=list)
+    stop_strings: list[str] = msgspec.field(default_factory=list)
+    stop_regexes: list[str] = msgspec.field(default_factory=list)
     stream: bool = False  # the text of a non-streaming request may wait for its end
     no_stop_trim: bool = False
     min_new_tokens: int = 0  # stop strings may not end in the text of the tokens before it
     # logprobs: increments since the last message
-    output_token_logprobs: list[float] = field(default_factory=list)
-    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
-    input_token_logprobs: list[float | None] = field(default_factory=list)
-    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
-    input_token_ids: list[int] = field(default_factory=list)
+    output_token_logprobs: list[float] = msgspec.field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = msgspec.field(default_factory=list)
+    input_token_logprobs: list[float | None] = msgspec.field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = msgspec.field(default_factory=list)
+    input_token_ids: list[int] = msgspec.field(default_factory=list)
     text: str = ""  # filled by the detokenizer
 
 
-@dataclass
-class BatchOut:
+class BatchOut(Message):
     outputs: list[ReqOutput]
+
+
+def to_dict(value: Any) -> Any:
+    """A message's fields as plain data, nested messages included, without the tag (for JSON)."""
+    if isinstance(value, msgspec.Struct):
+        return {name: to_dict(getattr(value, name)) for name in value.__struct_fields__}
+    if isinstance(value, list):
+        return [to_dict(v) for v in value]
+    return value
+
+
+# every message a socket may carry: what a payload is decoded against
+MESSAGE_TYPES = (TokenizedGenerateReq, GenerateBatch, AbortReq, FlushCacheReq, FlushCacheReply, GetStateReq,
+                 SchedulerState, LoadReport, ReqOutput, BatchOut)

@@ -26,7 +26,7 @@ PACKAGES=(
   uvicorn==0.54.0 click==8.5.1 h11==0.16.0 uvloop==0.23.0 httptools==0.9.0
   anyio==4.16.0 sniffio==1.3.1
   # IPC, serialisation, metrics, process control
-  pyzmq==27.3.0 msgpack==1.2.4 orjson==3.13.0 prometheus-client==0.26.0 psutil==7.2.2
+  pyzmq==27.3.0 msgspec==0.23.0 orjson==3.13.0 prometheus-client==0.26.0 psutil==7.2.2
   # model files and structured output
   gguf==0.19.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
   # clients used by bench_serving and the tests

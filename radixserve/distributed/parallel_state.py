@@ -92,13 +92,19 @@ def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def tp_broadcast_objects(objs: list | None) -> list:
-    """Rank 0's list of Python objects, on every rank."""
+def tp_broadcast_bytes(data: bytes | None) -> bytes:
+    """Rank 0's bytes, on every rank (the others pass None): a length, then the bytes, over gloo."""
     if _STATE.tp_size == 1:
-        return objs or []
-    box = [objs if _STATE.tp_rank == 0 else None]
-    dist.broadcast_object_list(box, src=0, group=_STATE.cpu_group)
-    return box[0] or []
+        return data or b""
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=_STATE.cpu_group)
+    if _STATE.tp_rank == 0:
+        buf = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8) if size.item() else torch.empty(0, dtype=torch.uint8)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+    if buf.numel():
+        dist.broadcast(buf, src=0, group=_STATE.cpu_group)
+    return buf.numpy().tobytes()
 
 
 def tp_min_int(value: int) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from radixserve import ipc_codec
 from radixserve.detokenize import IncrementalDetokenizer, StopRegexTimeout, find_stop, find_stop_regex
 from radixserve.ipc import PortArgs, pull_socket, push_socket
 from radixserve.messages import BatchOut, ReqOutput
@@ -106,8 +107,11 @@ def run_detokenizer_process(args: ServerArgs, ports: PortArgs, tokenizer_source)
         recv = pull_socket(ctx, ports.detokenizer_input)
         send = push_socket(ctx, ports.tokenizer_input)
         while True:
-            batch: BatchOut = recv.recv_pyobj()
-            send.send_pyobj(BatchOut([detok.process(o) for o in batch.outputs]))
+            batch = ipc_codec.recv(recv)
+            if isinstance(batch, BatchOut):
+                ipc_codec.send(send, BatchOut([detok.process(o) for o in batch.outputs]))
+            elif batch is not None:
+                logger.error("unexpected message %s", type(batch).__name__)
     except Exception:
         logger.error("detokenizer crashed:\n%s", traceback.format_exc())
         raise SystemExit(1) from None

@@ -27,6 +27,7 @@ from radixserve.entrypoints.openai_protocol import (
 from radixserve.entrypoints.request_errors import RequestAborted, RequestError, ServerDeadError
 from radixserve.entrypoints.requests import expand_requests
 from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerManager, validate_all
+from radixserve.messages import to_dict
 
 router = APIRouter()
 PLAIN = {"response_class": PlainTextResponse}
@@ -67,7 +68,7 @@ async def server_info(request: Request):
     state = server_state(request)
     sched = await state.tm.get_state()
     return {**dataclasses.asdict(state.args), **state.info, "version": __version__,
-            "served_model_name": state.served_model_name, "internal_states": [dataclasses.asdict(sched)]}
+            "served_model_name": state.served_model_name, "internal_states": [to_dict(sched)]}
 
 
 @router.get("/get_load", responses=docs.json_body(list[docs.DPLoad]))

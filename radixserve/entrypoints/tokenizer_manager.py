@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from radixserve import ipc_codec
 from radixserve.entrypoints.request_errors import RequestAborted, RequestError, ServerDeadError, check_text
 from radixserve.ipc import PortArgs
 from radixserve.messages import (
@@ -130,7 +131,7 @@ class TokenizerManager:
 
     async def _recv_loop(self) -> None:
         while True:
-            msg = await self.recv_sock.recv_pyobj()
+            msg = await ipc_codec.recv_async(self.recv_sock)
             if isinstance(msg, BatchOut):
                 for out in msg.outputs:
                     route = self.routes.get(out.rid)
@@ -160,7 +161,7 @@ class TokenizerManager:
             raise ServerDeadError(self.dead)
         fut = asyncio.get_running_loop().create_future()
         self.control_waiters.setdefault(reply_type, []).append(fut)
-        await self.send_sock.send_pyobj(request)
+        await ipc_codec.send_async(self.send_sock, request)
         return await fut
 
     async def flush_cache(self) -> FlushCacheReply:
@@ -173,12 +174,12 @@ class TokenizerManager:
         """An operator's abort (/abort_request, Engine.abort_request): "" aborts every request. The
         requests end with finish_reason abort."""
         self._ensure_started()
-        await self.send_sock.send_pyobj(AbortReq([rid], abort_all=rid == ""))
+        await ipc_codec.send_async(self.send_sock, AbortReq([rid], abort_all=rid == ""))
 
     async def abort_all(self, status: int, message: str) -> None:
         """End every request with an error of this status (the shutdown timeout)."""
         self._ensure_started()
-        await self.send_sock.send_pyobj(AbortReq(abort_all=True, message=message, status_code=status))
+        await ipc_codec.send_async(self.send_sock, AbortReq(abort_all=True, message=message, status_code=status))
 
     # ---- validation -----------------------------------------------------------
     def tokenize(self, req: SingleRequest) -> list[int]:
@@ -246,7 +247,8 @@ class TokenizerManager:
             for part in range(0, len(reqs), SEND_BATCH):  # a huge call: the loop breathes between parts
                 if part:
                     await asyncio.sleep(0)
-                await self.send_sock.send_pyobj(GenerateBatch([self._message(r) for r in reqs[part:part + SEND_BATCH]]))
+                batch = GenerateBatch([self._message(r) for r in reqs[part:part + SEND_BATCH]])
+                await ipc_codec.send_async(self.send_sock, batch)
             while unfinished:
                 i, out = await queue.get()
                 if isinstance(out, Exception):
@@ -277,7 +279,7 @@ class TokenizerManager:
                                                sum(len(p.output_ids) for p in progress.values()))
             if left and self.dead is None:
                 # the caller went away (or failed) before the end: free their KV now
-                await self.send_sock.send_pyobj(AbortReq([r.rid for r in left]))
+                await ipc_codec.send_async(self.send_sock, AbortReq([r.rid for r in left]))
 
     async def generate(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
         """One request: its increments (streaming) or its final result."""

@@ -10,10 +10,12 @@ import itertools
 import logging
 import traceback
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 
+from radixserve import ipc_codec
 from radixserve.ipc import PortArgs, pull_socket, push_socket
 from radixserve.messages import (
     AbortReq,
@@ -78,12 +80,12 @@ class LoadBalancer:
 
 def merge_states(states: list[SchedulerState]) -> SchedulerState:
     states = sorted(states, key=lambda s: s.dp_rank)
-    total = SchedulerState(**{f.name: getattr(states[0], f.name) for f in fields(SchedulerState)})
-    for f in fields(SchedulerState):
-        if f.name in ("kv_total", "kv_available", "kv_evictable", "kv_protected", "req_rows_total",
+    total = msgspec.structs.replace(states[0])
+    for name in SchedulerState.__struct_fields__:
+        if name in ("kv_total", "kv_available", "kv_evictable", "kv_protected", "req_rows_total",
                       "req_rows_available", "num_running", "num_waiting", "num_retractions", "num_tokens",
                       "gen_throughput", "overlapped_launches"):
-            setattr(total, f.name, sum(getattr(s, f.name) for s in states))
+            setattr(total, name, sum(getattr(s, name) for s in states))
     total.per_dp = states
     return total
 
@@ -109,13 +111,19 @@ class DPController:
             ready = dict(poller.poll())
             if self.loads_in in ready:
                 while self.loads_in.poll(0):
-                    self.balancer.update(self.loads_in.recv_pyobj())
+                    report = ipc_codec.recv(self.loads_in)
+                    if isinstance(report, LoadReport):
+                        self.balancer.update(report)
             if self.recv in ready:
                 while self.recv.poll(0):
-                    self.dispatch(self.recv.recv_pyobj())
+                    msg = ipc_codec.recv(self.recv)
+                    if msg is not None:
+                        self.dispatch(msg)
             if self.replies in ready:
                 while self.replies.poll(0):
-                    self.collect(self.replies.recv_pyobj())
+                    reply = ipc_codec.recv(self.replies)
+                    if reply is not None:
+                        self.collect(reply)
 
     def dispatch(self, msg: object) -> None:
         if isinstance(msg, GenerateBatch):  # each request picked on its own; one message per group
@@ -123,17 +131,17 @@ class DPController:
             for req in msg.reqs:
                 per_group.setdefault(self.balancer.pick(req), []).append(req)
             for group, reqs in per_group.items():
-                self.groups[group].send_pyobj(GenerateBatch(reqs))
+                ipc_codec.send(self.groups[group], GenerateBatch(reqs))
         elif isinstance(msg, TokenizedGenerateReq):
-            self.groups[self.balancer.pick(msg)].send_pyobj(msg)
+            ipc_codec.send(self.groups[self.balancer.pick(msg)], msg)
         elif isinstance(msg, AbortReq):
             for sock in self.groups:
-                sock.send_pyobj(msg)
+                ipc_codec.send(sock, msg)
         elif isinstance(msg, FlushCacheReq | GetStateReq):
             reply_type = FlushCacheReply if isinstance(msg, FlushCacheReq) else SchedulerState
             self.pending.append((reply_type, []))
             for sock in self.groups:
-                sock.send_pyobj(msg)
+                ipc_codec.send(sock, msg)
         else:
             logger.error("unknown message %r", type(msg).__name__)
 
@@ -143,7 +151,7 @@ class DPController:
                 got.append(reply)
                 if len(got) == self.dp_size:
                     self.pending.remove((reply_type, got))
-                    self.to_api.send_pyobj(self.merge(reply_type, got))
+                    ipc_codec.send(self.to_api, self.merge(reply_type, got))
                 return
 
     @staticmethod

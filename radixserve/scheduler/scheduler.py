@@ -34,6 +34,7 @@ from radixserve.messages import (
     GenerateBatch,
     GetStateReq,
     LoadReport,
+    Message,
     ReqOutput,
     SchedulerState,
     TokenizedGenerateReq,
@@ -107,7 +108,7 @@ class Scheduler:
         self.decode = DecodeManager(self.runner, self.cache, self.sampler, args.decode_log_interval)
         limits = RequestLimits(self.context_len, self.pools.allocator.total_tokens)
         self.intake = RequestIntake(limits, self.runner.vocab_size, self.eos_ids, self.tokenizer, self.sampler)
-        self.transport = SchedulerTransport(ports, tp_rank)
+        self.transport = SchedulerTransport(ports, tp_rank, args.tp_size)
         # overlap scheduling: the launched batch whose results are not processed yet
         self.overlap = not args.disable_overlap_schedule
         self.inflight: InFlightBatch | None = None
@@ -155,7 +156,7 @@ class Scheduler:
         for msg in self.transport.recv(block):
             self.handle(msg)
 
-    def handle(self, msg: object) -> None:
+    def handle(self, msg: Message) -> None:
         if isinstance(msg, GenerateBatch):
             for req in msg.reqs:
                 self.add_request(req)

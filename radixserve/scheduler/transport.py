@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import zmq
 
-from radixserve.distributed.parallel_state import tp_broadcast_objects
+from radixserve import ipc_codec
+from radixserve.distributed.parallel_state import tp_broadcast_bytes
 from radixserve.ipc import PortArgs, pull_socket, push_socket
-from radixserve.messages import BatchOut, LoadReport
+from radixserve.messages import BatchOut, LoadReport, Message
 
 
 class SchedulerTransport:
-    def __init__(self, ports: PortArgs, tp_rank: int) -> None:
+    def __init__(self, ports: PortArgs, tp_rank: int, tp_size: int = 1) -> None:
+        self.tp_followers = tp_size > 1
         # only rank 0 talks to the other processes; the other ranks follow its broadcasts
         self.recv_sock = self.detok_sock = self.reply_sock = self.load_sock = None
         self.last_load: LoadReport | None = None
@@ -24,23 +26,29 @@ class SchedulerTransport:
             if ports.load_report:
                 self.load_sock = push_socket(ctx, ports.load_report)
 
-    def recv(self, block: bool) -> list[object]:
+    def recv(self, block: bool) -> list[Message]:
         """Every message waiting (block: wait up to a second for the first), on every rank."""
-        msgs: list[object] = []
+        msgs: list[Message] = []
         if self.recv_sock is not None:
             timeout = 1000 if block else 0
             while self.recv_sock.poll(timeout):
-                msgs.append(self.recv_sock.recv_pyobj())
+                msg = ipc_codec.recv(self.recv_sock)
+                if msg is not None:
+                    msgs.append(msg)
                 timeout = 0
-        return tp_broadcast_objects(msgs)
+        if not self.tp_followers:
+            return msgs
+        # the other ranks get rank 0's messages as encoded bytes (no pickle across hosts either)
+        data = tp_broadcast_bytes(ipc_codec.encode_list(msgs) if self.recv_sock is not None else None)
+        return msgs if self.recv_sock is not None else ipc_codec.decode_list(data)
 
     def send_outputs(self, batch: BatchOut) -> None:
         if self.detok_sock is not None:
-            self.detok_sock.send_pyobj(batch)
+            ipc_codec.send(self.detok_sock, batch)
 
-    def reply(self, msg: object) -> None:
+    def reply(self, msg: Message) -> None:
         if self.reply_sock is not None:
-            self.reply_sock.send_pyobj(msg)
+            ipc_codec.send(self.reply_sock, msg)
 
     @property
     def wants_load(self) -> bool:
@@ -50,4 +58,4 @@ class SchedulerTransport:
         """Tell the DP controller our load when it changed."""
         if self.load_sock is not None and report != self.last_load:
             self.last_load = report
-            self.load_sock.send_pyobj(report)
+            ipc_codec.send(self.load_sock, report)

@@ -13,7 +13,10 @@ import pytest
 from tests.e2e.server_utils import start_server
 from tests.helpers import hf_greedy, make_tiny_model
 
-LONG = {"temperature": 0, "max_new_tokens": 3000, "ignore_eos": True}  # seconds on the tiny model
+# Long requests must outlive the scenario whatever the machine's speed (a few thousand tokens took
+# only seconds, and a request that ended early failed the test); the scenario aborts them all.
+LONG = {"temperature": 0, "ignore_eos": True}
+CONTEXT = 32768
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +54,15 @@ def group_of_new(srv, before: list[int], n: int) -> int:
 def run_scenario(srv) -> tuple[bool, bool]:
     """A long request, a short one that finishes, then two more long ones. Returns whether the
     second and the third long request landed in the same group as the first."""
-    threads = [send(srv, [5, 6, 7] * 20, {**LONG, "max_new_tokens": 3500})]
+    threads = [send(srv, [5, 6, 7] * 20, {**LONG, "max_new_tokens": 30000})]
     first = group_of_new(srv, [0, 0], 1)
     short = send(srv, [8, 9], {"temperature": 0, "max_new_tokens": 1})
     short.join()
     before = wait_total(srv, 1)
-    threads.append(send(srv, [10, 11, 12], {**LONG, "max_new_tokens": 1000}))
+    threads.append(send(srv, [10, 11, 12], {**LONG, "max_new_tokens": 8000}))
     second = group_of_new(srv, before, 2)
     before = loads(srv)
-    threads.append(send(srv, [13, 14, 15], {**LONG, "max_new_tokens": 1000}))
+    threads.append(send(srv, [13, 14, 15], {**LONG, "max_new_tokens": 8000}))
     third = group_of_new(srv, before, 3)
     httpx.post(srv.url + "/abort_request", json={"rid": ""}, timeout=10)
     for t in threads:
@@ -72,12 +75,12 @@ def run_scenario(srv) -> tuple[bool, bool]:
     ("round_robin", (True, False)),
     # long1 -> g0 (both empty); short -> g1; long2 -> the emptier g1; long3: 1 vs 1, ties go to g0
     ("shortest_queue", (False, True)),
-    # long1's 3,560 outstanding tokens keep its group the heaviest: both later requests go elsewhere
+    # long1's ~30,000 outstanding tokens keep its group the heaviest: both later requests go elsewhere
     ("minimum_tokens", (False, False)),
 ])
 def test_load_balance_methods(model, tmp_path, method, expected):
     path, _ = model
-    srv = start_server(["--model-path", path, "--dtype", "float32", "--dp-size", "2", "--context-length", "4096",
+    srv = start_server(["--model-path", path, "--dtype", "float32", "--dp-size", "2", "--context-length", str(CONTEXT),
                         "--load-balance-method", method], str(tmp_path / "server.log"))
     try:
         assert run_scenario(srv) == expected
