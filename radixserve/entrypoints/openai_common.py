@@ -19,6 +19,7 @@ from radixserve.constrained.schema import GrammarError, schema_text
 from radixserve.entrypoints.errors import APIError
 from radixserve.entrypoints.openai_protocol import SamplingExtras
 from radixserve.entrypoints.tokenizer_manager import (  # noqa: F401 (collect, validate_all re-exported)
+    Progress,
     RequestAborted,
     RequestError,
     ServerDeadError,
@@ -172,14 +173,12 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-async def merged_streams(
-    tm: TokenizerManager, reqs: list[SingleRequest]
-) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-    """(request index, cumulative result) from every request as soon as it arrives. Validate the
+async def merged_streams(tm: TokenizerManager, reqs: list[SingleRequest]) -> AsyncIterator[tuple[int, Progress]]:
+    """(request index, live progress) from every request as soon as it arrives. Validate the
     requests before the response starts (see validate_all): errors after that are in-band."""
     async with aclosing(tm.run(reqs)) as results:
-        async for i, out in results:
-            yield i, out
+        async for i, p in results:
+            yield i, p
 
 
 class ClientDisconnected(Exception):

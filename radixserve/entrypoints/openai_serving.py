@@ -111,7 +111,6 @@ class OpenAIServing:
         }
 
     async def _completion_chunks(self, req, reqs, prompts, rid, created) -> AsyncIterator[bytes]:
-        sent_text = [0] * len(reqs)
         sent_lp = [0] * len(reqs)
         finals: dict[int, dict[str, Any]] = {}
         include_usage, continuous = usage_options(req)
@@ -135,14 +134,14 @@ class OpenAIServing:
         if req.echo and not want_logprobs:
             for i, p in enumerate(prompts):
                 yield chunk(i, p, None, None)
-        async for i, res in merged_streams(self.tm, reqs):
+        async for i, p in merged_streams(self.tm, reqs):
+            res = p.view()  # no copies: each increment costs its own size
             if i in echo_pending:
                 echo_pending.discard(i)
                 prompt_lp = self._completion_logprobs(res, True, prompt_only=True)
                 offsets[i] = sum(len(t) for t in prompt_lp["tokens"])
                 yield chunk(i, prompts[i], prompt_lp, None, res=res)
-            delta = res["text"][sent_text[i]:]
-            sent_text[i] = len(res["text"])
+            delta = p.new_text
             logprobs = None
             if want_logprobs:
                 logprobs = self._completion_logprobs(res, False, sent_lp[i], offsets[i])
@@ -261,7 +260,6 @@ class OpenAIServing:
         return out
 
     async def _chat_chunks(self, req, reqs, rid, created) -> AsyncIterator[bytes]:
-        sent_text = [0] * len(reqs)
         sent_lp = [0] * len(reqs)
         finals: dict[int, dict[str, Any]] = {}
         include_usage, continuous = usage_options(req)
@@ -279,9 +277,9 @@ class OpenAIServing:
 
         for i in range(len(reqs)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, res in merged_streams(self.tm, reqs):
-            delta = res["text"][sent_text[i]:]
-            sent_text[i] = len(res["text"])
+        async for i, p in merged_streams(self.tm, reqs):
+            res = p.view()  # no copies: each increment costs its own size
+            delta = p.new_text
             logprobs = None
             if req.logprobs:
                 logprobs = {"content": self._chat_logprobs(res, sent_lp[i])}

@@ -143,7 +143,8 @@ async def generate(req: GenerateRequest, raw: Request):
 
 async def _native_stream(tm: TokenizerManager, reqs: list[SingleRequest], single: bool) -> AsyncIterator[bytes]:
     try:
-        async for i, out in merged_streams(tm, reqs):
+        async for i, p in merged_streams(tm, reqs):
+            out = p.result()  # SGLang's native stream sends the whole result so far each time
             yield sse(out if single else {**out, "index": i})
     except (RequestError, ValueError, ServerDeadError, RequestAborted) as e:
         err = as_api_error(e)

@@ -63,17 +63,36 @@ class _Clock:
 
 
 @dataclass
-class _Progress:
-    """What has arrived for one request of a call."""
+class Progress:
+    """What has arrived for one request of a call, kept up to date as increments arrive: each costs
+    O(its own size). `new_text` is the latest increment's text; readers that send deltas (OpenAI
+    streams) read it and the lists of `meta` from where they stopped; `result()` is a snapshot."""
 
     req: SingleRequest
     clock: _Clock
-    text: str = ""
+    parts: list[str] = field(default_factory=list)  # text increments, joined on demand
+    new_text: str = ""
     output_ids: list[int] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+    @property
+    def finished(self) -> bool:
+        return self.meta.get("finish_reason") is not None
+
     def result(self) -> dict[str, Any]:
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": dict(self.meta)}
+        """The result so far as a new dict: later increments do not change it."""
+        meta = {k: list(v) if isinstance(v, list) else v for k, v in self.meta.items()}
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+
+    def view(self) -> dict[str, Any]:
+        """The live state in the result's shape, without copies (text: this increment's only)."""
+        return {"text": self.new_text, "output_ids": self.output_ids, "meta_info": self.meta}
 
 
 class TokenizerManager:
@@ -224,10 +243,11 @@ class TokenizerManager:
         return params
 
     # ---- generation -----------------------------------------------------------
-    async def run(self, reqs: list[SingleRequest]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """Send a call's requests to the scheduler as one message and yield (index, cumulative
-        result): every increment of a streaming request, the final result of the others. Requests
-        still unfinished when the caller stops (or fails) are aborted, in one message."""
+    async def run(self, reqs: list[SingleRequest]) -> AsyncIterator[tuple[int, Progress]]:
+        """Send a call's requests to the scheduler as one message and yield (index, progress): at
+        every increment of a streaming request, at the end of the others. The progress is live (read
+        it before the next one; `result()` for a copy). Requests still unfinished when the caller
+        stops (or fails) are aborted, in one message."""
         self._ensure_started()
         if self.dead:
             raise ServerDeadError(self.dead)
@@ -238,7 +258,7 @@ class TokenizerManager:
             raise RequestError(f"rid {taken!r} is already in flight", "rid")
         queue: asyncio.Queue = asyncio.Queue()
         start = time.perf_counter()
-        progress: dict[int, _Progress] = {}  # made on a request's first output: a call may be huge
+        progress: dict[int, Progress] = {}  # made on a request's first output: a call may be huge
         finished = bytearray(len(reqs))
         for i, rid in enumerate(rids):
             self.routes[rid] = (queue, i)
@@ -253,12 +273,12 @@ class TokenizerManager:
                 i, out = await queue.get()
                 if isinstance(out, Exception):
                     raise out
-                p = progress.get(i) or progress.setdefault(i, _Progress(reqs[i], _Clock(start)))
+                p = progress.get(i) or progress.setdefault(i, Progress(reqs[i], _Clock(start)))
                 self._merge(p, out)
                 self._observe(p.clock, out)
                 if out.finish_reason is None:
                     if p.req.stream:
-                        yield i, p.result()
+                        yield i, p
                     continue
                 finished[i] = 1
                 unfinished -= 1
@@ -269,7 +289,7 @@ class TokenizerManager:
                     if reason["status_code"] == 400:
                         raise RequestError(reason.get("message", "invalid request"))
                     raise RequestAborted(reason["status_code"], reason.get("message", "aborted"))
-                yield i, p.result()
+                yield i, p
         finally:
             left = [r for i, r in enumerate(reqs) if not finished[i]]
             for r in left:
@@ -282,10 +302,10 @@ class TokenizerManager:
                 await ipc_codec.send_async(self.send_sock, AbortReq([r.rid for r in left]))
 
     async def generate(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
-        """One request: its increments (streaming) or its final result."""
+        """One request: its cumulative result at each increment (streaming), or its final result."""
         async with aclosing(self.run([req])) as results:
-            async for _, out in results:
-                yield out
+            async for _, p in results:
+                yield p.result()
 
     @staticmethod
     def _message(req: SingleRequest) -> TokenizedGenerateReq:
@@ -314,9 +334,10 @@ class TokenizerManager:
             self.metrics.observe_finish(out.prompt_tokens, out.completion_tokens, out.cached_tokens,
                                         now - clock.start, aborted)
 
-    def _merge(self, p: _Progress, out: ReqOutput) -> None:
+    def _merge(self, p: Progress, out: ReqOutput) -> None:
         req = p.req
-        p.text += out.text
+        p.parts.append(out.text)
+        p.new_text = out.text
         p.output_ids.extend(out.new_token_ids)
         meta = p.meta
         meta.update(
@@ -386,6 +407,7 @@ async def collect(tm: TokenizerManager, reqs: list[SingleRequest]) -> list[dict[
     """Run requests to completion (all validated before any starts); their final results in order."""
     results: list[dict[str, Any]] = [{} for _ in reqs]
     async with aclosing(tm.run(reqs)) as outs:
-        async for i, out in outs:
-            results[i] = out
+        async for i, p in outs:
+            if p.finished:
+                results[i] = p.result()
     return results
