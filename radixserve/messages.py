@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 
+from radixserve.sampling_params import SamplingParams
+
 
 class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     """Base of every message: the tag (the class name) says which type a payload decodes to."""
@@ -16,7 +18,7 @@ class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
 class TokenizedGenerateReq(Message):
     rid: str
     input_ids: list[int]
-    sampling_params: dict[str, Any]
+    sampling_params: SamplingParams  # checked again as it is decoded
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no prompt logprobs

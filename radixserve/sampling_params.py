@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from radixserve.utils.text import lone_surrogate_at
 
@@ -19,7 +19,7 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
-# Field groups drive the type checks; keep them in sync with the dataclass below.
+# Field groups drive the type checks; keep them in sync with the struct below.
 _FLOAT_FIELDS = (
     "temperature",
     "top_p",
@@ -59,8 +59,10 @@ def _check_unicode(name: str, value: str) -> None:
         )
 
 
-@dataclass
-class SamplingParams:
+class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Checked and normalized on construction and again when decoded from a message (__post_init__),
+    so a scheduler takes them from a socket as they are, without a dict in between."""
+
     max_new_tokens: int | None = 128  # None: generate up to the context length
     min_new_tokens: int = 0
     temperature: float = 1.0
@@ -101,7 +103,7 @@ class SamplingParams:
             return cls()
         if not isinstance(d, dict):
             raise SamplingParamsError(f"sampling_params must be an object, got {type(d).__name__}", "sampling_params")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(cls.__struct_fields__)
         for key in d:
             if key not in known:
                 raise SamplingParamsError(f"unknown sampling parameter {key!r}", str(key))
@@ -109,7 +111,8 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists copied) suitable for msgpack/JSON messages; from_dict round-trips it."""
-        return dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+                for k, v in msgspec.structs.asdict(self).items()}
 
     @property
     def is_greedy(self) -> bool:

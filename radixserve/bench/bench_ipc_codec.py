@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from radixserve import ipc_codec
 from radixserve.messages import BatchOut, GenerateBatch, Message, ReqOutput, TokenizedGenerateReq
+from radixserve.sampling_params import SamplingParams
 
 PARAMS = {"max_new_tokens": 256, "min_new_tokens": 0, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "min_p": 0.0,
           "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "stop": [],
@@ -24,7 +25,8 @@ PARAMS = {"max_new_tokens": 256, "min_new_tokens": 0, "temperature": 0.7, "top_p
 
 def samples(rng: random.Random) -> dict[str, Message]:
     def req(i: int, prompt: int) -> TokenizedGenerateReq:
-        return TokenizedGenerateReq(f"{i:032x}", [rng.randrange(128256) for _ in range(prompt)], dict(PARAMS))
+        return TokenizedGenerateReq(f"{i:032x}", [rng.randrange(128256) for _ in range(prompt)],
+                                    SamplingParams(**PARAMS))
 
     def out(i: int, tokens: int, logprobs: bool) -> ReqOutput:
         o = ReqOutput(f"{i:032x}", [rng.randrange(128256) for _ in range(tokens)], None, 1024, 100, 0)

@@ -311,8 +311,7 @@ class TokenizerManager:
     def _message(req: SingleRequest) -> TokenizedGenerateReq:
         assert req.params is not None and req.input_ids is not None, "validate first"
         return TokenizedGenerateReq(
-            # the fields as they are (dataclasses.asdict deep-copies: 10x slower, and pickling copies anyway)
-            rid=req.rid, input_ids=req.input_ids, sampling_params=dict(vars(req.params)),
+            rid=req.rid, input_ids=req.input_ids, sampling_params=req.params,
             return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num,
             logprob_start_len=req.logprob_start_len if req.return_logprob else -1, stream=req.stream,
         )

@@ -66,7 +66,7 @@ class LoadBalancer:
         else:  # minimum_tokens
             group = min(range(len(self.loads)), key=lambda g: (self.loads[g].outstanding_tokens, g))
         # counted until the group reports having received it (a request may come and go between reports)
-        tokens = len(req.input_ids) + int(req.sampling_params.get("max_new_tokens") or 0)
+        tokens = len(req.input_ids) + int(req.sampling_params.max_new_tokens or 0)
         self.loads[group].in_transit.append(tokens)
         self.sent[group] += 1
         return group

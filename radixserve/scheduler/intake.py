@@ -11,7 +11,6 @@ from radixserve.constrained import GrammarError
 from radixserve.detokenize import StopChecker
 from radixserve.messages import TokenizedGenerateReq
 from radixserve.request_limits import RequestLimits
-from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.req import Req
 from radixserve.scheduler.sampling import BatchSampler
 
@@ -33,10 +32,7 @@ class RequestIntake:
 
     def build(self, msg: TokenizedGenerateReq) -> Req:
         n = len(msg.input_ids)
-        try:
-            params = SamplingParams.from_dict(msg.sampling_params)
-        except ValueError as e:
-            raise Rejected(str(e), n) from None
+        params = msg.sampling_params  # checked as the message was decoded
         if n == 0:
             raise Rejected("the prompt is empty", 0)
         if any(not 0 <= t < self.vocab_size for t in msg.input_ids):

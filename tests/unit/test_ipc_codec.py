@@ -23,13 +23,14 @@ from radixserve.messages import (
     TokenizedGenerateReq,
     to_dict,
 )
+from radixserve.sampling_params import SamplingParams
 
 STATE = SchedulerState(100, 90, 5, 1, 8, 7, 1, 0, 0.7, 2, gen_throughput=12.5, num_tokens=33)
 SAMPLES = [
-    TokenizedGenerateReq("r1", [1, 2, 3], {"temperature": 0.0, "logit_bias": {7: -100.0}, "stop": ["\n"]},
+    TokenizedGenerateReq("r1", [1, 2, 3], SamplingParams(temperature=0.0, logit_bias={"7": -100}, stop="\n"),
                          return_logprob=True, top_logprobs_num=2, logprob_start_len=0, stream=True,
                          bootstrap_host="10.0.0.2", bootstrap_port=8998, bootstrap_room=12345),
-    GenerateBatch([TokenizedGenerateReq(f"r{i}", [i], {}) for i in range(3)]),
+    GenerateBatch([TokenizedGenerateReq(f"r{i}", [i], SamplingParams(seed=i)) for i in range(3)]),
     AbortReq(["a", "b"], message="gone", status_code=503),
     AbortReq(abort_all=True),
     FlushCacheReq(),
@@ -58,7 +59,7 @@ def test_nested_tuples_and_int_keys_survive():
     out = ipc_codec.decode(ipc_codec.encode(SAMPLES[-2]))
     assert out.output_top_logprobs[0][0] == (-0.5, 5) and isinstance(out.output_top_logprobs[0][0], tuple)
     req = ipc_codec.decode(ipc_codec.encode(SAMPLES[0]))
-    assert req.sampling_params["logit_bias"] == {7: -100.0}
+    assert req.sampling_params.logit_bias == {7: -100.0} and req.sampling_params.stop == ["\n"]
     assert ipc_codec.decode_list(ipc_codec.encode_list(SAMPLES)) == SAMPLES
 
 
@@ -84,6 +85,14 @@ def test_anything_else_is_refused_as_data(payload, tmp_path):
         ipc_codec.decode(payload)
     assert ipc_codec._decoded_or_none(payload) is None  # what the receive loops get: dropped, logged
     assert not os.path.exists("/tmp/radixserve_pickle_ran")
+
+
+def test_sampling_params_are_checked_as_they_are_decoded():
+    good = ipc_codec._encoder.encode(["TokenizedGenerateReq", "r", [1], SamplingParams(temperature=0.5)])
+    assert ipc_codec.decode(good).sampling_params.temperature == 0.5
+    bad = ipc_codec._encoder.encode(["TokenizedGenerateReq", "r", [1], [128, 0, -5.0]])  # temperature -5
+    with pytest.raises(ipc_codec.BadMessage, match="temperature must be >= 0"):
+        ipc_codec.decode(bad)
 
 
 def test_to_dict_is_plain_data_without_tags():
