@@ -39,8 +39,9 @@ def decode(data: bytes | memoryview) -> Message:
         raise BadMessage(f"not a radixserve message: {e}") from None
 
 
-def encode_list(msgs: list[Message]) -> bytes:
-    return _encoder.encode(msgs)
+def encode_list(payloads: list[bytes | memoryview]) -> bytes:
+    """Already-encoded messages as one encoded list (the payloads are copied in, not re-encoded)."""
+    return _encoder.encode([msgspec.Raw(p) for p in payloads])
 
 
 def decode_list(data: bytes | memoryview) -> list[Message]:
@@ -65,6 +66,12 @@ def send(sock: zmq.Socket, msg: Message) -> None:
 def recv(sock: zmq.Socket) -> Message | None:
     """The next message, or None for a payload that is not one (logged)."""
     return _decoded_or_none(sock.recv(copy=False).buffer)
+
+
+def recv_raw(sock: zmq.Socket) -> tuple[Message | None, memoryview]:
+    """The next message and its payload as received (to pass on without encoding it again)."""
+    data = sock.recv(copy=False).buffer
+    return _decoded_or_none(data), data
 
 
 async def send_async(sock: zmq.asyncio.Socket, msg: Message) -> None:

@@ -29,17 +29,19 @@ class SchedulerTransport:
     def recv(self, block: bool) -> list[Message]:
         """Every message waiting (block: wait up to a second for the first), on every rank."""
         msgs: list[Message] = []
+        payloads: list[memoryview] = []  # as received: what the other TP ranks are sent
         if self.recv_sock is not None:
             timeout = 1000 if block else 0
             while self.recv_sock.poll(timeout):
-                msg = ipc_codec.recv(self.recv_sock)
+                msg, payload = ipc_codec.recv_raw(self.recv_sock)
                 if msg is not None:
                     msgs.append(msg)
+                    payloads.append(payload)
                 timeout = 0
         if not self.tp_followers:
             return msgs
-        # the other ranks get rank 0's messages as encoded bytes (no pickle across hosts either)
-        data = tp_broadcast_bytes(ipc_codec.encode_list(msgs) if self.recv_sock is not None else None)
+        # the other ranks get rank 0's payloads as bytes (no pickle across hosts either)
+        data = tp_broadcast_bytes(ipc_codec.encode_list(payloads) if self.recv_sock is not None else None)
         return msgs if self.recv_sock is not None else ipc_codec.decode_list(data)
 
     def send_outputs(self, batch: BatchOut) -> None:

@@ -60,7 +60,7 @@ def test_nested_tuples_and_int_keys_survive():
     assert out.output_top_logprobs[0][0] == (-0.5, 5) and isinstance(out.output_top_logprobs[0][0], tuple)
     req = ipc_codec.decode(ipc_codec.encode(SAMPLES[0]))
     assert req.sampling_params.logit_bias == {7: -100.0} and req.sampling_params.stop == ["\n"]
-    assert ipc_codec.decode_list(ipc_codec.encode_list(SAMPLES)) == SAMPLES
+    assert ipc_codec.decode_list(ipc_codec.encode_list([ipc_codec.encode(m) for m in SAMPLES])) == SAMPLES
 
 
 class Boom:
