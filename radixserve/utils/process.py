@@ -40,14 +40,15 @@ def ignore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 5.0) -> None:
-    """SIGKILL a child process and its descendants (our children ignore SIGTERM, and by the time
-    this runs there is nothing left for them to finish); wait up to timeout for them to go."""
+def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 5.0,
+                      skip_pid: int | None = None) -> None:
+    """SIGKILL a child process and its descendants but skip_pid (our children ignore SIGTERM, and by
+    the time this runs there is nothing left for them to finish); wait up to timeout for them to go."""
     try:
         proc = psutil.Process(pid)
     except psutil.NoSuchProcess:
         return
-    procs = proc.children(recursive=True) + ([proc] if include_parent else [])
+    procs = [p for p in proc.children(recursive=True) if p.pid != skip_pid] + ([proc] if include_parent else [])
     for p in procs:
         try:
             p.kill()
