@@ -17,7 +17,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 MODEL, HTTP, MEMORY, KERNELS, PARALLEL, PD, LOGGING = (
     "model", "http", "memory and scheduling", "kernels", "parallelism", "pd disaggregation", "logging")
-TOKENS = {"minimum": 1}  # a positive count
+POSITIVE = {"minimum": 1}  # a count of at least one
 PORT = {"minimum": 1, "maximum": 65535}
 SECONDS = {"above": 0, "unit": "seconds"}
 
@@ -34,7 +34,7 @@ class ServerArgs:
     trust_remote_code: bool = flag(False, "let the model folder's own config and tokenizer code run (the model "
                                    "itself must be a built-in architecture)", MODEL)
     context_length: int | None = flag(None, "max tokens per sequence (default: from the model config)", MODEL,
-                                      **TOKENS)
+                                      **POSITIVE)
     random_seed: int | None = flag(None, "seed for weights init and sampling", MODEL)
     # ---- http ---------------------------------------------------------------------------------
     host: str = flag("127.0.0.1", "address to bind", HTTP)
@@ -45,7 +45,7 @@ class ServerArgs:
                                      "tokenizer's)", HTTP)
     enable_metrics: bool = flag(False, "serve Prometheus metrics at /metrics (always on)", HTTP)
     max_request_body_size: int = flag(32 * 1024 * 1024, "largest accepted request body in bytes (413 above); "
-                                      "also --max-payload-size", HTTP, aliases=("--max-payload-size",), **TOKENS)
+                                      "also --max-payload-size", HTTP, aliases=("--max-payload-size",), **POSITIVE)
     enable_cache_report: bool = flag(False, "report cached prompt tokens in usage (always on)", HTTP)
     grammar_backend: str = flag("xgrammar", "structured output backend (xgrammar; the others are not built)", HTTP,
                                 choices=("xgrammar", "outlines", "llguidance", "none"))
@@ -59,35 +59,35 @@ class ServerArgs:
                                     HTTP, **SECONDS)
     timeout_keep_alive: float = flag(5.0, "seconds an idle keep-alive connection is kept open", HTTP, **SECONDS)
     http_max_connections: int = flag(4096, "open connections at most; one more is answered 503 and closed", HTTP,
-                                     **TOKENS)
+                                     **POSITIVE)
     # ---- memory and scheduling ----------------------------------------------------------------
     device: str = flag("auto", "device to run on", MEMORY, choices=("auto", "cpu", "cuda"))
-    page_size: int = flag(1, "tokens per KV page", MEMORY, **TOKENS)
+    page_size: int = flag(1, "tokens per KV page", MEMORY, **POSITIVE)
     mem_fraction_static: float | None = flag(None, "fraction of GPU memory for weights + KV (default 0.9)", MEMORY,
                                              above=0, below=1)
-    max_total_tokens: int | None = flag(None, "KV pool capacity in tokens", MEMORY, **TOKENS)
-    max_running_requests: int | None = flag(None, "max requests decoding at once", MEMORY, **TOKENS)
+    max_total_tokens: int | None = flag(None, "KV pool capacity in tokens", MEMORY, **POSITIVE)
+    max_running_requests: int | None = flag(None, "max requests decoding at once", MEMORY, **POSITIVE)
     chunked_prefill_size: int | None = flag(None, "max tokens per prefill chunk; -1 disables chunking", MEMORY)
-    max_prefill_tokens: int = flag(16384, "max new tokens in one prefill batch", MEMORY, **TOKENS)
+    max_prefill_tokens: int = flag(16384, "max new tokens in one prefill batch", MEMORY, **POSITIVE)
     schedule_policy: str = flag("lpm", "waiting-queue order: longest prefix match or first come", MEMORY,
                                 choices=("lpm", "fcfs"))
     disable_radix_cache: bool = flag(False, "keep no prefix cache", MEMORY)
-    decode_log_interval: int = flag(40, "log a decode line every N steps", MEMORY, **TOKENS)
+    decode_log_interval: int = flag(40, "log a decode line every N steps", MEMORY, **POSITIVE)
     # ---- kernels ------------------------------------------------------------------------------
     attention_backend: str | None = flag(None, "attention implementation (default: triton on CUDA, torch_native "
                                          "on CPU)", KERNELS, choices=("torch_native", "triton"))
     disable_cuda_graph: bool = flag(False, "do not capture CUDA graphs", KERNELS)
     cuda_graph_max_bs: int | None = flag(None, "largest decode batch run through CUDA graphs (default 256)", KERNELS,
-                                         **TOKENS)
+                                         **POSITIVE)
     disable_overlap_schedule: bool = flag(False, "run scheduling and the GPU strictly in turn", KERNELS)
     enable_torch_compile: bool = flag(False, "torch.compile the model for decode batches up to "
                                       "--torch-compile-max-bs", KERNELS)
     torch_compile_max_bs: int | None = flag(None, "largest decode batch run through the torch.compile'd model "
-                                            "(default 32)", KERNELS, **TOKENS)
+                                            "(default 32)", KERNELS, **POSITIVE)
     enable_two_batch_overlap: bool = flag(False, "overlap two micro-batches", KERNELS)
     # ---- parallelism --------------------------------------------------------------------------
-    tp_size: int = flag(1, "tensor parallel size", PARALLEL, **TOKENS)
-    dp_size: int = flag(1, "data parallel size", PARALLEL, **TOKENS)
+    tp_size: int = flag(1, "tensor parallel size", PARALLEL, **POSITIVE)
+    dp_size: int = flag(1, "data parallel size", PARALLEL, **POSITIVE)
     load_balance_method: str = flag("round_robin", "how the DP controller spreads requests", PARALLEL,
                                     choices=("round_robin", "shortest_queue", "minimum_tokens"))
     enable_dp_attention: bool = flag(False, "data parallel attention (MoE models)", PARALLEL)
@@ -96,10 +96,10 @@ class ServerArgs:
     moe_a2a_backend: str = flag("none", "MoE all-to-all backend", PARALLEL, choices=("none", "deepep"))
     dist_init_addr: str | None = flag(None, "HOST:PORT of node 0 for torch.distributed init (DP group i uses "
                                       "PORT + i)", PARALLEL)
-    nnodes: int = flag(1, "number of nodes", PARALLEL, **TOKENS)
+    nnodes: int = flag(1, "number of nodes", PARALLEL, **POSITIVE)
     node_rank: int = flag(0, "this node's rank", PARALLEL, minimum=0)
     base_gpu_id: int = flag(0, "first GPU index to use", PARALLEL, minimum=0)
-    dist_timeout: int | None = flag(None, "timeout in seconds for torch.distributed", PARALLEL, **TOKENS)
+    dist_timeout: int | None = flag(None, "timeout in seconds for torch.distributed", PARALLEL, **POSITIVE)
     # ---- pd disaggregation --------------------------------------------------------------------
     disaggregation_mode: str = flag("null", "null, prefill or decode", PD, choices=("null", "prefill", "decode"))
     disaggregation_ib_device: str | None = flag(None, "InfiniBand device for KV transfer", PD)
