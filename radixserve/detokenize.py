@@ -199,6 +199,7 @@ class StopChecker:
         self._window += STOP_WINDOW_SLACK
         self._checked_len = 0
         self._floor = 0  # output tokens passed over (skip_to): a stop may lie in them unacted on
+        self._floor_text_len = (0, 0)  # (floor, length of its decoded text), for stop regexes
         self.matched: str | None = None  # the stop string found by the last True check
 
     def skip_to(self, n: int) -> None:
@@ -219,9 +220,12 @@ class StopChecker:
             return False
         if self.regexes:
             text = _decode(self._tokenizer, output_ids, self._skip, True)
-            floor = _decode(self._tokenizer, output_ids[: self._floor], self._skip, True) if self._floor else ""
-            found = find_stop(text, self.stops, end_after=len(floor.rstrip(_REPLACEMENT)))
-            by_regex = find_stop_regex(text, self.regexes, end_after=len(floor.rstrip(_REPLACEMENT)))
+            if self._floor_text_len[0] != self._floor:  # the floor moves only under min_new_tokens
+                floor = _decode(self._tokenizer, output_ids[: self._floor], self._skip, True) if self._floor else ""
+                self._floor_text_len = (self._floor, len(floor.rstrip(_REPLACEMENT)))
+            end_after = self._floor_text_len[1]
+            found = find_stop(text, self.stops, end_after=end_after)
+            by_regex = find_stop_regex(text, self.regexes, end_after=end_after)
             if by_regex is not None and (found is None or by_regex[0] < found[0]):
                 found = by_regex
             self.matched = found[1] if found else None
