@@ -1,7 +1,5 @@
-"""Incremental detokenization and stop-string helpers.
-
-Used by the detokenizer process (streaming text) and by the scheduler (stop strings).
-"""
+"""Incremental detokenization and the stop-string and stop-regex searches, used by request_text.py
+(in the detokenizer process)."""
 
 from __future__ import annotations
 
@@ -11,11 +9,6 @@ from typing import Any
 # Prompt tokens decoded as left context for the first output tokens, so that tokenizers whose
 # decode depends on the previous token (sentencepiece leading spaces) behave as in context.
 PROMPT_CONTEXT_TOKENS = 5
-
-# Extra tokens in StopChecker's window beyond one token per stop-string byte: up to 3 tokens of a
-# multi-byte character left incomplete at the previous check, plus slack for a sentencepiece
-# window start that drops a leading space.
-STOP_WINDOW_SLACK = 8
 
 _REPLACEMENT = "\ufffd"
 
@@ -68,6 +61,14 @@ class IncrementalDetokenizer:
         """Append ids and return the newly completed text ("" while a character is incomplete)."""
         self._ids.extend(new_ids)
         return self._advance(final=False)
+
+    def peek(self) -> str:
+        """All output text so far as flush() would make it, without emitting anything: the held-back
+        tail of an incomplete character included (as U+FFFD)."""
+        if self._read_offset >= len(self._ids):
+            return self._text
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        return self._text + self._decode(self._ids[self._prefix_offset :])[len(prefix_text) :]
 
     def flush(self) -> str:
         """Emit whatever is held back (e.g. a trailing incomplete character) at end of request."""
@@ -162,92 +163,3 @@ def trim_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     if found is None:
         return text, False
     return text[: found[0]], True
-
-
-def _special_ids(tokenizer: Any) -> frozenset[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    for token_id, token in decoder.items():
-        if getattr(token, "special", False):
-            ids.add(int(token_id))
-    return frozenset(ids)
-
-
-class StopChecker:
-    """Per-request stop-string detector for the scheduler, cheap per step.
-
-    Window choice: every ordinary token (byte-level BPE, sentencepiece with byte fallback)
-    decodes to at least one UTF-8 byte, so a stop string of B bytes touches at most B tokens.
-    The stop was not in the text at the previous check, so it ends at or after the last
-    character that was complete then: at most 3 tokens before the previously checked length
-    (an incomplete 4-byte character). Hence decoding from
-    `prev_len - B - STOP_WINDOW_SLACK` covers it, even when several tokens arrived at once.
-    Skipped special tokens decode to nothing, so each one inside the window widens it by one.
-    """
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str], skip_special_tokens: bool = True,
-                 regexes: Sequence[str] = ()) -> None:
-        self._tokenizer = tokenizer
-        self.stops = [s for s in stops if s]
-        # regexes have no length bound: they are searched over the whole output text each check
-        self.regexes = list(regexes)
-        self._skip = skip_special_tokens
-        self._special = _special_ids(tokenizer) if skip_special_tokens else frozenset()
-        # surrogatepass: SamplingParams refuses stops that are not valid Unicode; should one get
-        # here anyway it must not kill the scheduler (it can never match decoded text).
-        self._window = max((len(s.encode("utf-8", "surrogatepass")) for s in self.stops), default=0)
-        self._window += STOP_WINDOW_SLACK
-        self._checked_len = 0
-        self._floor = 0  # output tokens passed over (skip_to): a stop may lie in them unacted on
-        self._floor_text_len = (0, 0)  # (floor, length of its decoded text), for stop regexes
-        self.matched: str | None = None  # the stop string found by the last True check
-
-    def skip_to(self, n: int) -> None:
-        """The first n output tokens may not end a stop string (min_new_tokens): the next check
-        matches only text that ends past them."""
-        self._checked_len = n
-        self._floor = n
-
-    def check(self, output_ids: Sequence[int]) -> bool:
-        """True once the decoded output contains a stop string (possibly split across tokens) or
-        matches a stop regex. A stop regex that searches too long raises StopRegexTimeout."""
-        if not self.stops and not self.regexes:
-            return False
-        n = len(output_ids)
-        prev = min(self._checked_len, n)
-        self._checked_len = n
-        if n == prev:
-            return False
-        if self.regexes:
-            text = _decode(self._tokenizer, output_ids, self._skip, True)
-            if self._floor_text_len[0] != self._floor:  # the floor moves only under min_new_tokens
-                floor = _decode(self._tokenizer, output_ids[: self._floor], self._skip, True) if self._floor else ""
-                self._floor_text_len = (self._floor, len(floor.rstrip(_REPLACEMENT)))
-            end_after = self._floor_text_len[1]
-            found = find_stop(text, self.stops, end_after=end_after)
-            by_regex = find_stop_regex(text, self.regexes, end_after=end_after)
-            if by_regex is not None and (found is None or by_regex[0] < found[0]):
-                found = by_regex
-            self.matched = found[1] if found else None
-            return found is not None
-        if not self.stops:
-            return False
-        start = max(0, prev - self._window)
-        if self._special:
-            start = self._widen_for_special(output_ids, start, n)
-        text = _decode(self._tokenizer, output_ids[start:n], self._skip, True)
-        end_after = 0
-        if start < self._floor:  # the invariant above does not hold for passed-over tokens
-            floor_text = _decode(self._tokenizer, output_ids[start : self._floor], self._skip, True)
-            end_after = len(floor_text.rstrip(_REPLACEMENT))
-        found = find_stop(text, self.stops, end_after=end_after)
-        self.matched = found[1] if found else None
-        return found is not None
-
-    def _widen_for_special(self, ids: Sequence[int], start: int, end: int) -> int:
-        missing = sum(1 for t in ids[start:end] if t in self._special)
-        while missing and start > 0:
-            new_start = max(0, start - missing)
-            missing = sum(1 for t in ids[new_start:start] if t in self._special)
-            start = new_start
-        return start

@@ -102,11 +102,11 @@ class ReqOutput(Message):
     # decode options the detokenizer needs (sent every time: requests are stateless there)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    stop_strings: list[str] = msgspec.field(default_factory=list)
+    stop_strings: list[str] = msgspec.field(default_factory=list)  # searched for by the detokenizer
     stop_regexes: list[str] = msgspec.field(default_factory=list)
     stream: bool = False  # the text of a non-streaming request may wait for its end
     no_stop_trim: bool = False
-    min_new_tokens: int = 0  # stop strings may not end in the text of the tokens before it
+    min_new_tokens: int = 0  # stops may not end in the text of the tokens before the min_new_tokens-th
     # logprobs: increments since the last message
     output_token_logprobs: list[float] = msgspec.field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = msgspec.field(default_factory=list)
@@ -114,10 +114,14 @@ class ReqOutput(Message):
     input_top_logprobs: list[list[tuple[float, int]] | None] = msgspec.field(default_factory=list)
     input_token_ids: list[int] = msgspec.field(default_factory=list)
     text: str = ""  # filled by the detokenizer
+    # set by the detokenizer when a stop in the text ended the request while the scheduler still
+    # runs it: the scheduler is told to stop it, and its release follows in BatchOut.released
+    scheduler_holds: bool = False
 
 
 class BatchOut(Message):
     outputs: list[ReqOutput]
+    released: list[str] = msgspec.field(default_factory=list)  # see ReqOutput.scheduler_holds
 
 
 def to_dict(value: Any) -> Any:

@@ -1,98 +1,87 @@
-"""The detokenizer process: token ids in, text increments out (stop strings trimmed, partial UTF-8
-and possible stop-string prefixes held back while streaming)."""
+"""The detokenizer process: token ids in, text increments out. Stop strings and stop regexes are
+found here, where the text is (request_text.py); partial UTF-8 and possible stop-string prefixes are
+held back while streaming."""
 
 from __future__ import annotations
 
 import logging
 import traceback
-from dataclasses import dataclass
 
 import zmq
 
 from radixserve import ipc_codec
-from radixserve.detokenize import IncrementalDetokenizer, StopRegexTimeout, find_stop, find_stop_regex
 from radixserve.ipc import PortArgs, pull_socket, push_socket
-from radixserve.messages import BatchOut, ReqOutput
+from radixserve.messages import AbortReq, BatchOut, ReqOutput
+from radixserve.request_text import RequestText
 from radixserve.server_args import ServerArgs
 from radixserve.utils.logging import configure_logging
 from radixserve.utils.process import die_with_parent, ignore_sigterm
 
 logger = logging.getLogger("radixserve.detokenizer")
-# characters of a stream held back while a stop_regex could still match them (a longer match that
-# starts earlier may already have been sent when it completes)
-REGEX_HOLDBACK = 32
-
-
-@dataclass
-class DetokState:
-    decoder: IncrementalDetokenizer
-    emitted: int = 0  # characters already sent
-    ids_added: int = 0
-    stop_floor: int = 0  # characters no stop string may end in (the tokens under min_new_tokens)
 
 
 class Detokenizer:
+    """Token ids in, text out. A request that a stop string or stop regex ends is ended here: its
+    output is cut at the stop's token, and the scheduler (which decodes no text) is told to stop it."""
+
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.states: dict[str, DetokState] = {}
+        self.texts: dict[str, RequestText] = {}
+        # ended here while the scheduler still ran them: their later outputs are dropped, and their
+        # last one (the scheduler letting go) is reported in BatchOut.released
+        self.ended: set[str] = set()
+
+    def process_batch(self, batch: BatchOut) -> tuple[BatchOut, list[str]]:
+        """The batch with its text, and the requests the scheduler must stop."""
+        outputs: list[ReqOutput] = []
+        released: list[str] = []
+        for out in batch.outputs:
+            if out.rid in self.ended:
+                if out.finish_reason is not None:
+                    self.ended.discard(out.rid)
+                    released.append(out.rid)
+                continue
+            outputs.append(self.process(out))
+        to_stop = [out.rid for out in outputs if out.scheduler_holds]
+        self.ended.update(to_stop)
+        return BatchOut(outputs, released + batch.released), to_stop
 
     def process(self, out: ReqOutput) -> ReqOutput:
         if self.tokenizer is None:  # a config-only model (dummy weights): token ids, no text
             return out
-        state = self.states.get(out.rid)
-        if state is None:
-            state = DetokState(IncrementalDetokenizer(
-                self.tokenizer, None, out.skip_special_tokens, out.spaces_between_special_tokens
-            ))
-            self.states[out.rid] = state
+        text = self.texts.get(out.rid)
+        if text is None:
+            text = self.texts[out.rid] = RequestText(self.tokenizer, out)
         ids = out.new_token_ids
-        reason = out.finish_reason or {}
-        matched = reason.get("matched")
-        if isinstance(matched, int) and not out.no_stop_trim and ids and ids[-1] == matched:
+        matched = (out.finish_reason or {}).get("matched")
+        if isinstance(matched, int) and not text.no_stop_trim and ids and ids[-1] == matched:
             ids = ids[:-1]  # a matched stop token is not part of the text
-        floor_tokens = out.min_new_tokens - 1  # as the scheduler's StopChecker counts them
-        if (out.stop_strings or out.stop_regexes) and state.ids_added < floor_tokens and ids:
-            under = ids[: floor_tokens - state.ids_added]
-            state.decoder.add(under)
-            state.ids_added += len(under)
-            ids = ids[len(under):]
-            if state.ids_added >= floor_tokens:
-                state.stop_floor = len(state.decoder.text)
-        if ids:
-            state.decoder.add(ids)
-            state.ids_added += len(ids)
-        if out.finish_reason is not None:
-            # the request's whole text: a trailing incomplete character decodes as U+FFFD, as
-            # tokenizer.decode(output_ids) gives, streaming or not
-            state.decoder.flush()
-        text = state.decoder.text
-        if out.finish_reason is not None:
-            if isinstance(matched, str) and not out.no_stop_trim:
-                if matched in out.stop_regexes:
-                    try:
-                        hit = find_stop_regex(text, [matched], end_after=state.stop_floor)
-                    except StopRegexTimeout:  # the scheduler's search of this text ended in time
-                        hit = None
-                else:
-                    hit = find_stop(text, out.stop_strings, end_after=state.stop_floor)
-                if hit is not None:
-                    text = text[: hit[0]]
-            end = len(text)
-            del self.states[out.rid]
+        kept = text.add(ids)
+        if text.hit is not None or text.error is not None:
+            self._end_here(out, text, kept)
         else:
-            end = len(text)
-            if out.stop_strings:
-                hit = find_stop(text, out.stop_strings, state.emitted, state.stop_floor)
-                # hold back what could be the start of a stop string (none can end before the floor)
-                held = max(end - (max(map(len, out.stop_strings)) - 1), min(end, state.stop_floor))
-                end = hit[0] if hit is not None else held
-            if out.stop_regexes:
-                # a regex has no prefix test: a non-streaming request's text waits for its end (it
-                # is sent only then anyway); a stream holds back its last REGEX_HOLDBACK characters
-                end = min(end, end - REGEX_HOLDBACK if out.stream else state.emitted)
-        out.text = text[state.emitted : max(end, state.emitted)]
-        state.emitted = max(end, state.emitted)
+            out.text = text.take(final=out.finish_reason is not None)
+        if out.finish_reason is not None:
+            del self.texts[out.rid]
         return out
+
+    @staticmethod
+    def _end_here(out: ReqOutput, text: RequestText, kept: int) -> None:
+        """The request ends at the kept-th of this output's tokens: the rest are not its output."""
+        dropped = len(out.new_token_ids) - kept
+        if dropped > 0:
+            out.new_token_ids = out.new_token_ids[:kept]
+            out.completion_tokens -= dropped
+            n = len(out.output_token_logprobs)
+            out.output_token_logprobs = out.output_token_logprobs[: max(n - dropped, 0)]
+            out.output_top_logprobs = out.output_top_logprobs[: max(n - dropped, 0)]
+        out.scheduler_holds = out.finish_reason is None
+        if text.error is not None:  # the client's pattern: its error
+            out.finish_reason = {"type": "abort", "message": text.error, "status_code": 400}
+        else:
+            assert text.hit is not None
+            out.finish_reason = {"type": "stop", "matched": text.hit.matched}
+        out.text = text.take(final=True)
 
 
 def run_detokenizer_process(args: ServerArgs, ports: PortArgs, tokenizer_source) -> None:
@@ -106,10 +95,14 @@ def run_detokenizer_process(args: ServerArgs, ports: PortArgs, tokenizer_source)
         ctx = zmq.Context.instance()
         recv = pull_socket(ctx, ports.detokenizer_input)
         send = push_socket(ctx, ports.tokenizer_input)
+        to_scheduler = push_socket(ctx, ports.scheduler_input)
         while True:
             batch = ipc_codec.recv(recv)
             if isinstance(batch, BatchOut):
-                ipc_codec.send(send, BatchOut([detok.process(o) for o in batch.outputs]))
+                done, to_stop = detok.process_batch(batch)
+                if to_stop:  # first, so that the scheduler lets them go as early as it can
+                    ipc_codec.send(to_scheduler, AbortReq(to_stop, message="ended by a stop string"))
+                ipc_codec.send(send, done)
             elif batch is not None:
                 logger.error("unexpected message %s", type(batch).__name__)
     except Exception:

@@ -108,6 +108,9 @@ class TokenizerManager:
         self.liveness = liveness  # returns a message when a child process has died
         # rid -> (the queue of the call it belongs to, its index in that call)
         self.routes: dict[str, tuple[asyncio.Queue, int]] = {}
+        # requests ended by a stop in their text that the scheduler has not let go of yet: a rid is
+        # reused, and the scheduler's state read, only once it has (see ReqOutput.scheduler_holds)
+        self.draining: dict[str, asyncio.Event] = {}
         self.control_waiters: dict[type, list[asyncio.Future]] = {}
         self.dead: str | None = None
         self._started = False
@@ -135,6 +138,16 @@ class TokenizerManager:
     def _fail_all(self, error: Exception) -> None:
         for queue in {id(q): q for q, _ in self.routes.values()}.values():
             queue.put_nowait((-1, error))
+        for event in self.draining.values():  # nothing will let them go now
+            event.set()
+        self.draining.clear()
+
+    async def _drained(self, rids: list[str] | None = None) -> None:
+        """Wait until the scheduler has let go of these requests (None: of all) ended by a stop."""
+        events = list(self.draining.values()) if rids is None else [
+            self.draining[rid] for rid in rids if rid in self.draining]
+        for event in events:
+            await event.wait()
 
     async def close(self, reason: str = "the engine is shut down") -> None:
         """Fail whatever is still waiting and stop the background tasks."""
@@ -156,6 +169,12 @@ class TokenizerManager:
                     route = self.routes.get(out.rid)
                     if route is not None:
                         route[0].put_nowait((route[1], out))
+                    if out.scheduler_holds:
+                        self.draining[out.rid] = asyncio.Event()
+                for rid in msg.released:
+                    event = self.draining.pop(rid, None)
+                    if event is not None:
+                        event.set()
             else:
                 waiters = self.control_waiters.get(type(msg), [])
                 if waiters:
@@ -178,6 +197,7 @@ class TokenizerManager:
         self._ensure_started()
         if self.dead:
             raise ServerDeadError(self.dead)
+        await self._drained()  # what the scheduler reports includes every request already answered
         fut = asyncio.get_running_loop().create_future()
         self.control_waiters.setdefault(reply_type, []).append(fut)
         await ipc_codec.send_async(self.send_sock, request)
@@ -253,6 +273,8 @@ class TokenizerManager:
             raise ServerDeadError(self.dead)
         await validate_all(self, reqs)
         rids = [r.rid for r in reqs]
+        if self.draining:
+            await self._drained(rids)
         if len(set(rids)) != len(rids) or any(rid in self.routes for rid in rids):
             taken = next(rid for k, rid in enumerate(rids) if rid in self.routes or rid in rids[:k])
             raise RequestError(f"rid {taken!r} is already in flight", "rid")

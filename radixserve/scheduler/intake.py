@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from radixserve.constrained import GrammarError
-from radixserve.detokenize import StopChecker
 from radixserve.messages import TokenizedGenerateReq
 from radixserve.request_limits import RequestLimits
 from radixserve.scheduler.req import Req
@@ -46,11 +45,9 @@ class RequestIntake:
             grammar = self.sampler.new_grammar(params)
         except GrammarError as e:
             raise Rejected(str(e), n) from None
-        stops = params.stop or params.stop_regex
         return Req(
             rid=msg.rid, origin_input_ids=list(msg.input_ids), params=params, eos_ids=self.eos_ids,
             grammar=grammar,
-            stop_checker=StopChecker(self.tokenizer, params.stop, regexes=params.stop_regex or ()) if stops else None,
             return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
             logprob_start_len=msg.logprob_start_len, stream=msg.stream,
             max_new_tokens=self.limits.max_new_tokens(n, params.max_new_tokens),

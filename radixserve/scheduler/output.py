@@ -62,8 +62,9 @@ def record_prompt_logprobs(req: Req, entry: PromptLogprobs | None) -> None:
 
 def take_output(req: Req) -> ReqOutput | None:
     """What req has not sent yet, or None when it has nothing to report now. Non-streaming
-    requests report only their first token (time-to-first-token metrics) and their end."""
-    if not (req.stream or req.finished or len(req.output_ids) == 1):
+    requests report only their first token (time-to-first-token metrics) and their end, unless
+    the detokenizer must search their text for stops as it grows."""
+    if not (req.stream or req.finished or len(req.output_ids) == 1 or req.has_text_stops):
         return None
     p = req.params
     out = ReqOutput(
@@ -71,7 +72,8 @@ def take_output(req: Req) -> ReqOutput | None:
         prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
         cached_tokens=req.cached_tokens, skip_special_tokens=p.skip_special_tokens,
         spaces_between_special_tokens=p.spaces_between_special_tokens,
-        stop_strings=list(p.stop or []), stop_regexes=list(p.stop_regex or []), stream=req.stream, no_stop_trim=p.no_stop_trim, min_new_tokens=p.min_new_tokens,
+        stop_strings=list(p.stop or []), stop_regexes=list(p.stop_regex or []), stream=req.stream,
+        no_stop_trim=p.no_stop_trim, min_new_tokens=p.min_new_tokens,
     )
     req.sent_ids = len(req.output_ids)
     if req.return_logprob:

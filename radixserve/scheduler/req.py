@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from radixserve.detokenize import StopChecker, StopRegexTimeout
 from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.state import ReqState
 
@@ -18,7 +17,6 @@ class Req:
     origin_input_ids: list[int]
     params: SamplingParams
     eos_ids: set[int]
-    stop_checker: StopChecker | None = None
     grammar: Any = None  # a constrained.GrammarMatcher for structured output
     return_logprob: bool = False
     top_logprobs_num: int = 0
@@ -89,30 +87,24 @@ class Req:
     def remaining_new_tokens(self) -> int:
         return max(0, self.max_new_tokens - self.num_generated)
 
+    @property
+    def has_text_stops(self) -> bool:
+        """Stop strings or regexes: the detokenizer, which has the text, finds them and tells us."""
+        return bool(self.params.stop or self.params.stop_regex)
+
     def check_finished(self) -> None:
-        """Called after a token is appended."""
+        """Called after a token is appended: the token-level stops (EOS, stop_token_ids, the output
+        budget); min_new_tokens holds off the first two."""
         if self.finished or not self.output_ids:
             return
         last = self.output_ids[-1]
         n_out = len(self.output_ids)
-        if n_out < self.params.min_new_tokens:
-            if self.stop_checker is not None:  # stops only count from min_new_tokens on
-                self.stop_checker.skip_to(n_out)
-        else:
+        if n_out >= self.params.min_new_tokens:
             if not self.params.ignore_eos and last in self.eos_ids:
                 self.finish_reason = {"type": "stop", "matched": last}
                 return
             if self.params.stop_token_ids and last in self.params.stop_token_ids:
                 self.finish_reason = {"type": "stop", "matched": last}
                 return
-            if self.stop_checker is not None:
-                try:
-                    hit = self.stop_checker.check(self.output_ids)
-                except StopRegexTimeout as e:  # the client's pattern: its error, and no further searches
-                    self.finish_reason = {"type": "abort", "message": str(e), "status_code": 400}
-                    return
-                if hit:
-                    self.finish_reason = {"type": "stop", "matched": self.stop_checker.matched}
-                    return
         if n_out >= self.max_new_tokens:
             self.finish_reason = {"type": "length", "length": n_out}

@@ -126,6 +126,35 @@ def test_generate_plain_batch_stream(server):
     assert last["output_ids"] == one["output_ids"] and last["text"] == one["text"]
 
 
+def test_stop_string_ends_at_its_token_and_frees_the_request(server):
+    """The detokenizer finds a stop string and the scheduler stops the request: the output ends at
+    the token that completed the stop, the request is gone from the scheduler by the time the state
+    is read, and its rid can be used again at once."""
+    base = {"text": "The capital of France is", "rid": "stop-rid",
+            "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}}
+    full = post(server, "/generate", base).json()
+    words = full["text"].split()
+    assert len(words) > 3, full["text"]
+    stop = words[2]
+    for stream in (False, True):
+        body = {**base, "sampling_params": {**base["sampling_params"], "stop": [stop]}, "stream": stream}
+        if stream:
+            with httpx.stream("POST", server.url + "/generate", headers=server.headers(), json=body,
+                              timeout=60) as r:
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+            got = json.loads(lines[-2][6:])
+        else:
+            got = post(server, "/generate", body).json()
+        n = got["meta_info"]["completion_tokens"]
+        assert got["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        assert got["output_ids"] == full["output_ids"][:n] and n < 24
+        upto = post(server, "/detokenize", {"tokens": got["output_ids"]}).json()["text"]
+        before = post(server, "/detokenize", {"tokens": got["output_ids"][:-1]}).json()["text"]
+        assert stop in upto and stop not in before
+        assert got["text"] == full["text"][: full["text"].index(stop)]
+        state = pool_state(server)
+        assert state["num_running"] == 0 and state["req_rows_available"] == state["req_rows_total"], state
+
 @pytest.mark.parametrize("max_new_tokens", [4, 16])
 def test_generate_text_ending_mid_character(server, max_new_tokens):
     # the output ends partway through an emoji: the text is still decode(output_ids), the tail

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from radixserve.detokenize import IncrementalDetokenizer, StopChecker, find_stop, trim_at_stop
+from radixserve.detokenize import IncrementalDetokenizer, find_stop
+from radixserve.entrypoints.detokenizer import Detokenizer
+from radixserve.messages import BatchOut, ReqOutput
 
 TEXTS = [
     "Hello 😀 world, how are you?",
@@ -113,13 +115,6 @@ def test_find_stop() -> None:
     assert find_stop("abc", ["", "c"]) == (2, "c")
 
 
-def test_trim_at_stop() -> None:
-    assert trim_at_stop("The answer.\n\nQuestion:", ["\n\n", "Question"]) == ("The answer.", True)
-    assert trim_at_stop("no stop here", ["###"]) == ("no stop here", False)
-    assert trim_at_stop("###start", ["###"]) == ("", True)
-    assert trim_at_stop("a</s>b</s>", ["</s>"]) == ("a", True)
-
-
 def first_hit(tok: Any, ids: list[int], stops: list[str]) -> int | None:
     """Brute force: smallest k such that decode(ids[:k]) contains a stop."""
     for k in range(1, len(ids) + 1):
@@ -128,13 +123,25 @@ def first_hit(tok: Any, ids: list[int], stops: list[str]) -> int | None:
     return None
 
 
-def checker_hit(tok: Any, ids: list[int], stops: list[str], step: int = 1) -> int | None:
-    checker = StopChecker(tok, stops)
-    for k in range(step, len(ids) + step, step):
-        k = min(k, len(ids))
-        if checker.check(ids[:k]):
-            return k
+def detokenizer_hit(tok: Any, ids: list[int], stops: list[str], step: int = 1, regexes: Sequence[str] = (),
+                    min_new_tokens: int = 0) -> tuple[int, ReqOutput] | None:
+    """Stream ids to the detokenizer `step` tokens per message, as the scheduler sends a request with
+    stops; returns the number of output tokens it ended the request at, and that output."""
+    detok = Detokenizer(tok)
+    for k in range(0, len(ids), step):
+        out = ReqOutput("r", ids[k : k + step], None, 3, min(k + step, len(ids)), 0, stop_strings=stops,
+                        stop_regexes=list(regexes), min_new_tokens=min_new_tokens)
+        batch, to_stop = detok.process_batch(BatchOut([out]))
+        if to_stop:
+            assert to_stop == ["r"] and batch.outputs[0].scheduler_holds and detok.ended == {"r"}
+            return batch.outputs[0].completion_tokens, batch.outputs[0]
+        assert batch.outputs[0].finish_reason is None
     return None
+
+
+def checker_hit(tok: Any, ids: list[int], stops: list[str], step: int = 1) -> int | None:
+    found = detokenizer_hit(tok, ids, stops, step)
+    return None if found is None else found[0]
 
 
 @pytest.mark.parametrize(
@@ -146,7 +153,7 @@ def checker_hit(tok: Any, ids: list[int], stops: list[str], step: int = 1) -> in
         ("a few words\n\nnext paragraph", "\n\n"),
     ],
 )
-def test_stop_checker_split_across_tokens(tok: Any, text: str, stop: str) -> None:
+def test_stop_found_at_the_token_that_completes_it(tok: Any, text: str, stop: str) -> None:
     ids = encode(tok, text)
     expected = first_hit(tok, ids, [stop])
     assert expected is not None and expected < len(ids)
@@ -156,7 +163,7 @@ def test_stop_checker_split_across_tokens(tok: Any, text: str, stop: str) -> Non
     assert checker_hit(tok, ids, ["never appears"]) is None
 
 
-def test_stop_checker_long_output_and_jumps(tok: Any) -> None:
+def test_stop_found_in_long_outputs_sent_several_tokens_at_a_time(tok: Any) -> None:
     rng = random.Random(0)
     words = ["alpha", "β", "γάμμα", "😀", "東京", " ", "\n", "x", "🎉 ok", "naïve"]
     stop = "😀 STOP 東京"
@@ -166,12 +173,11 @@ def test_stop_checker_long_output_and_jumps(tok: Any) -> None:
         expected = first_hit(tok, ids, [stop])
         assert expected is not None
         assert checker_hit(tok, ids, [stop]) == expected
-        step = 2 + trial % 4  # several tokens per check (e.g. speculative steps)
-        got = checker_hit(tok, ids, [stop], step=step)
-        assert got is not None and expected <= got < expected + step
+        step = 2 + trial % 4  # several tokens per message (e.g. speculative steps): still exact
+        assert checker_hit(tok, ids, [stop], step=step) == expected
 
 
-def test_stop_checker_skips_special_tokens(tok: Any) -> None:
+def test_stop_found_across_skipped_special_tokens(tok: Any) -> None:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ids = encode(tok, "xx ST") + [eos] * 40 + encode(tok, "OP yy")
     assert "STOP" in tok.decode(ids, skip_special_tokens=True)
@@ -179,12 +185,26 @@ def test_stop_checker_skips_special_tokens(tok: Any) -> None:
     assert hit is not None and "STOP" in tok.decode(ids[:hit], skip_special_tokens=True)
 
 
-def test_stop_checker_no_stops(tok: Any) -> None:
-    checker = StopChecker(tok, [])
-    assert not checker.check(encode(tok, "anything at all"))
-    checker = StopChecker(tok, ["b"])
-    assert not checker.check([])
-    assert checker.check(encode(tok, "a b")) and checker.matched == "b"
+def test_stop_output_is_cut_at_its_token(tok: Any) -> None:
+    ids = encode(tok, "a b c d e f")
+    hit, out = detokenizer_hit(tok, ids, ["b"], step=len(ids))
+    assert hit == 2 and out.new_token_ids == ids[:2] and out.text == "a "
+    assert out.finish_reason == {"type": "stop", "matched": "b"}
+    assert detokenizer_hit(tok, ids, []) is None and detokenizer_hit(tok, [], ["b"]) is None
+
+
+def test_a_request_ended_by_its_text_is_released_by_the_scheduler(tok: Any) -> None:
+    """After the detokenizer ends a request, the scheduler's later outputs for it are dropped; its
+    last one (the scheduler letting go) is reported as released."""
+    ids = encode(tok, "one two three four")
+    detok = Detokenizer(tok)
+    first, to_stop = detok.process_batch(BatchOut([ReqOutput("r", ids[:2], None, 1, 2, 0, stop_strings=["two"])]))
+    assert to_stop == ["r"] and first.outputs[0].finish_reason["type"] == "stop"
+    late, to_stop = detok.process_batch(BatchOut([ReqOutput("r", ids[2:3], None, 1, 3, 0, stop_strings=["two"])]))
+    assert late.outputs == [] and not to_stop and late.released == []
+    end = {"type": "abort", "message": "ended by a stop string"}
+    last, _ = detok.process_batch(BatchOut([ReqOutput("r", [], end, 1, 3, 0, stop_strings=["two"])]))
+    assert last.outputs == [] and last.released == ["r"] and not detok.ended and not detok.texts
 
 
 EMOJIS = "Here are some emojis: 🎉🎉🎉 😀"
@@ -207,18 +227,15 @@ def run_detokenizer(tok: Any, ids: list[int], parts: list[int], stops: list[str]
                     reason: dict | None = None, min_new_tokens: int = 0) -> str:
     """Feed ids to the detokenizer process logic in messages of the given sizes (the last one
     finishes the request), and return the text the tokenizer manager would assemble."""
-    from radixserve.entrypoints.detokenizer import Detokenizer
-    from radixserve.messages import ReqOutput
-
     detok, text, k = Detokenizer(tok), "", 0
     for i, size in enumerate(parts):
         last = i == len(parts) - 1
         end = (reason or {"type": "length", "length": len(ids)}) if last else None
         out = ReqOutput("r", ids[k : k + size], end, 3, k + size, 0, stop_strings=stops or [],
                         min_new_tokens=min_new_tokens)
-        text += detok.process(out).text
+        text += "".join(o.text for o in detok.process_batch(BatchOut([out]))[0].outputs)
         k += size
-    assert k == len(ids) and not detok.states
+    assert k == len(ids) and not detok.texts and not detok.ended
     return text
 
 
@@ -239,89 +256,59 @@ def test_final_text_flushes_before_stop_trim(tok: Any) -> None:
     want = tok.decode(ids)
     assert want.endswith("\ufffd")
     assert run_detokenizer(tok, ids, [len(ids)], stops=["zz"]) == want
-    stop = {"type": "stop", "matched": "cd"}
-    assert run_detokenizer(tok, ids, [1] * len(ids), stops=["cd"], reason=stop) == "ab 🎉 "
-    assert run_detokenizer(tok, ids, [1, len(ids) - 1], stops=["cd"], reason=stop) == "ab 🎉 "
+    assert run_detokenizer(tok, ids, [1] * len(ids), stops=["cd"]) == "ab 🎉 "
+    assert run_detokenizer(tok, ids, [1, len(ids) - 1], stops=["cd"]) == "ab 🎉 "
 
 
-def test_stop_checker_survives_a_lone_surrogate(tok: Any) -> None:
-    # SamplingParams refuses such stops; should one get through, the scheduler must not die on it
-    checker = StopChecker(tok, ["\ud800", "b"])
-    assert checker.check(encode(tok, "a b")) and checker.matched == "b"
+def test_a_lone_surrogate_stop_does_not_break_the_detokenizer(tok: Any) -> None:
+    # SamplingParams refuses such stops; should one get through, the detokenizer must not die on it
+    hit, out = detokenizer_hit(tok, encode(tok, "a b"), ["\ud800", "b"])
+    assert out.finish_reason == {"type": "stop", "matched": "b"}
 
 
 def test_stops_count_only_from_min_new_tokens(tok: Any) -> None:
     """With min_new_tokens, a stop string in the text of the earlier tokens neither stops the request
-    nor cuts its text: the first one ending past them does (the scheduler's check and the
-    detokenizer's trim agree)."""
-    from radixserve.sampling_params import SamplingParams
-    from radixserve.scheduler.req import Req
-
+    nor cuts its text: the first one ending past them does, streamed or not."""
     ids = encode(tok, " The answer is 42, and the answer stays 42 forever and ever")
     early = len(encode(tok, " The answer"))  # the first "answer" ends in these tokens
     min_new = early + 3
-    params = SamplingParams(stop=["answer"], min_new_tokens=min_new, max_new_tokens=len(ids), ignore_eos=True)
-    req = Req(rid="r", origin_input_ids=[1], params=params, eos_ids=set(), max_new_tokens=len(ids),
-              stop_checker=StopChecker(tok, ["answer"]))
-    for t in ids:
-        req.output_ids.append(t)
-        req.check_finished()
-        if req.finished:
-            break
-    n = len(req.output_ids)
-    assert req.finish_reason == {"type": "stop", "matched": "answer"}
-    assert tok.decode(ids[:n]).count("answer") == 2 and n > min_new  # stopped by the second one
+    for step in (1, 4, len(ids)):
+        n, out = detokenizer_hit(tok, ids, ["answer"], step, min_new_tokens=min_new)
+        assert out.finish_reason == {"type": "stop", "matched": "answer"}
+        assert tok.decode(ids[:n]).count("answer") == 2 and n > min_new  # stopped by the second one
+        assert tok.decode(ids[: n - 1]).count("answer") == 1  # at the token that completed it
     want = tok.decode(ids[:n])[: tok.decode(ids[:n]).rindex("answer")]
-    reason = {"type": "stop", "matched": "answer"}
-    for parts in ([1] * n, [1, n - 1]):  # streamed, and sent at the end
-        assert run_detokenizer(tok, ids[:n], parts, ["answer"], reason, min_new) == want
+    for parts in ([1] * len(ids), [1, len(ids) - 1]):  # streamed, and sent at the end
+        assert run_detokenizer(tok, ids, parts, ["answer"], None, min_new) == want
 
 
 def test_stop_regex_stops_at_its_first_match_and_is_trimmed(tok: Any) -> None:
     """SGLang's stop_regex: the request stops at the first match (ending past min_new_tokens), the
     pattern is the matched stop, and the text ends before the match."""
-    from radixserve.entrypoints.detokenizer import Detokenizer
-    from radixserve.messages import ReqOutput
     from radixserve.sampling_params import SamplingParams
-    from radixserve.scheduler.req import Req
 
     ids = encode(tok, " It was 1999 and then 2024 came, or so they say")
     past_1999 = len(encode(tok, " It was 1999")) + 1  # 1999 lies wholly in the text before min_new_tokens
+    pattern = r"\d{4}"
+    assert SamplingParams(stop_regex=pattern).stop_regex == [pattern]
     for min_new, want_before in ((0, " It was "), (past_1999, " It was 1999 and then ")):
-        pattern = r"\d{4}"
-        params = SamplingParams(stop_regex=pattern, min_new_tokens=min_new, max_new_tokens=len(ids),
-                                ignore_eos=True)
-        assert params.stop_regex == [pattern]
-        req = Req(rid="r", origin_input_ids=[1], params=params, eos_ids=set(), max_new_tokens=len(ids),
-                  stop_checker=StopChecker(tok, [], regexes=[pattern]))
-        for t in ids:
-            req.output_ids.append(t)
-            req.check_finished()
-            if req.finished:
-                break
-        assert req.finish_reason == {"type": "stop", "matched": pattern}
-        n = len(req.output_ids)
-        out = ReqOutput("r", ids[:n], req.finish_reason, 3, n, 0, stop_regexes=[pattern], min_new_tokens=min_new)
-        assert Detokenizer(tok).process(out).text == want_before
+        for step in (1, 3):
+            n, out = detokenizer_hit(tok, ids, [], step, regexes=[pattern], min_new_tokens=min_new)
+            assert out.finish_reason == {"type": "stop", "matched": pattern}
+            assert out.text == want_before and n == (
+                len(encode(tok, " It was 1999")) if min_new == 0 else len(encode(tok, " It was 1999 and then 2024")))
 
 
 def test_a_stop_regex_that_backtracks_forever_is_cut_off(tok: Any) -> None:
     from radixserve.detokenize import StopRegexTimeout, find_stop_regex
     from radixserve.sampling_params import SamplingParams, SamplingParamsError
-    from radixserve.scheduler.req import Req
 
     with pytest.raises(StopRegexTimeout):
         find_stop_regex("a" * 40 + "!", [r"(a|aa)+b"])
     ids = encode(tok, "a" * 60 + "!")
-    params = SamplingParams(stop_regex=r"(a|aa)+b", max_new_tokens=len(ids), ignore_eos=True)
-    req = Req(rid="r", origin_input_ids=[1], params=params, eos_ids=set(), max_new_tokens=len(ids),
-              stop_checker=StopChecker(tok, [], regexes=[r"(a|aa)+b"]))
-    for t in ids:
-        req.output_ids.append(t)
-        req.check_finished()
-        if req.finished:
-            break
-    assert req.finish_reason["type"] == "abort" and req.finish_reason["status_code"] == 400
-    assert "stop_regex" in req.finish_reason["message"]
+    found = detokenizer_hit(tok, ids, [], regexes=[r"(a|aa)+b"])
+    assert found is not None
+    reason = found[1].finish_reason
+    assert reason["type"] == "abort" and reason["status_code"] == 400 and "stop_regex" in reason["message"]
     with pytest.raises(SamplingParamsError, match="stop_regex"):
         SamplingParams(stop_regex="(unclosed")
