@@ -155,11 +155,3 @@ def find_stop_regex(text: str, patterns: Sequence[str], end_after: int = 0) -> t
             raise StopRegexTimeout(f"stop_regex {pattern!r} took over {STOP_REGEX_TIMEOUT:g} s to search "
                                    "the output") from None
     return best
-
-
-def trim_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Cut text before its first stop string (the stop is removed); the flag says whether it cut."""
-    found = find_stop(text, stops)
-    if found is None:
-        return text, False
-    return text[: found[0]], True
