@@ -17,10 +17,11 @@ from typing import Any
 
 from radixserve.entrypoints.detokenizer import run_detokenizer_process
 from radixserve.entrypoints.requests import expand_requests
-from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerManager, collect
+from radixserve.entrypoints.tokenizer_manager import TokenizerManager, collect
 from radixserve.ipc import PortArgs
 from radixserve.loader.source import resolve_model_source
 from radixserve.loader.tokenizer import load_tokenizer
+from radixserve.messages import GenerateReq
 from radixserve.scheduler.dp_controller import run_dp_controller_process
 from radixserve.scheduler.process import run_scheduler_process
 from radixserve.server_args import ServerArgs, ServerArgsError
@@ -190,7 +191,7 @@ class Engine:
         outs = self._run(collect(self.tokenizer_manager, reqs))
         return outs[0] if single else outs
 
-    def _stream_sync(self, req: SingleRequest) -> Iterator[dict[str, Any]]:
+    def _stream_sync(self, req: GenerateReq) -> Iterator[dict[str, Any]]:
         q: queue.Queue = queue.Queue()
         done = object()
 
@@ -237,7 +238,7 @@ class Engine:
         outs = await asyncio.wrap_future(self._submit(collect(self.tokenizer_manager, reqs)))
         return outs[0] if single else outs
 
-    async def _stream_async(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
+    async def _stream_async(self, req: GenerateReq) -> AsyncIterator[dict[str, Any]]:
         caller = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         done = object()

@@ -78,14 +78,15 @@ class DrainingServer(uvicorn.Server):
 
 async def warm_up(state, server: DrainingServer) -> None:
     from radixserve.entrypoints.openai_common import collect
-    from radixserve.entrypoints.tokenizer_manager import SingleRequest
+    from radixserve.entrypoints.requests import new_rid
+    from radixserve.messages import GenerateReq
+    from radixserve.sampling_params import SamplingParams
 
     tm = state.tm
     try:
         # a config-only model (dummy weights) has no tokenizer: any in-vocabulary id will do
         ids = tm.tokenizer.encode("Hello")[:8] if tm.tokenizer is not None else []
-        req = SingleRequest(rid="warmup-" + tm.new_rid(), text=None, input_ids=ids or [1],
-                            sampling_params={"max_new_tokens": 2, "temperature": 0})
+        req = GenerateReq("warmup-" + new_rid(), ids or [1], SamplingParams(max_new_tokens=2, temperature=0))
         await collect(tm, [req])
     except Exception as e:
         logger.error("warm-up generation failed: %s", e)

@@ -15,10 +15,16 @@ class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     """Base of every message: the tag (the class name) says which type a payload decodes to."""
 
 
-class TokenizedGenerateReq(Message):
+class GenerateReq(Message):
+    """One request (one prompt, one sample): its fields are declared here alone. The API bodies and
+    the Engine's arguments map onto it (entrypoints/requests.py), the API process validates and
+    tokenizes it (entrypoints/validation.py), and this same struct is the message the scheduler
+    receives and keeps (scheduler/req.py)."""
+
     rid: str
-    input_ids: list[int]
-    sampling_params: SamplingParams  # checked again as it is decoded
+    input_ids: list[int]  # the prompt's token ids (empty while it is still text)
+    sampling_params: SamplingParams  # parsed once, from the body; its checks run again on decode
+    text: str | None = None  # the prompt as text, until tokenized (then None: text is not sent on)
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no prompt logprobs
@@ -33,7 +39,7 @@ class GenerateBatch(Message):
     """The requests of one API call (a prompt list, n samples), sent as one message: a call with
     many requests costs one send, not one each."""
 
-    reqs: list[TokenizedGenerateReq]
+    reqs: list[GenerateReq]
 
 
 class AbortReq(Message):
@@ -134,5 +140,5 @@ def to_dict(value: Any) -> Any:
 
 
 # every message a socket may carry: what a payload is decoded against
-MESSAGE_TYPES = (TokenizedGenerateReq, GenerateBatch, AbortReq, FlushCacheReq, FlushCacheReply, GetStateReq,
+MESSAGE_TYPES = (GenerateReq, GenerateBatch, AbortReq, FlushCacheReq, FlushCacheReply, GetStateReq,
                  SchedulerState, LoadReport, ReqOutput, BatchOut)

@@ -1,7 +1,7 @@
 """How long a request may be: the model's context length and the KV pool's capacity.
 
-The API process checks these before a request is sent (a 400 naming the field); the scheduler checks
-them again for any other sender and resolves max_new_tokens against them. The wording carries the
+The API process checks these before a request is sent (a 400 naming the field,
+entrypoints/validation.py); the scheduler resolves max_new_tokens against them. The wording carries the
 phrases clients match on: OpenAI's and vLLM's "maximum context length", SGLang's "is longer than the
 model's context length" and "max_completion_tokens is too large".
 """

@@ -44,6 +44,7 @@ class BatchDriver:
         self.runner.pools.clear()
 
     def new_reqs(self, bs: int, input_len: int, output_len: int) -> list[Any]:
+        from radixserve.messages import GenerateReq
         from radixserve.sampling_params import SamplingParams
         from radixserve.scheduler.req import Req
         from radixserve.scheduler.state import ReqState, move
@@ -52,8 +53,7 @@ class BatchDriver:
         ids = torch.randint(0, self.runner.vocab_size, (bs, input_len), generator=self.gen).tolist()
         reqs = []
         for i, prompt in enumerate(ids):
-            req = Req(rid=f"bench-{i}", origin_input_ids=prompt, params=params, eos_ids=set(),
-                      max_new_tokens=output_len)
+            req = Req(GenerateReq(f"bench-{i}", prompt, params), eos_ids=set(), max_new_tokens=output_len)
             req.req_pool_idx = self.runner.pools.req_to_token.alloc()
             req.extend_len = input_len
             move(req, ReqState.PREFILLING)

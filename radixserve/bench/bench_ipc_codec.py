@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from radixserve import ipc_codec
-from radixserve.messages import BatchOut, GenerateBatch, Message, ReqOutput, TokenizedGenerateReq
+from radixserve.messages import BatchOut, GenerateBatch, GenerateReq, Message, ReqOutput
 from radixserve.sampling_params import SamplingParams
 
 PARAMS = {"max_new_tokens": 256, "min_new_tokens": 0, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "min_p": 0.0,
@@ -24,8 +24,8 @@ PARAMS = {"max_new_tokens": 256, "min_new_tokens": 0, "temperature": 0.7, "top_p
 
 
 def samples(rng: random.Random) -> dict[str, Message]:
-    def req(i: int, prompt: int) -> TokenizedGenerateReq:
-        return TokenizedGenerateReq(f"{i:032x}", [rng.randrange(128256) for _ in range(prompt)],
+    def req(i: int, prompt: int) -> GenerateReq:
+        return GenerateReq(f"{i:032x}", [rng.randrange(128256) for _ in range(prompt)],
                                     SamplingParams(**PARAMS))
 
     def out(i: int, tokens: int, logprobs: bool) -> ReqOutput:

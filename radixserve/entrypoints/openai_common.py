@@ -8,8 +8,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import orjson
@@ -23,11 +23,11 @@ from radixserve.entrypoints.tokenizer_manager import (  # noqa: F401 (collect, v
     RequestAborted,
     RequestError,
     ServerDeadError,
-    SingleRequest,
     TokenizerManager,
     collect,
     validate_all,
 )
+from radixserve.messages import GenerateReq
 
 
 def new_id(prefix: str) -> str:
@@ -95,14 +95,14 @@ def openai_names(req: SamplingExtras, max_tokens_name: str, prompt_name: str) ->
     return names
 
 
-async def validate_openai(tm: TokenizerManager, reqs: list[SingleRequest], names: dict[str, str],
-                          budget_field: str | None = None) -> None:
-    """validate_all, with errors in the client's terms: the OpenAI field names, in the message and
-    as the error's param. budget_field: the API's own name for the output budget, which a length
+@contextmanager
+def in_client_terms(names: dict[str, str], budget_field: str | None = None) -> Iterator[None]:
+    """Request errors raised inside, in the client's terms: the OpenAI field names, in the message
+    and as the error's param. budget_field: the API's own name for the output budget, which a length
     error names first (chat's max_completion_tokens, also when the older max_tokens was sent, as
     SGLang's "max_completion_tokens is too large" says)."""
     try:
-        await validate_all(tm, reqs)
+        yield
     except RequestError as e:
         message = _rename(str(e), names)
         sent = names.get("max_new_tokens", "max_new_tokens")
@@ -159,10 +159,10 @@ def usage_options(req: SamplingExtras) -> tuple[bool, bool]:
     return opts.include_usage, opts.include_usage and opts.continuous_usage_stats
 
 
-def usage_so_far(req: SingleRequest, res: dict[str, Any] | None) -> dict[str, int]:
+def usage_so_far(req: GenerateReq, res: dict[str, Any] | None) -> dict[str, int]:
     """One choice's usage up to this chunk (continuous_usage_stats)."""
     meta = res["meta_info"] if res is not None else {}
-    prompt = meta.get("prompt_tokens", len(req.input_ids or ()))
+    prompt = meta.get("prompt_tokens", len(req.input_ids))
     completion = meta.get("completion_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -173,10 +173,10 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-async def merged_streams(tm: TokenizerManager, reqs: list[SingleRequest]) -> AsyncIterator[tuple[int, Progress]]:
-    """(request index, live progress) from every request as soon as it arrives. Validate the
-    requests before the response starts (see validate_all): errors after that are in-band."""
-    async with aclosing(tm.run(reqs)) as results:
+async def merged_streams(tm: TokenizerManager, reqs: list[GenerateReq]) -> AsyncIterator[tuple[int, Progress]]:
+    """(request index, live progress) from every request as soon as it arrives. The requests are
+    validated before the response starts (validate_all): errors after that are in-band."""
+    async with aclosing(tm.run(reqs, validated=True)) as results:
         async for i, p in results:
             yield i, p
 

@@ -14,6 +14,7 @@ from radixserve.entrypoints.openai_common import (
     as_api_error,
     collect,
     finish_reason_of,
+    in_client_terms,
     matched_stop_of,
     merged_streams,
     new_id,
@@ -26,7 +27,7 @@ from radixserve.entrypoints.openai_common import (
     usage_of,
     usage_options,
     usage_so_far,
-    validate_openai,
+    validate_all,
 )
 from radixserve.entrypoints.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from radixserve.entrypoints.requests import expand_requests
@@ -59,15 +60,16 @@ class OpenAIServing:
             raise APIError(400, "prompt must not be empty", "prompt")
         as_ids = isinstance(prompt, list) and not isinstance(prompt[0], str)
         want_logprobs = req.logprobs is not None
-        reqs, _ = expand_requests(
-            None if as_ids else prompt, prompt if as_ids else None, sampling_params_of(req, req.max_tokens),
-            return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
-            logprob_start_len=0 if (want_logprobs and req.echo) else None, stream=req.stream,
-        )
+        with in_client_terms(openai_names(req, "max_tokens", "prompt")):
+            reqs, _ = expand_requests(
+                None if as_ids else prompt, prompt if as_ids else None, sampling_params_of(req, req.max_tokens),
+                return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
+                logprob_start_len=0 if (want_logprobs and req.echo) else None, stream=req.stream,
+            )
+            texts = [r.text for r in reqs]  # validation tokenizes them, and clears r.text
+            # before decoding: an id out of the vocabulary is the client's error
+            await validate_all(self.tm, reqs)
         rid, created = new_id("cmpl"), now()
-        texts = [r.text for r in reqs]  # validation tokenizes them, and clears r.text
-        # before decoding: an id out of the vocabulary is the client's error
-        await validate_openai(self.tm, reqs, openai_names(req, "max_tokens", "prompt"))
         prompts = [""] * len(reqs)  # the echoed prompt text: only echo needs it, so only echo decodes ids
         if req.echo:
             tokenizer = self.tm.tokenizer
@@ -75,7 +77,7 @@ class OpenAIServing:
                        for t, r in zip(texts, reqs)]
         if req.stream:
             return self._stream(self._completion_chunks(req, reqs, prompts, rid, created))
-        results = await until_disconnect(raw, collect(self.tm, reqs))
+        results = await until_disconnect(raw, collect(self.tm, reqs, validated=True))
         choices = []
         for i, res in enumerate(results):
             text = prompts[i] + res["text"]
@@ -192,7 +194,7 @@ class OpenAIServing:
         return "".join(parts)
 
     def check_logprobs_count(self, value: int, name: str) -> None:
-        cap = self.tm.max_logprobs
+        cap = self.tm.validator.max_logprobs
         if value < 0 or 0 <= cap < value:
             allowed = f"[0, {cap}] (--max-logprobs)" if cap >= 0 else ">= 0"
             raise APIError(400, f"{name} must be in {allowed}, got {value}", name)
@@ -218,16 +220,17 @@ class OpenAIServing:
         prompt = self.apply_template(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params_of(req, max_tokens)
-        ids = self.tm.encode(prompt, "messages", add_special_tokens=False)
+        ids = self.tm.validator.encode(prompt, "messages", add_special_tokens=False)
         top = req.top_logprobs or 0 if req.logprobs else 0
-        reqs, _ = expand_requests(None, ids, params, return_logprob=req.logprobs, top_logprobs_num=top,
-                                  stream=req.stream)
-        rid, created = new_id("chatcmpl"), now()
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        await validate_openai(self.tm, reqs, openai_names(req, max_name, "messages"), "max_completion_tokens")
+        with in_client_terms(openai_names(req, max_name, "messages"), "max_completion_tokens"):
+            reqs, _ = expand_requests(None, ids, params, return_logprob=req.logprobs, top_logprobs_num=top,
+                                      stream=req.stream)
+            await validate_all(self.tm, reqs)
+        rid, created = new_id("chatcmpl"), now()
         if req.stream:
             return self._stream(self._chat_chunks(req, reqs, rid, created))
-        results = await until_disconnect(raw, collect(self.tm, reqs))
+        results = await until_disconnect(raw, collect(self.tm, reqs, validated=True))
         choices = [{
             "index": i,
             # reasoning_content: always there (null without a reasoning parser), as SGLang sends it, so

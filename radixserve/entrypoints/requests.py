@@ -1,11 +1,23 @@
-"""Normalize the generate() arguments (one prompt or many, token ids or text, n samples) into a
-flat list of single requests."""
+"""Map the generate() arguments (one prompt or many, token ids or text, n samples), as the native
+body, the OpenAI bodies and the Engine give them, onto a flat list of GenerateReq: one per prompt and
+sample, each with its sampling params parsed (once per dict the caller sent)."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from radixserve.entrypoints.tokenizer_manager import MAX_N, RequestError, SingleRequest, TokenizerManager
+import msgspec
+
+from radixserve.entrypoints.request_errors import RequestError
+from radixserve.messages import GenerateReq
+from radixserve.sampling_params import SamplingParams, SamplingParamsError
+
+MAX_N = 128  # samples per prompt: OpenAI's limit
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
 
 
 def _is_id_list(x: Any) -> bool:
@@ -21,7 +33,7 @@ def expand_requests(
     logprob_start_len: int | None = None,
     stream: bool = False,
     rid: str | list[str] | None = None,
-) -> tuple[list[SingleRequest], bool]:
+) -> tuple[list[GenerateReq], bool]:
     """Returns the requests and whether the caller asked for one result (one prompt, n == 1)."""
     if (prompt is None) == (input_ids is None):
         raise RequestError("give exactly one of prompt (text) or input_ids")
@@ -41,9 +53,9 @@ def expand_requests(
         else:
             raise RequestError("input_ids must be a list of token ids or a list of such lists", "input_ids")
     if sampling_params is None or isinstance(sampling_params, dict):
-        params_list = [dict(sampling_params or {}) for _ in items]
+        parsed = [parse_sampling_params(sampling_params)] * len(items)  # one parse, shared
     elif isinstance(sampling_params, list) and len(sampling_params) == len(items):
-        params_list = [dict(p or {}) for p in sampling_params]
+        parsed = [parse_sampling_params(p) for p in sampling_params]
     else:
         raise RequestError("sampling_params must be a dict, or a list with one dict per prompt", "sampling_params")
     if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
@@ -52,21 +64,31 @@ def expand_requests(
     if len(rids) != len(items):
         raise RequestError("rid must have one entry per prompt", "rid")
 
-    reqs: list[SingleRequest] = []
-    for (text, ids), params, base_rid in zip(items, params_list, rids):
-        n = params.pop("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-            raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
-        base_rid = base_rid or TokenizerManager.new_rid()
-        seed = params.get("seed")
-        seeded = n > 1 and isinstance(seed, int) and not isinstance(seed, bool)  # else validation says why
+    start = -1 if logprob_start_len is None or not return_logprob else logprob_start_len
+    reqs: list[GenerateReq] = []
+    for (text, ids), (n, params), base_rid in zip(items, parsed, rids):
+        base_rid = base_rid or new_rid()
         for i in range(n):
-            # samples share one params dict (validated once) unless each needs its own seed
-            p = {**params, "seed": seed + i} if seeded else params  # distinct yet reproducible
-            reqs.append(SingleRequest(
-                rid=base_rid if n == 1 else f"{base_rid}-{i}", text=text, input_ids=ids, sampling_params=p,
-                return_logprob=bool(return_logprob), top_logprobs_num=top_logprobs_num,
-                logprob_start_len=-1 if logprob_start_len is None else logprob_start_len, stream=stream,
+            # samples share one parsed params unless each needs its own seed: distinct yet reproducible
+            p = msgspec.structs.replace(params, seed=params.seed + i) if n > 1 and params.seed is not None else params
+            reqs.append(GenerateReq(
+                rid=base_rid if n == 1 else f"{base_rid}-{i}", input_ids=ids if ids is not None else [],
+                sampling_params=p, text=text, return_logprob=bool(return_logprob),
+                top_logprobs_num=top_logprobs_num, logprob_start_len=start, stream=stream,
             ))
         single = single and n == 1
     return reqs, single
+
+
+def parse_sampling_params(params: Any) -> tuple[int, SamplingParams]:
+    """n (samples of the prompt) and the sampling params of one params dict (None: the defaults)."""
+    if params is not None and not isinstance(params, dict):
+        raise RequestError(f"sampling_params must be an object, got {type(params).__name__}", "sampling_params")
+    params = dict(params or {})
+    n = params.pop("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
+    try:
+        return n, SamplingParams.from_dict(params)
+    except SamplingParamsError as e:
+        raise RequestError(str(e), e.param) from None

@@ -25,9 +25,10 @@ from radixserve.entrypoints.openai_protocol import (
     TokenizeRequest,
 )
 from radixserve.entrypoints.request_errors import RequestAborted, RequestError, ServerDeadError
-from radixserve.entrypoints.requests import expand_requests
-from radixserve.entrypoints.tokenizer_manager import SingleRequest, TokenizerManager, validate_all
-from radixserve.messages import to_dict
+from radixserve.entrypoints.requests import expand_requests, new_rid
+from radixserve.entrypoints.tokenizer_manager import TokenizerManager, validate_all
+from radixserve.messages import GenerateReq, to_dict
+from radixserve.sampling_params import SamplingParams
 
 router = APIRouter()
 PLAIN = {"response_class": PlainTextResponse}
@@ -48,8 +49,7 @@ async def health(request: Request) -> Response:
             **PLAIN)
 async def health_generate(request: Request) -> Response:
     state = server_state(request)
-    req = SingleRequest(rid=state.tm.new_rid(), text=None, input_ids=[state.info["eos_token_ids"][0]],
-                        sampling_params={"max_new_tokens": 1, "temperature": 0})
+    req = GenerateReq(new_rid(), [state.info["eos_token_ids"][0]], SamplingParams(max_new_tokens=1, temperature=0))
     await collect(state.tm, [req])
     return PlainTextResponse("")
 
@@ -107,13 +107,13 @@ async def tokenize(req: TokenizeRequest, request: Request):
     tm = state.tm
     if req.messages is not None:
         text = state.serving.apply_template(ChatCompletionRequest(messages=req.messages))
-        ids = tm.encode(text, "messages", add_special_tokens=False)
+        ids = tm.validator.encode(text, "messages", add_special_tokens=False)
     else:
         field = "text" if req.text is not None else "prompt"
         text = req.text if req.text is not None else req.prompt
         if text is None:
             raise APIError(400, "give text, prompt or messages", "text")
-        ids = tm.encode(text, field, add_special_tokens=req.add_special_tokens)
+        ids = tm.validator.encode(text, field, add_special_tokens=req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
 
 
@@ -137,11 +137,11 @@ async def generate(req: GenerateRequest, raw: Request):
     await validate_all(tm, reqs)
     if req.stream:
         return StreamingResponse(_native_stream(tm, reqs, single), media_type="text/event-stream")
-    results = await until_disconnect(raw, collect(tm, reqs))
+    results = await until_disconnect(raw, collect(tm, reqs, validated=True))
     return results[0] if single else results
 
 
-async def _native_stream(tm: TokenizerManager, reqs: list[SingleRequest], single: bool) -> AsyncIterator[bytes]:
+async def _native_stream(tm: TokenizerManager, reqs: list[GenerateReq], single: bool) -> AsyncIterator[bytes]:
     try:
         async for i, p in merged_streams(tm, reqs):
             out = p.result()  # SGLang's native stream sends the whole result so far each time

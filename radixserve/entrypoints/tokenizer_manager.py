@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -16,7 +15,8 @@ import zmq
 import zmq.asyncio
 
 from radixserve import ipc_codec
-from radixserve.entrypoints.request_errors import RequestAborted, RequestError, ServerDeadError, check_text
+from radixserve.entrypoints.request_errors import RequestAborted, RequestError, ServerDeadError
+from radixserve.entrypoints.validation import RequestValidator
 from radixserve.ipc import PortArgs
 from radixserve.messages import (
     AbortReq,
@@ -24,35 +24,17 @@ from radixserve.messages import (
     FlushCacheReply,
     FlushCacheReq,
     GenerateBatch,
+    GenerateReq,
     GetStateReq,
     ReqOutput,
     SchedulerState,
-    TokenizedGenerateReq,
 )
 from radixserve.request_limits import RequestLimits
-from radixserve.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger("radixserve.tokenizer_manager")
 
 
-MAX_N = 128  # samples per prompt: OpenAI's limit
-VALIDATE_BATCH = 256  # requests validated between yields to the event loop (/health stays live)
 SEND_BATCH = 4096  # requests per message to the scheduler: a call of up to this many is one message
-
-
-@dataclass
-class SingleRequest:
-    """One prompt with one set of sampling params (n > 1 is already expanded)."""
-
-    rid: str
-    text: str | None
-    input_ids: list[int] | None
-    sampling_params: dict[str, Any]
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
-    logprob_start_len: int = -1
-    stream: bool = False
-    params: SamplingParams | None = None  # set by validation (which also tokenizes the text)
 
 
 @dataclass
@@ -68,7 +50,7 @@ class Progress:
     O(its own size). `new_text` is the latest increment's text; readers that send deltas (OpenAI
     streams) read it and the lists of `meta` from where they stopped; `result()` is a snapshot."""
 
-    req: SingleRequest
+    req: GenerateReq
     clock: _Clock
     parts: list[str] = field(default_factory=list)  # text increments, joined on demand
     new_text: str = ""
@@ -102,8 +84,8 @@ class TokenizerManager:
         self.info = info
         self.context_len: int = info["context_length"]
         self.vocab_size: int = info["vocab_size"]
-        self.limits = RequestLimits(self.context_len, info.get("max_total_num_tokens", self.context_len))
-        self.max_logprobs = max_logprobs  # top logprobs per token; -1: no cap
+        limits = RequestLimits(self.context_len, info.get("max_total_num_tokens", self.context_len))
+        self.validator = RequestValidator(tokenizer, self.vocab_size, limits, max_logprobs)
         self.ports = ports
         self.liveness = liveness  # returns a message when a child process has died
         # rid -> (the queue of the call it belongs to, its index in that call)
@@ -220,58 +202,17 @@ class TokenizerManager:
         self._ensure_started()
         await ipc_codec.send_async(self.send_sock, AbortReq(abort_all=True, message=message, status_code=status))
 
-    # ---- validation -----------------------------------------------------------
-    def tokenize(self, req: SingleRequest) -> list[int]:
-        if req.input_ids is not None:
-            ids = req.input_ids
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise RequestError("input_ids must be a list of integers", "input_ids")
-            return list(ids)
-        if not isinstance(req.text, str):
-            raise RequestError("text must be a string", "text")
-        return self.encode(req.text, "text")
-
-    def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of client text; field names the text in the error when it cannot be encoded."""
-        if self.tokenizer is None:
-            raise RequestError("this model has no tokenizer: send input_ids instead of text", field)
-        check_text(text, field)
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def validate(self, req: SingleRequest, ids: list[int]) -> SamplingParams:
-        try:
-            params = SamplingParams.from_dict(req.sampling_params)
-        except SamplingParamsError as e:
-            raise RequestError(str(e), e.param) from None
-        if not ids:
-            raise RequestError("the prompt is empty", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise RequestError(f"input_ids must be token ids in [0, {self.vocab_size})", "input_ids")
-        problem = self.limits.check(len(ids), params.max_new_tokens)
-        if problem is not None:
-            raise RequestError(*problem)
-        if req.top_logprobs_num < 0:
-            raise RequestError("top_logprobs_num must be >= 0", "top_logprobs_num")
-        if 0 <= self.max_logprobs < req.top_logprobs_num:
-            raise RequestError(f"top_logprobs_num must be at most {self.max_logprobs} (--max-logprobs), "
-                               f"got {req.top_logprobs_num}", "top_logprobs_num")
-        # stop_token_ids past the vocabulary are kept, as vLLM and SGLang keep them: they can
-        # never be sampled, so they never stop anything (clients share one list across models).
-        for t in params.logit_bias or {}:
-            if t >= self.vocab_size:
-                raise RequestError(f"logit_bias keys must be token ids in [0, {self.vocab_size})", "logit_bias")
-        return params
-
     # ---- generation -----------------------------------------------------------
-    async def run(self, reqs: list[SingleRequest]) -> AsyncIterator[tuple[int, Progress]]:
+    async def run(self, reqs: list[GenerateReq], validated: bool = False) -> AsyncIterator[tuple[int, Progress]]:
         """Send a call's requests to the scheduler as one message and yield (index, progress): at
         every increment of a streaming request, at the end of the others. The progress is live (read
         it before the next one; `result()` for a copy). Requests still unfinished when the caller
-        stops (or fails) are aborted, in one message."""
+        stops (or fails) are aborted, in one message. validated: the caller has run validate_all."""
         self._ensure_started()
         if self.dead:
             raise ServerDeadError(self.dead)
-        await validate_all(self, reqs)
+        if not validated:
+            await validate_all(self, reqs)
         rids = [r.rid for r in reqs]
         if self.draining:
             await self._drained(rids)
@@ -289,7 +230,7 @@ class TokenizerManager:
             for part in range(0, len(reqs), SEND_BATCH):  # a huge call: the loop breathes between parts
                 if part:
                     await asyncio.sleep(0)
-                batch = GenerateBatch([self._message(r) for r in reqs[part:part + SEND_BATCH]])
+                batch = GenerateBatch(reqs[part:part + SEND_BATCH])
                 await ipc_codec.send_async(self.send_sock, batch)
             while unfinished:
                 i, out = await queue.get()
@@ -317,26 +258,17 @@ class TokenizerManager:
             for r in left:
                 self.routes.pop(r.rid, None)
             if self.metrics is not None:
-                self.metrics.observe_abandoned(len(left), sum(len(r.input_ids or ()) for r in left),
+                self.metrics.observe_abandoned(len(left), sum(len(r.input_ids) for r in left),
                                                sum(len(p.output_ids) for p in progress.values()))
             if left and self.dead is None:
                 # the caller went away (or failed) before the end: free their KV now
                 await ipc_codec.send_async(self.send_sock, AbortReq([r.rid for r in left]))
 
-    async def generate(self, req: SingleRequest) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, req: GenerateReq) -> AsyncIterator[dict[str, Any]]:
         """One request: its cumulative result at each increment (streaming), or its final result."""
         async with aclosing(self.run([req])) as results:
             async for _, p in results:
                 yield p.result()
-
-    @staticmethod
-    def _message(req: SingleRequest) -> TokenizedGenerateReq:
-        assert req.params is not None and req.input_ids is not None, "validate first"
-        return TokenizedGenerateReq(
-            rid=req.rid, input_ids=req.input_ids, sampling_params=req.params,
-            return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num,
-            logprob_start_len=req.logprob_start_len if req.return_logprob else -1, stream=req.stream,
-        )
 
     def _observe(self, clock: _Clock, out: ReqOutput) -> None:
         if self.metrics is None:
@@ -377,57 +309,26 @@ class TokenizerManager:
                 [(lp, t, None) for lp, t in top] for top in out.output_top_logprobs
             )
             if out.input_token_logprobs:
-                self._merge_prompt_logprobs(meta, out, req, req.input_ids or [])
+                self._merge_prompt_logprobs(meta, out, req, req.input_ids)
 
     @staticmethod
-    def _merge_prompt_logprobs(meta: dict, out: ReqOutput, req: SingleRequest, ids: list[int]) -> None:
+    def _merge_prompt_logprobs(meta: dict, out: ReqOutput, req: GenerateReq, ids: list[int]) -> None:
         start = max(req.logprob_start_len, 0) + len(meta["input_token_logprobs"])
         for k, lp in enumerate(out.input_token_logprobs):
             meta["input_token_logprobs"].append((lp, ids[start + k], None))
         for top in out.input_top_logprobs:
             meta["input_top_logprobs"].append(None if top is None else [(lp, t, None) for lp, t in top])
 
-    @staticmethod
-    def new_rid() -> str:
-        return uuid.uuid4().hex
+
+async def validate_all(tm: TokenizerManager, reqs: list[GenerateReq]) -> None:
+    """Tokenize and check a call's requests (validation.py) before any of them runs."""
+    await tm.validator.prepare(reqs)
 
 
-async def validate_all(tm: TokenizerManager, reqs: list[SingleRequest]) -> None:
-    """Tokenize and check every request before any runs, so that one bad prompt fails the whole call
-    cleanly. A call's n samples share their prompt and parameters, so each distinct prompt is
-    tokenized and each distinct (prompt, parameters) pair checked once; a large call yields to the
-    event loop as it goes. Requests validated before are skipped."""
-    ids_of_text: dict[str, list[int]] = {}
-    ids_of_list: dict[int, tuple[list[int], list[int]]] = {}  # id -> (the given list, kept alive; checked)
-    params_of: dict[tuple[int, int, int], SamplingParams] = {}
-    for k, r in enumerate(reqs):
-        if r.params is not None:
-            continue
-        if r.input_ids is None:
-            ids = ids_of_text.get(r.text) if isinstance(r.text, str) else None
-            if ids is None:
-                ids = tm.tokenize(r)
-                if isinstance(r.text, str):
-                    ids_of_text[r.text] = ids
-            r.text = None
-        else:
-            known = ids_of_list.get(id(r.input_ids))
-            ids = known[1] if known is not None else tm.tokenize(r)
-            ids_of_list.setdefault(id(r.input_ids), (r.input_ids, ids))
-        r.input_ids = ids
-        key = (id(r.sampling_params), id(ids), r.top_logprobs_num)
-        params = params_of.get(key)
-        if params is None:  # r.sampling_params and ids stay alive (held above), so ids are not reused
-            params = params_of[key] = tm.validate(r, ids)
-        r.params = params
-        if k % VALIDATE_BATCH == VALIDATE_BATCH - 1:
-            await asyncio.sleep(0)
-
-
-async def collect(tm: TokenizerManager, reqs: list[SingleRequest]) -> list[dict[str, Any]]:
+async def collect(tm: TokenizerManager, reqs: list[GenerateReq], validated: bool = False) -> list[dict[str, Any]]:
     """Run requests to completion (all validated before any starts); their final results in order."""
     results: list[dict[str, Any]] = [{} for _ in reqs]
-    async with aclosing(tm.run(reqs)) as outs:
+    async with aclosing(tm.run(reqs, validated)) as outs:
         async for i, p in outs:
             if p.finished:
                 results[i] = p.result()

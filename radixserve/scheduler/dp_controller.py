@@ -22,10 +22,10 @@ from radixserve.messages import (
     FlushCacheReply,
     FlushCacheReq,
     GenerateBatch,
+    GenerateReq,
     GetStateReq,
     LoadReport,
     SchedulerState,
-    TokenizedGenerateReq,
 )
 from radixserve.server_args import ServerArgs
 from radixserve.utils.logging import configure_logging
@@ -58,7 +58,7 @@ class LoadBalancer:
         self.sent = [0] * dp_size
         self._cycle = itertools.cycle(range(dp_size))
 
-    def pick(self, req: TokenizedGenerateReq) -> int:
+    def pick(self, req: GenerateReq) -> int:
         if self.method == "round_robin":
             group = next(self._cycle)
         elif self.method == "shortest_queue":
@@ -127,12 +127,12 @@ class DPController:
 
     def dispatch(self, msg: object) -> None:
         if isinstance(msg, GenerateBatch):  # each request picked on its own; one message per group
-            per_group: dict[int, list[TokenizedGenerateReq]] = {}
+            per_group: dict[int, list[GenerateReq]] = {}
             for req in msg.reqs:
                 per_group.setdefault(self.balancer.pick(req), []).append(req)
             for group, reqs in per_group.items():
                 ipc_codec.send(self.groups[group], GenerateBatch(reqs))
-        elif isinstance(msg, TokenizedGenerateReq):
+        elif isinstance(msg, GenerateReq):
             ipc_codec.send(self.groups[self.balancer.pick(msg)], msg)
         elif isinstance(msg, AbortReq):
             for sock in self.groups:

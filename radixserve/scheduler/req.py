@@ -7,22 +7,17 @@ from typing import Any
 
 import torch
 
+from radixserve.messages import GenerateReq
 from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.state import ReqState
 
 
 @dataclass(eq=False)
 class Req:
-    rid: str
-    origin_input_ids: list[int]
-    params: SamplingParams
+    msg: GenerateReq  # the request as it arrived: rid, prompt, sampling params, options (read-only)
     eos_ids: set[int]
     grammar: Any = None  # a constrained.GrammarMatcher for structured output
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
-    logprob_start_len: int = -1
-    stream: bool = False
-    max_new_tokens: int = 0  # resolved against the context length
+    max_new_tokens: int = 0  # resolved against the context length and the KV pool
 
     output_ids: list[int] = field(default_factory=list)
     # Tokens sampled on the device whose values the host has not read yet (overlap scheduling: the
@@ -54,6 +49,35 @@ class Req:
     sent_input_logprobs: int = 0
     to_abort: bool = False
     abort_reason: dict[str, Any] | None = None  # the finish_reason an abort gives it
+
+    # the message's fields under the names the scheduler uses
+    @property
+    def rid(self) -> str:
+        return self.msg.rid
+
+    @property
+    def origin_input_ids(self) -> list[int]:
+        return self.msg.input_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.msg.sampling_params
+
+    @property
+    def return_logprob(self) -> bool:
+        return self.msg.return_logprob
+
+    @property
+    def top_logprobs_num(self) -> int:
+        return self.msg.top_logprobs_num
+
+    @property
+    def logprob_start_len(self) -> int:
+        return self.msg.logprob_start_len
+
+    @property
+    def stream(self) -> bool:
+        return self.msg.stream
 
     @property
     def fill_ids(self) -> list[int]:

@@ -32,12 +32,12 @@ from radixserve.messages import (
     FlushCacheReply,
     FlushCacheReq,
     GenerateBatch,
+    GenerateReq,
     GetStateReq,
     LoadReport,
     Message,
     ReqOutput,
     SchedulerState,
-    TokenizedGenerateReq,
 )
 from radixserve.model_executor.model_runner import (
     ModelRunner,
@@ -107,7 +107,7 @@ class Scheduler:
                                       not args.disable_radix_cache)
         self.decode = DecodeManager(self.runner, self.cache, self.sampler, args.decode_log_interval)
         limits = RequestLimits(self.context_len, self.pools.allocator.total_tokens)
-        self.intake = RequestIntake(limits, self.runner.vocab_size, self.eos_ids, self.tokenizer, self.sampler)
+        self.intake = RequestIntake(limits, self.eos_ids, self.sampler)
         self.transport = SchedulerTransport(ports, tp_rank, args.tp_size)
         # overlap scheduling: the launched batch whose results are not processed yet
         self.overlap = not args.disable_overlap_schedule
@@ -160,7 +160,7 @@ class Scheduler:
         if isinstance(msg, GenerateBatch):
             for req in msg.reqs:
                 self.add_request(req)
-        elif isinstance(msg, TokenizedGenerateReq):
+        elif isinstance(msg, GenerateReq):
             self.add_request(msg)
         elif isinstance(msg, AbortReq):
             self.abort(msg)
@@ -171,7 +171,7 @@ class Scheduler:
         else:
             logger.error("unknown message %r", type(msg).__name__)
 
-    def add_request(self, msg: TokenizedGenerateReq) -> None:
+    def add_request(self, msg: GenerateReq) -> None:
         self.num_received += 1
         try:
             req = self.intake.build(msg)

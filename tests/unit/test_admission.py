@@ -9,6 +9,7 @@ import pytest
 from radixserve.cache.allocator import KVAllocator
 from radixserve.cache.pools import ReqToTokenPool
 from radixserve.cache.radix import RadixCache
+from radixserve.messages import GenerateReq
 from radixserve.request_limits import RequestLimits
 from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.output_estimate import CLIP_ENV_NAMES, clip_from_env
@@ -28,7 +29,7 @@ def planner(page_size: int) -> PrefillPlanner:
 
 
 def request(rid: str, prompt_len: int, max_new: int) -> Req:
-    return Req(rid=rid, origin_input_ids=list(range(1, prompt_len + 1)), params=SamplingParams(), eos_ids={0},
+    return Req(GenerateReq(rid, list(range(1, prompt_len + 1)), SamplingParams()), eos_ids={0},
                max_new_tokens=max_new)
 
 

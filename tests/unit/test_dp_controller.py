@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from radixserve.messages import LoadReport, SchedulerState, TokenizedGenerateReq
+from radixserve.messages import GenerateReq, LoadReport, SchedulerState
 from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.dp_controller import LoadBalancer, merge_states
 
 
-def req(n_prompt: int, max_new: int) -> TokenizedGenerateReq:
-    return TokenizedGenerateReq(rid="r", input_ids=[1] * n_prompt, sampling_params=SamplingParams(max_new_tokens=max_new))
+def req(n_prompt: int, max_new: int) -> GenerateReq:
+    return GenerateReq(rid="r", input_ids=[1] * n_prompt, sampling_params=SamplingParams(max_new_tokens=max_new))
 
 
 def test_round_robin_cycles():

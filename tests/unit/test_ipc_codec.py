@@ -16,21 +16,21 @@ from radixserve.messages import (
     FlushCacheReply,
     FlushCacheReq,
     GenerateBatch,
+    GenerateReq,
     GetStateReq,
     LoadReport,
     ReqOutput,
     SchedulerState,
-    TokenizedGenerateReq,
     to_dict,
 )
 from radixserve.sampling_params import SamplingParams
 
 STATE = SchedulerState(100, 90, 5, 1, 8, 7, 1, 0, 0.7, 2, gen_throughput=12.5, num_tokens=33)
 SAMPLES = [
-    TokenizedGenerateReq("r1", [1, 2, 3], SamplingParams(temperature=0.0, logit_bias={"7": -100}, stop="\n"),
+    GenerateReq("r1", [1, 2, 3], SamplingParams(temperature=0.0, logit_bias={"7": -100}, stop="\n"),
                          return_logprob=True, top_logprobs_num=2, logprob_start_len=0, stream=True,
                          bootstrap_host="10.0.0.2", bootstrap_port=8998, bootstrap_room=12345),
-    GenerateBatch([TokenizedGenerateReq(f"r{i}", [i], SamplingParams(seed=i)) for i in range(3)]),
+    GenerateBatch([GenerateReq(f"r{i}", [i], SamplingParams(seed=i)) for i in range(3)]),
     AbortReq(["a", "b"], message="gone", status_code=503),
     AbortReq(abort_all=True),
     FlushCacheReq(),
@@ -88,9 +88,9 @@ def test_anything_else_is_refused_as_data(payload, tmp_path):
 
 
 def test_sampling_params_are_checked_as_they_are_decoded():
-    good = ipc_codec._encoder.encode(["TokenizedGenerateReq", "r", [1], SamplingParams(temperature=0.5)])
+    good = ipc_codec._encoder.encode(["GenerateReq", "r", [1], SamplingParams(temperature=0.5)])
     assert ipc_codec.decode(good).sampling_params.temperature == 0.5
-    bad = ipc_codec._encoder.encode(["TokenizedGenerateReq", "r", [1], [128, 0, -5.0]])  # temperature -5
+    bad = ipc_codec._encoder.encode(["GenerateReq", "r", [1], [128, 0, -5.0]])  # temperature -5
     with pytest.raises(ipc_codec.BadMessage, match="temperature must be >= 0"):
         ipc_codec.decode(bad)
 

@@ -10,6 +10,7 @@ import torch
 from radixserve.cache.chunk import ChunkCache
 from radixserve.cache.memory import MemoryPools
 from radixserve.cache.radix import RadixCache
+from radixserve.messages import GenerateReq
 from radixserve.sampling_params import SamplingParams
 from radixserve.scheduler.kv import OutOfKVError, allocate, free_kv_of
 from radixserve.scheduler.req import Req
@@ -23,8 +24,7 @@ def pools(tokens: int = 64, page_size: int = 4, rows: int = 4) -> MemoryPools:
 
 
 def request(rid: str, prompt_len: int) -> Req:
-    return Req(rid=rid, origin_input_ids=list(range(1, prompt_len + 1)), params=SamplingParams(), eos_ids={0},
-               max_new_tokens=4)
+    return Req(GenerateReq(rid, list(range(1, prompt_len + 1)), SamplingParams()), eos_ids={0}, max_new_tokens=4)
 
 
 def test_layout_addresses_every_layer_buffer_by_bytes():

@@ -121,8 +121,11 @@ def tm() -> TokenizerManager:
 
 def offline(tm: TokenizerManager, prompt=None, params=None, input_ids=None) -> None:
     """What Engine.generate does before anything reaches the scheduler."""
-    reqs, _ = expand_requests(prompt, input_ids, params)
-    asyncio.run(validate_all(tm, reqs))
+    async def validate() -> None:
+        reqs, _ = expand_requests(prompt, input_ids, params)
+        await validate_all(tm, reqs)
+
+    asyncio.run(validate())
 
 
 @pytest.mark.parametrize("stop", ["\ud800", ["ok", "\udc80x"]])
@@ -137,7 +140,7 @@ def test_offline_prompt_with_lone_surrogate_is_a_value_error(tm: TokenizerManage
         offline(tm, ["fine", "bad \ud800"])
     assert info.value.param == "text"
     with pytest.raises(RequestError, match="surrogate"):
-        tm.encode("\udfff", "messages", add_special_tokens=False)
+        tm.validator.encode("\udfff", "messages", add_special_tokens=False)
     offline(tm, "fine 😀", {"stop": "😀"})  # valid text passes
 
 
@@ -213,12 +216,11 @@ def test_n_is_capped_and_samples_share_their_validation(tm: TokenizerManager) ->
     reqs, single = expand_requests(["a b", "c"], None, {"n": 3, "max_new_tokens": 4})
     assert not single and len(reqs) == 6
     asyncio.run(validate_all(tm, reqs))
-    # one tokenization per prompt and one SamplingParams per distinct (prompt, params): shared objects
-    assert reqs[0].input_ids is reqs[2].input_ids and reqs[0].params is reqs[1].params
-    assert reqs[0].input_ids != reqs[3].input_ids
+    # one tokenization per prompt and one SamplingParams per params dict: shared objects
+    assert reqs[0].input_ids is reqs[2].input_ids and reqs[0].sampling_params is reqs[4].sampling_params
+    assert reqs[0].input_ids != reqs[3].input_ids and reqs[0].text is None
     seeded, _ = expand_requests("hi", None, {"n": 3, "seed": 7})
     asyncio.run(validate_all(tm, seeded))
-    assert [r.params.seed for r in seeded] == [7, 8, 9]
-    bad_seed, _ = expand_requests("hi", None, {"n": 2, "seed": "7"})
-    with pytest.raises(RequestError, match="seed"):
-        asyncio.run(validate_all(tm, bad_seed))
+    assert [r.sampling_params.seed for r in seeded] == [7, 8, 9]
+    with pytest.raises(RequestError, match="seed"):  # parsed as the requests are made
+        expand_requests("hi", None, {"n": 2, "seed": "7"})

@@ -3,13 +3,13 @@ live lists (no copies), and a result handed out is a snapshot that later increme
 
 from __future__ import annotations
 
-from radixserve.entrypoints.tokenizer_manager import Progress, SingleRequest, TokenizerManager, _Clock
-from radixserve.messages import ReqOutput
+from radixserve.entrypoints.tokenizer_manager import Progress, TokenizerManager, _Clock
+from radixserve.messages import GenerateReq, ReqOutput
+from radixserve.sampling_params import SamplingParams
 
 
 def merged(steps: int) -> tuple[Progress, list[dict]]:
-    req = SingleRequest(rid="r", text=None, input_ids=[1, 2, 3], sampling_params={}, return_logprob=True,
-                        top_logprobs_num=1, stream=True)
+    req = GenerateReq("r", [1, 2, 3], SamplingParams(), return_logprob=True, top_logprobs_num=1, stream=True)
     p = Progress(req, _Clock(0.0))
     snapshots = []
     for k in range(steps):
