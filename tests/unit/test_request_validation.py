@@ -224,3 +224,26 @@ def test_n_is_capped_and_samples_share_their_validation(tm: TokenizerManager) ->
     assert [r.sampling_params.seed for r in seeded] == [7, 8, 9]
     with pytest.raises(RequestError, match="seed"):  # parsed as the requests are made
         expand_requests("hi", None, {"n": 2, "seed": "7"})
+
+
+def test_without_a_tokenizer_text_stops_and_grammars_are_refused() -> None:
+    """A config-only model (dummy weights) has no tokenizer: token-id prompts run, but text prompts,
+    stop strings and structured output (which need the text) are 400s before anything is sent."""
+    bare = TokenizerManager(None, None, {"context_length": 64, "vocab_size": 100}, lambda: None)
+
+    def check(prompt=None, input_ids=None, params=None) -> None:
+        async def validate() -> None:
+            reqs, _ = expand_requests(prompt, input_ids, params)
+            await validate_all(bare, reqs)
+
+        asyncio.run(validate())
+
+    check(input_ids=[1, 2, 3], params={"max_new_tokens": 4})
+    with pytest.raises(RequestError, match="no tokenizer"):
+        check(prompt="hello")
+    for params in ({"stop": "x"}, {"stop_regex": "a+"}, {"regex": "a+"}):
+        params["max_new_tokens"] = 4
+        with pytest.raises(RequestError, match="need a tokenizer"):
+            check(input_ids=[1, 2, 3], params=params)
+    with pytest.raises(RequestError, match=r"\[0, 100\)"):
+        check(input_ids=[1, 100])
