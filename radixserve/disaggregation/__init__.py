@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation: moving a request's KV from a prefill server to a decode server."""
