@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from radixserve.entrypoints.requests import Bootstrap
 from radixserve.utils.text import lone_surrogate_at
 
 # Numbers must be JSON numbers: lax pydantic would take `true` as 1 (a token id!) and "0.7" as 0.7.
@@ -150,7 +151,21 @@ class ResponseFormat(_Lenient):
     triggers: list[str] | None = None
 
 
-class SamplingExtras(_Request):
+class _Bootstrapped(_Request):
+    """The fields a PD router adds (SGLang's): where the decode server finds the request's prefill.
+    One value each, or lists with one entry per prompt (or per sample of chat's n)."""
+
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: Int | list[Int | None] | None = None
+    bootstrap_room: Int | list[Int] | None = None
+
+    def bootstrap(self) -> Bootstrap | None:
+        if self.bootstrap_host is None and self.bootstrap_room is None and self.bootstrap_port is None:
+            return None
+        return Bootstrap(self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
+
+
+class SamplingExtras(_Bootstrapped):
     """Fields shared by completions and chat: OpenAI's, plus the extras vLLM and SGLang accept."""
 
     model: str | None = None
@@ -215,7 +230,7 @@ class ChatCompletionRequest(SamplingExtras):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
 
-class GenerateRequest(_Request):
+class GenerateRequest(_Bootstrapped):
     """Native /generate (SGLang's schema)."""
 
     text: str | list[str] | None = None

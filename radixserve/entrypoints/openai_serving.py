@@ -65,6 +65,7 @@ class OpenAIServing:
                 None if as_ids else prompt, prompt if as_ids else None, sampling_params_of(req, req.max_tokens),
                 return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
                 logprob_start_len=0 if (want_logprobs and req.echo) else None, stream=req.stream,
+                bootstrap=req.bootstrap(),
             )
             texts = [r.text for r in reqs]  # validation tokenizes them, and clears r.text
             # before decoding: an id out of the vocabulary is the client's error
@@ -225,7 +226,7 @@ class OpenAIServing:
         max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         with in_client_terms(openai_names(req, max_name, "messages"), "max_completion_tokens"):
             reqs, _ = expand_requests(None, ids, params, return_logprob=req.logprobs, top_logprobs_num=top,
-                                      stream=req.stream)
+                                      stream=req.stream, bootstrap=req.bootstrap())
             await validate_all(self.tm, reqs)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:

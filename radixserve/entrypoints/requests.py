@@ -5,6 +5,7 @@ sample, each with its sampling params parsed (once per dict the caller sent)."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -33,6 +34,7 @@ def expand_requests(
     logprob_start_len: int | None = None,
     stream: bool = False,
     rid: str | list[str] | None = None,
+    bootstrap: Bootstrap | None = None,
 ) -> tuple[list[GenerateReq], bool]:
     """Returns the requests and whether the caller asked for one result (one prompt, n == 1)."""
     if (prompt is None) == (input_ids is None):
@@ -64,9 +66,12 @@ def expand_requests(
     if len(rids) != len(items):
         raise RequestError("rid must have one entry per prompt", "rid")
 
+    if bootstrap is not None:
+        bootstrap.check()
     start = -1 if logprob_start_len is None or not return_logprob else logprob_start_len
     reqs: list[GenerateReq] = []
-    for (text, ids), (n, params), base_rid in zip(items, parsed, rids):
+    total = sum(n for n, _ in parsed)
+    for k, ((text, ids), (n, params), base_rid) in enumerate(zip(items, parsed, rids)):
         base_rid = base_rid or new_rid()
         for i in range(n):
             # samples share one parsed params unless each needs its own seed: distinct yet reproducible
@@ -76,6 +81,8 @@ def expand_requests(
                 sampling_params=p, text=text, return_logprob=bool(return_logprob),
                 top_logprobs_num=top_logprobs_num, logprob_start_len=start, stream=stream,
             ))
+            if bootstrap is not None:
+                bootstrap.apply(reqs[-1], k, i, len(reqs) - 1, len(items), total)
         single = single and n == 1
     return reqs, single
 
@@ -92,3 +99,47 @@ def parse_sampling_params(params: Any) -> tuple[int, SamplingParams]:
         return n, SamplingParams.from_dict(params)
     except SamplingParamsError as e:
         raise RequestError(str(e), e.param) from None
+
+
+ROOM_LIMIT = 1 << 63  # bootstrap rooms are 63-bit (SGLang's router draws them below 2**63)
+
+
+@dataclass
+class Bootstrap:
+    """Where a PD decode server finds a request's prefill (SGLang's bootstrap_host, bootstrap_port and
+    bootstrap_room, as a PD router adds them). Each is one value, or a list with one entry per prompt
+    (a batch) or per sample (chat with n > 1). A room given once for several requests names the first;
+    the others take the rooms after it, which both servers derive alike."""
+
+    host: str | list[str] | None = None
+    port: int | None | list[int | None] = None
+    room: int | list[int] | None = None
+
+    def apply(self, req: GenerateReq, item: int, sample: int, flat: int, items: int, total: int) -> None:
+        req.bootstrap_host = self._pick("bootstrap_host", self.host, item, flat, items, total)
+        req.bootstrap_port = self._pick("bootstrap_port", self.port, item, flat, items, total)
+        room = self.room
+        if isinstance(room, list):
+            picked = self._pick("bootstrap_room", room, item, flat, items, total)
+            req.bootstrap_room = None if picked is None else (picked + (0 if len(room) == total else sample)) % ROOM_LIMIT
+        elif room is not None:
+            req.bootstrap_room = (room + flat) % ROOM_LIMIT
+
+    @staticmethod
+    def _pick(name: str, value, item: int, flat: int, items: int, total: int):
+        if not isinstance(value, list):
+            return value
+        if len(value) == total:
+            return value[flat]
+        if len(value) == items:
+            return value[item]
+        raise RequestError(f"{name} must be one value, or a list with one entry per prompt ({items}) or per "
+                           f"sample ({total}); got {len(value)}", name)
+
+    def check(self) -> None:
+        for room in self.room if isinstance(self.room, list) else [self.room]:
+            if room is not None and not 0 <= room < ROOM_LIMIT:
+                raise RequestError(f"bootstrap_room must be in [0, 2**63), got {room}", "bootstrap_room")
+        for port in self.port if isinstance(self.port, list) else [self.port]:
+            if port is not None and not 0 < port < 65536:
+                raise RequestError(f"bootstrap_port must be a port number, got {port}", "bootstrap_port")

@@ -132,7 +132,7 @@ async def generate(req: GenerateRequest, raw: Request):
     tm = server_state(raw).tm
     reqs, single = expand_requests(
         req.text, req.input_ids, req.sampling_params, req.return_logprob, req.top_logprobs_num,
-        req.logprob_start_len, req.stream, req.rid,
+        req.logprob_start_len, req.stream, req.rid, req.bootstrap(),
     )
     await validate_all(tm, reqs)
     if req.stream:

@@ -492,3 +492,19 @@ def test_regex_extra_and_bad_schema(server, client):
     assert re.fullmatch("[0-9]{3}-[0-9]{4}", out.choices[0].text)
     bad = post(server, "/v1/completions", {"model": "smol", "prompt": "x", "regex": "([a-"})
     assert bad.status_code == 400 and "regex" in bad.json()["error"]["message"]
+
+
+def test_pd_router_fields_are_accepted(server, client):
+    """What SGLang's PD router adds to each body (bootstrap fields, and its own defaults on
+    /generate): a server that is not part of a PD pair answers as usual."""
+    body = {"input_ids": [[1, 2, 3], [4, 5]], "sampling_params": {"max_new_tokens": 2, "temperature": 0},
+            "bootstrap_host": ["127.0.0.1"] * 2, "bootstrap_port": [8998, None], "bootstrap_room": [1, (1 << 63) - 1],
+            "model": None, "return_text_in_logprobs": False, "log_metrics": True}
+    r = post(server, "/generate", body)
+    assert r.status_code == 200 and len(r.json()) == 2, r.text
+    chat = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, n=2, temperature=0,
+        extra_body={"bootstrap_host": ["127.0.0.1"] * 2, "bootstrap_port": [8998] * 2, "bootstrap_room": [5, 6]})
+    assert len(chat.choices) == 2
+    bad = post(server, "/generate", {**body, "bootstrap_room": [1, 2, 3]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "bootstrap_room"

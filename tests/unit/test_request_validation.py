@@ -247,3 +247,32 @@ def test_without_a_tokenizer_text_stops_and_grammars_are_refused() -> None:
             check(input_ids=[1, 2, 3], params=params)
     with pytest.raises(RequestError, match=r"\[0, 100\)"):
         check(input_ids=[1, 100])
+
+
+def test_bootstrap_fields_map_onto_each_request() -> None:
+    """A PD router's bootstrap_host / bootstrap_port / bootstrap_room: one value, or one entry per
+    prompt or per sample; a room given once for several requests names the first of consecutive rooms."""
+    from radixserve.entrypoints.requests import Bootstrap
+
+    def rooms(reqs):
+        return [(r.bootstrap_host, r.bootstrap_port, r.bootstrap_room) for r in reqs]
+
+    one, _ = expand_requests(None, [1, 2], None, bootstrap=Bootstrap("10.0.0.1", 8998, 5))
+    assert rooms(one) == [("10.0.0.1", 8998, 5)]
+    batch, _ = expand_requests(None, [[1], [2]], None, bootstrap=Bootstrap(["a", "b"], [1, None], [7, 9]))
+    assert rooms(batch) == [("a", 1, 7), ("b", None, 9)]
+    per_sample, _ = expand_requests(None, [1, 2], {"n": 3}, bootstrap=Bootstrap(["h"] * 3, [8998] * 3, [4, 0, 11]))
+    assert rooms(per_sample) == [("h", 8998, 4), ("h", 8998, 0), ("h", 8998, 11)]
+    derived, _ = expand_requests(None, [[1], [2]], {"n": 2}, bootstrap=Bootstrap("h", None, [(1 << 63) - 1, 20]))
+    assert [r.bootstrap_room for r in derived] == [(1 << 63) - 1, 0, 20, 21]
+    scalar, _ = expand_requests(None, [1], {"n": 2}, bootstrap=Bootstrap("h", 1, 3))
+    assert [r.bootstrap_room for r in scalar] == [3, 4]
+    plain, _ = expand_requests(None, [1], None)
+    assert rooms(plain) == [(None, None, None)]
+    with pytest.raises(RequestError, match="one entry per prompt") as info:
+        expand_requests(None, [[1], [2]], None, bootstrap=Bootstrap("h", None, [1, 2, 3]))
+    assert info.value.param == "bootstrap_room"
+    with pytest.raises(RequestError, match=r"2\*\*63"):
+        expand_requests(None, [1], None, bootstrap=Bootstrap("h", None, 1 << 63))
+    with pytest.raises(RequestError, match="port"):
+        expand_requests(None, [1], None, bootstrap=Bootstrap("h", 70000, 1))
