@@ -130,6 +130,28 @@ class BatchOut(Message):
     released: list[str] = msgspec.field(default_factory=list)  # see ReqOutput.scheduler_holds
 
 
+class KVDestination(Message):
+    """Decode server -> prefill server: where the prompt of the request in `room` goes."""
+
+    room: int
+    session_id: str  # the decode side's transfer engine
+    notify: str  # the decode side's ZMQ endpoint for the KVDone
+    slots: list[int]  # one per prompt token, in order
+    layout: list[list[int]]  # the decode pool's buffers: [data_ptr, bytes_per_slot, num_slots] each
+
+
+class KVDone(Message):
+    """Prefill server -> decode server: the KV of `room` has landed (ok), or will not (message)."""
+
+    room: int
+    ok: bool
+    first_token: int = 0  # sampled by the prefill server
+    first_logprob: float | None = None
+    first_top_logprobs: list[tuple[float, int]] = msgspec.field(default_factory=list)
+    cached_tokens: int = 0
+    message: str = ""
+
+
 def to_dict(value: Any) -> Any:
     """A message's fields as plain data, nested messages included, without the tag (for JSON)."""
     if isinstance(value, msgspec.Struct):
@@ -141,4 +163,4 @@ def to_dict(value: Any) -> Any:
 
 # every message a socket may carry: what a payload is decoded against
 MESSAGE_TYPES = (GenerateReq, GenerateBatch, AbortReq, FlushCacheReq, FlushCacheReply, GetStateReq,
-                 SchedulerState, LoadReport, ReqOutput, BatchOut)
+                 SchedulerState, LoadReport, ReqOutput, BatchOut, KVDestination, KVDone)

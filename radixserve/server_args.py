@@ -104,6 +104,8 @@ class ServerArgs:
     disaggregation_mode: str = flag("null", "null, prefill or decode", PD, choices=("null", "prefill", "decode"))
     disaggregation_ib_device: str | None = flag(None, "InfiniBand device for KV transfer", PD)
     disaggregation_bootstrap_port: int = flag(8998, "bootstrap port of a prefill server", PD, **PORT)
+    disaggregation_transfer_backend: str = flag("mooncake", "KV transfer engine between prefill and decode servers",
+                                                PD, choices=("mooncake", "nixl", "fake"))
     # ---- logging ------------------------------------------------------------------------------
     log_level: str = flag("info", "python logging level", LOGGING)
 
@@ -158,10 +160,9 @@ class ServerArgs:
         checks = [
             (self.dp_size > 1 and self.nnodes > 1,
              f"--dp-size {self.dp_size} with --nnodes {self.nnodes}: multi-node data parallelism {pending}"),
-            (self.disaggregation_mode != "null",
-             f"--disaggregation-mode {self.disaggregation_mode}: PD disaggregation {pending}"),
-            (self.disaggregation_ib_device is not None,
-             "--disaggregation-ib-device: InfiniBand KV transfer needs Mooncake, which is not installed"),
+            (self.disaggregation_mode != "null" and (self.tp_size > 1 or self.dp_size > 1 or self.nnodes > 1),
+             f"--disaggregation-mode {self.disaggregation_mode} with tensor, data or multi-node parallelism: "
+             f"PD disaggregation across parallel ranks {pending}"),
             (self.enable_two_batch_overlap, f"--enable-two-batch-overlap: two-batch overlap {pending}"),
             (self.grammar_backend != "xgrammar",
              f"--grammar-backend {self.grammar_backend}: radixserve's structured output runs on xgrammar only; "

@@ -47,5 +47,43 @@ def profile(scheduler: Scheduler, steps: int) -> None:
                 out.getvalue())
 
 
-# --disaggregation-mode -> loop; "prefill" and "decode" are refused by ServerArgs until built
-EVENT_LOOPS: dict[str, Callable[[Scheduler], None]] = {"null": normal_loop}
+def prefill_loop(scheduler: Scheduler) -> None:
+    """A PD prefill server: the normal loop, plus requests whose decode server has claimed them
+    joining the waiting queue (and those never claimed ending)."""
+    handoff = scheduler.handoff
+    assert handoff is not None
+    while True:
+        idle = not scheduler.has_work()
+        if not idle and not (scheduler.prefill.waiting or scheduler.decode.running or scheduler.inflight):
+            handoff.handoff.poll(5)  # only requests waiting for their decode server: wait for one
+        scheduler.recv_requests(block=idle)
+        ready, late = handoff.poll()
+        for req in ready:
+            scheduler.prefill.add(req)
+        scheduler.finish(late)
+        scheduler.step()
+        scheduler.report_load()
+
+
+def decode_loop(scheduler: Scheduler) -> None:
+    """A PD decode server: the normal loop, plus requests whose prompt KV arrived joining the
+    running batch at their first token."""
+    receiver = scheduler.receiver
+    assert receiver is not None
+    while True:
+        idle = not scheduler.has_work()
+        if not idle and not (scheduler.prefill.waiting or scheduler.decode.running or scheduler.inflight):
+            receiver.inbox.poll(5)  # only requests waiting for their KV: wait for some
+        scheduler.recv_requests(block=idle)
+        ready, failed = receiver.step()
+        scheduler.finish(failed + [r for r in ready if r.finished])
+        started = [r for r in ready if not r.finished]
+        scheduler.send_outputs(started)  # their first token
+        scheduler.decode.add(started)
+        scheduler.step()
+        scheduler.report_load()
+
+
+# --disaggregation-mode -> loop
+EVENT_LOOPS: dict[str, Callable[[Scheduler], None]] = {"null": normal_loop, "prefill": prefill_loop,
+                                                      "decode": decode_loop}

@@ -21,6 +21,9 @@ import torch
 
 from radixserve.cache.chunk import ChunkCache
 from radixserve.cache.radix import RadixCache
+from radixserve.disaggregation.decode_side import DecodeReceiver
+from radixserve.disaggregation.prefill_side import PrefillHandoff
+from radixserve.disaggregation.settings import FAKE_BOOTSTRAP_HOST
 from radixserve.distributed.parallel_state import check_same_setup, init_tensor_parallel, setup_fingerprint
 from radixserve.ipc import PortArgs
 from radixserve.loader import config as cfgutil
@@ -114,6 +117,13 @@ class Scheduler:
         self.inflight: InFlightBatch | None = None
         self.overlapped_launches = 0
         self.num_received = 0
+        # PD disaggregation: the side of the pair this server is, if any (disaggregation/)
+        self.handoff: PrefillHandoff | None = None
+        self.receiver: DecodeReceiver | None = None
+        if args.disaggregation_mode == "prefill":
+            self.handoff = PrefillHandoff(args, self.pools)
+        elif args.disaggregation_mode == "decode":
+            self.receiver = DecodeReceiver(args, self.pools, self.cache)
 
     # ---- info -------------------------------------------------------------
     def info(self) -> dict:
@@ -184,6 +194,13 @@ class Scheduler:
             req.finish_reason = {"type": "length", "length": 0}
             self.finish([req])
             return
+        if msg.bootstrap_room is not None and msg.bootstrap_host != FAKE_BOOTSTRAP_HOST:
+            if self.handoff is not None:
+                self.handoff.hold(req)
+                return
+            if self.receiver is not None:
+                self.receiver.hold(req)
+                return
         self.prefill.add(req)
 
     def abort(self, msg: AbortReq) -> None:
@@ -196,6 +213,10 @@ class Scheduler:
         if msg.status_code is not None:
             reason["status_code"] = msg.status_code
         gone = self.prefill.take_aborted(hit)
+        if self.handoff is not None:
+            gone += self.handoff.take_aborted(hit)
+        if self.receiver is not None:
+            gone += self.receiver.take_aborted(hit)
         for req in gone:
             req.finish_reason = dict(reason)
         self.finish(gone)
@@ -214,7 +235,15 @@ class Scheduler:
 
     # ---- a step -----------------------------------------------------------------
     def has_requests(self) -> bool:
-        return bool(self.prefill.waiting or self.prefill.chunked or self.decode.running)
+        return bool(self.prefill.waiting or self.prefill.chunked or self.decode.running) or self.num_pd_held() > 0
+
+    def num_pd_held(self) -> int:
+        """Requests a PD server holds outside the prefill and decode queues."""
+        if self.handoff is not None:
+            return self.handoff.num_waiting
+        if self.receiver is not None:
+            return self.receiver.num_prealloc + self.receiver.num_transfer
+        return 0
 
     def has_work(self) -> bool:
         return self.has_requests() or self.inflight is not None
@@ -287,6 +316,8 @@ class Scheduler:
     def finish(self, reqs: list[Req], send: bool = True) -> None:
         """Release finished requests' KV (kept in the prefix cache) and rows; FINISHED."""
         for req in reqs:
+            if self.handoff is not None:
+                self.handoff.send_kv(req)  # before its KV is released
             if req.req_pool_idx is not None:
                 free_kv_of(req, self.cache)
             move(req, ReqState.FINISHED)

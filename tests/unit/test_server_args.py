@@ -73,13 +73,20 @@ def test_choice_errors_list_allowed_values():
 @pytest.mark.parametrize(
     "kwargs, flag",
     [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
-     ({"disaggregation_mode": "decode"}, "--disaggregation-mode"),
+     ({"disaggregation_mode": "decode", "tp_size": 2}, "--disaggregation-mode"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
 )
 def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
     message = ServerArgs(**kwargs).unbuilt_feature()
     assert message and message.startswith(flag) and "\n" not in message
     assert ServerArgs().unbuilt_feature() is None
+
+
+def test_pd_modes_are_built_on_one_rank():
+    assert ServerArgs(disaggregation_mode="prefill").unbuilt_feature() is None
+    assert ServerArgs(disaggregation_mode="decode", disaggregation_transfer_backend="fake").unbuilt_feature() is None
+    with pytest.raises(ServerArgsError, match="mooncake, nixl, fake"):
+        ServerArgs(disaggregation_transfer_backend="rdma")
 
 
 def test_torch_compile_is_built():

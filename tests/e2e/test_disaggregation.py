@@ -1,0 +1,156 @@
+"""Prefill/decode disaggregation on the bundled model: a prefill server and a decode server moving
+each prompt's KV over Mooncake's TCP transport, driven directly (the same body to both, as a PD
+router sends it) and through SGLang's own router. Outputs equal what one ordinary server gives."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.server_utils import assert_pool_whole, free_port, start_server
+
+BOOTSTRAP_TIMEOUT = 4  # seconds the prefill server waits for a decode server to claim a request
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    os.environ["MC_FORCE_TCP"] = "1"  # the servers inherit it: Mooncake over loopback TCP
+    logs = tmp_path_factory.mktemp("pd")
+    bootstrap = free_port()
+    common = ["--dtype", "float32", "--host", "127.0.0.1"]
+    os.environ["RADIXSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT"] = str(BOOTSTRAP_TIMEOUT)
+    try:
+        prefill = start_server([*common, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                                str(bootstrap)], str(logs / "prefill.log"))
+    finally:
+        del os.environ["RADIXSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT"]
+    try:
+        decode = start_server([*common, "--disaggregation-mode", "decode"], str(logs / "decode.log"))
+    except Exception:
+        prefill.stop()
+        raise
+    yield prefill, decode, bootstrap
+    assert decode.stop() == 0, decode.log()
+    assert prefill.stop() == 0, prefill.log()
+
+
+def both(prefill, decode, path: str, body: dict) -> tuple[httpx.Response, httpx.Response]:
+    """What a PD router does: the same body to both servers at once."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        p = pool.submit(httpx.post, prefill.url + path, json=body, timeout=120)
+        d = pool.submit(httpx.post, decode.url + path, json=body, timeout=120)
+        return p.result(), d.result()
+
+
+def alone(server, body: dict) -> dict:
+    """The reference: the same request without bootstrap fields runs on one server as usual."""
+    plain = {k: v for k, v in body.items() if not k.startswith("bootstrap_")}
+    return httpx.post(server.url + "/generate", json=plain, timeout=120).json()
+
+
+@pytest.mark.parametrize("room", [7, (1 << 63) - 1])
+def test_decode_continues_from_the_prefill_servers_kv(pair, room):
+    prefill, decode, bootstrap = pair
+    for prompt in PROMPTS:
+        body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 12},
+                "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap, "bootstrap_room": room}
+        p, d = both(prefill, decode, "/generate", body)
+        assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+        assert p.json()["meta_info"]["completion_tokens"] == 1  # the prefill server stops at its first token
+        want = alone(decode, body)
+        got = d.json()
+        assert got["output_ids"] == want["output_ids"] and got["text"] == want["text"]
+        assert got["output_ids"][0] == p.json()["output_ids"][0]
+    assert_pool_whole(prefill)
+    assert_pool_whole(decode)
+
+
+def test_a_batch_and_a_stream_through_the_pair(pair):
+    prefill, decode, bootstrap = pair
+    ids = [[1, 504, 3575, 282], [1, 28, 30, 216]]
+    body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 8},
+            "bootstrap_host": ["127.0.0.1"] * 2, "bootstrap_port": [bootstrap] * 2, "bootstrap_room": [100, 101]}
+    p, d = both(prefill, decode, "/generate", body)
+    assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+    assert [r["output_ids"] for r in d.json()] == [r["output_ids"] for r in alone(decode, body)]
+    stream = {"text": PROMPTS[0], "sampling_params": {"temperature": 0, "max_new_tokens": 8}, "stream": True,
+              "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap, "bootstrap_room": 200}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        p = pool.submit(httpx.post, prefill.url + "/generate", json=stream, timeout=120)
+        with httpx.stream("POST", decode.url + "/generate", json=stream, timeout=120) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert p.result().status_code == 200
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    assert json.loads(lines[-2][6:])["output_ids"] == alone(decode, {**stream, "stream": False})["output_ids"]
+    assert_pool_whole(prefill)
+    assert_pool_whole(decode)
+
+
+def test_requests_without_their_peer_end_and_hold_nothing(pair):
+    """A prefill request no decode server claims ends with a 503 after the bootstrap timeout; a
+    decode request whose prefill server cannot be reached holds nothing once its client leaves."""
+    prefill, decode, bootstrap = pair
+    start = time.time()
+    lone = httpx.post(prefill.url + "/generate", timeout=60, json={
+        "text": "hi", "sampling_params": {"max_new_tokens": 4}, "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": bootstrap, "bootstrap_room": 404})
+    assert lone.status_code == 503 and "room 404" in lone.json()["error"]["message"]
+    assert BOOTSTRAP_TIMEOUT <= time.time() - start < BOOTSTRAP_TIMEOUT + 10
+    assert_pool_whole(prefill)
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 4}, "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": free_port(), "bootstrap_room": 5}
+    # nothing listens on that port: the decode server cannot find the prefill server. It keeps
+    # trying until the waiting timeout; the client going away aborts it sooner.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(decode.url + "/generate", json=body, timeout=2)
+    assert_pool_whole(decode)
+
+
+@pytest.fixture(scope="module")
+def router(pair):
+    prefill, decode, bootstrap = pair
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+           "--prefill", prefill.url, str(bootstrap), "--decode", decode.url, "--host", "127.0.0.1",
+           "--port", str(port), "--prometheus-port", str(free_port()), "--disable-retries", "--policy", "round_robin"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(url + "/readiness", timeout=2).json().get("healthy_workers") == 2:
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        assert proc.poll() is None and time.time() < deadline, "sglang-router did not get ready"
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_sglang_router_drives_the_pair(pair, router):
+    prefill, decode, _ = pair
+    client = openai.OpenAI(base_url=router + "/v1", api_key="none", max_retries=0, timeout=120)
+    direct = openai.OpenAI(base_url=decode.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    model = direct.models.list().data[0].id
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    via_router = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    want = direct.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    assert via_router.choices[0].message.content == want.choices[0].message.content
+    assert via_router.usage.completion_tokens == want.usage.completion_tokens
+    body = {"text": PROMPTS[1], "sampling_params": {"temperature": 0, "max_new_tokens": 10}}
+    got = httpx.post(router + "/generate", json=body, timeout=120).json()
+    assert got["output_ids"] == alone(decode, body)["output_ids"]
+    assert_pool_whole(prefill)
+    assert_pool_whole(decode)
