@@ -154,3 +154,31 @@ def test_sglang_router_drives_the_pair(pair, router):
     assert got["output_ids"] == alone(decode, body)["output_ids"]
     assert_pool_whole(prefill)
     assert_pool_whole(decode)
+
+
+def test_paged_chunked_pair_matches_and_reuses_the_prefill_cache(tmp_path):
+    """Pages of 4 and prompts prefilled in chunks of 8 on both servers: outputs still equal one
+    server's, and a prompt sent again is served from the prefill server's prefix cache."""
+    bootstrap = free_port()
+    common = ["--dtype", "float32", "--host", "127.0.0.1", "--page-size", "4", "--chunked-prefill-size", "8"]
+    prefill = start_server([*common, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                            str(bootstrap)], str(tmp_path / "prefill.log"))
+    decode = None
+    try:
+        decode = start_server([*common, "--disaggregation-mode", "decode"], str(tmp_path / "decode.log"))
+        prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,"
+        cached = []
+        for room in (1, 2):
+            body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 10},
+                    "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap, "bootstrap_room": room}
+            p, d = both(prefill, decode, "/generate", body)
+            assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+            assert d.json()["output_ids"] == alone(decode, body)["output_ids"]
+            cached.append(p.json()["meta_info"]["cached_tokens"])
+        assert cached[0] == 0 and cached[1] >= 8
+        assert_pool_whole(prefill)
+        assert_pool_whole(decode)
+    finally:
+        if decode is not None:
+            assert decode.stop() == 0, decode.log()
+        assert prefill.stop() == 0, prefill.log()
