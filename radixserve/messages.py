@@ -83,6 +83,7 @@ class SchedulerState(Message):
     num_tokens: int = 0  # tokens held by running requests
     overlapped_launches: int = 0  # batches launched while the previous one's tokens were unread
     dp_rank: int = 0
+    pd: PDStats | None = None  # a PD server's queues and transfers
     per_dp: list[SchedulerState] = msgspec.field(default_factory=list)  # filled by the DP controller
 
 
@@ -152,6 +153,31 @@ class KVDone(Message):
     message: str = ""
 
 
+class KVCancel(Message):
+    """Decode server -> prefill server: the request in `room` was aborted here; write nothing more
+    into its slots and answer with a KVDone (ok=False) unless one is already on its way."""
+
+    room: int
+    notify: str  # where the answering KVDone goes
+
+
+class PDStats(Message):
+    """A PD server's queues and transfers (cumulative), for /metrics and the logs."""
+
+    role: str  # "prefill" or "decode"
+    num_bootstrap: int = 0  # prefill: waiting for their decode server's destination
+    num_inflight: int = 0  # prefill: KV on its way to the decode server
+    num_prealloc: int = 0  # decode: waiting for KV room or the prefill server's info
+    num_transfer: int = 0  # decode: waiting for their prompt's KV
+    transfers: int = 0  # prefill: KV writes done; decode: prompts received
+    failures: int = 0
+    bytes: int = 0  # prefill: bytes written
+    # prefill: seconds per write; decode: seconds from sending a destination to the KV landing.
+    # Counts per bucket (bounds in metrics.LATENCY_BUCKETS, +Inf last), not cumulative.
+    latency_counts: list[int] = msgspec.field(default_factory=list)
+    latency_sum: float = 0.0
+
+
 def to_dict(value: Any) -> Any:
     """A message's fields as plain data, nested messages included, without the tag (for JSON)."""
     if isinstance(value, msgspec.Struct):
@@ -163,4 +189,4 @@ def to_dict(value: Any) -> Any:
 
 # every message a socket may carry: what a payload is decoded against
 MESSAGE_TYPES = (GenerateReq, GenerateBatch, AbortReq, FlushCacheReq, FlushCacheReply, GetStateReq,
-                 SchedulerState, LoadReport, ReqOutput, BatchOut, KVDestination, KVDone)
+                 SchedulerState, LoadReport, ReqOutput, BatchOut, KVDestination, KVDone, KVCancel, PDStats)

@@ -47,3 +47,9 @@ def fetch_info(host: str, port: int, timeout: float = 5.0) -> dict[str, Any]:
     """A prefill server's published info; raises OSError when it cannot be read."""
     with urllib.request.urlopen(f"http://{host}:{port}/info", timeout=timeout) as reply:
         return json.loads(reply.read())
+
+
+def check_health(host: str, port: int, timeout: float = 5.0) -> None:
+    """Raises OSError unless the prefill server's bootstrap endpoint answers /health."""
+    with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=timeout) as reply:
+        reply.read()

@@ -4,7 +4,12 @@ A request that names a bootstrap room takes KV slots for its prompt (PREALLOC, w
 pool is short), sends them to its prefill server (found through the prefill server's bootstrap
 endpoint) and waits for the prompt's KV (TRANSFER). When KVDone arrives it starts decoding from the
 prefill server's first token, with no forward pass over its prompt. A request without a room runs as
-on an ordinary server."""
+on an ordinary server.
+
+Slots handed to a prefill server are freed only on its KVDone (after its last write) or once it is
+gone: an abort sends KVCancel and waits for the answer; a prefill server that misses
+HEARTBEAT_MAX_FAILURE heartbeats in a row (its bootstrap /health, every HEARTBEAT_INTERVAL seconds)
+fails the requests waiting on it."""
 
 from __future__ import annotations
 
@@ -18,12 +23,19 @@ import torch
 import zmq
 
 from radixserve import ipc_codec
-from radixserve.disaggregation.bootstrap import fetch_info
+from radixserve.disaggregation.bootstrap import check_health, fetch_info
 from radixserve.disaggregation.kv_runs import BufferSpec, LayoutMismatch, check_layouts
-from radixserve.disaggregation.settings import reachable_host, waiting_timeout
+from radixserve.disaggregation.peers import PeerSockets
+from radixserve.disaggregation.settings import (
+    heartbeat_interval,
+    heartbeat_max_failure,
+    reachable_host,
+    waiting_timeout,
+)
+from radixserve.disaggregation.stats import TransferCounts
 from radixserve.disaggregation.transfer import create_engine
-from radixserve.messages import KVDestination, KVDone
-from radixserve.scheduler.kv import OutOfKVError, allocate
+from radixserve.messages import KVCancel, KVDestination, KVDone, PDStats
+from radixserve.scheduler.kv import OutOfKVError, allocate, release_new_pages
 from radixserve.scheduler.state import ReqState, move
 
 if TYPE_CHECKING:
@@ -41,6 +53,19 @@ LOOKUP_RETRY = 1.0  # seconds between lookups of a prefill server that did not a
 class Transfer:
     req: Req
     since: float
+    prefill: tuple[str, int]  # the prefill server's bootstrap address
+    handoff: str  # its handoff endpoint (for a KVCancel)
+    slots: torch.Tensor  # where its prompt's KV goes (not committed: freed by hand if it fails)
+    cancelled: bool = False
+
+
+@dataclass
+class Heartbeat:
+    """The last check of a prefill server with KV on its way to us."""
+
+    check: Future | None = None
+    last: float = 0.0
+    missed: int = 0
 
 
 class DecodeReceiver:
@@ -60,7 +85,11 @@ class DecodeReceiver:
         self.prefill_info: dict[tuple[str, int], dict] = {}
         self.lookups: dict[tuple[str, int], tuple[Future, float]] = {}
         self.lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="pd-bootstrap")
-        self.peers: dict[str, zmq.Socket] = {}
+        self.peers = PeerSockets()
+        self.heartbeats: dict[tuple[str, int], Heartbeat] = {}
+        self.heartbeat_interval = heartbeat_interval()
+        self.heartbeat_max_failure = heartbeat_max_failure()
+        self.counts = TransferCounts()
         self.prealloc: list[tuple[Req, float]] = []  # PREALLOC, in arrival order
         self.transfers: dict[int, Transfer] = {}  # TRANSFER: room -> request
         self.timeout = waiting_timeout()
@@ -78,6 +107,12 @@ class DecodeReceiver:
     def num_transfer(self) -> int:
         return len(self.transfers)
 
+    def stats(self) -> PDStats:
+        c = self.counts
+        return PDStats("decode", num_prealloc=len(self.prealloc), num_transfer=len(self.transfers),
+                       transfers=c.transfers, failures=c.failures, latency_counts=list(c.latency_counts),
+                       latency_sum=c.latency_sum)
+
     def step(self) -> tuple[list[Req], list[Req]]:
         """Claim KV for waiting requests, collect arrived prompts. Returns (requests ready to
         decode, with their first token; requests that failed, with their finish_reason)."""
@@ -91,22 +126,58 @@ class DecodeReceiver:
             if transfer is None:
                 continue  # timed out or aborted already
             req = transfer.req
-            if req.to_abort:
-                req.finish_reason = req.abort_reason or {"type": "abort", "message": "aborted"}
-                failed.append(req)
-            elif not done.ok:
-                req.finish_reason = {"type": "abort", "status_code": 503, "message": done.message}
-                failed.append(req)
+            if done.ok:
+                self.counts.done(time.monotonic() - transfer.since)
+            if req.to_abort or not done.ok:
+                failed.append(self._fail(transfer, done.message))
             else:
                 self._start(req, done)
                 ready.append(req)
         now = time.monotonic()
         for room in [r for r, t in self.transfers.items() if now - t.since > self.timeout]:
-            req = self.transfers.pop(room).req
-            req.finish_reason = {"type": "abort", "status_code": 503, "message":
-                                 f"the prompt's KV did not arrive within {self.timeout:g} s (room {room})"}
-            failed.append(req)
+            failed.append(self._drop(room, f"the prompt's KV did not arrive within {self.timeout:g} s (room {room})"))
+        for prefill in self._gone_prefill_servers():
+            for room in [r for r, t in self.transfers.items() if t.prefill == prefill]:
+                failed.append(self._drop(room, f"prefill server {prefill[0]}:{prefill[1]} stopped answering "
+                                               f"(room {room}); its KV will not arrive"))
+            self.prefill_info.pop(prefill, None)  # look it up afresh next time
         return ready, failed
+
+    def _drop(self, room: int, message: str) -> Req:
+        return self._fail(self.transfers.pop(room), message)
+
+    def _fail(self, transfer: Transfer, message: str) -> Req:
+        """A transfer that will not be decoded: its slots go back (they hold no committed KV)."""
+        req = transfer.req
+        if req.to_abort:
+            req.finish_reason = req.abort_reason or {"type": "abort", "message": "aborted"}
+        else:
+            self.counts.failed()
+            req.finish_reason = {"type": "abort", "status_code": 503, "message": message}
+        release_new_pages([req], [transfer.slots], self.pools)
+        return req
+
+    def _gone_prefill_servers(self) -> list[tuple[str, int]]:
+        """Prefill servers we wait on that missed too many heartbeats. Checks run off the loop."""
+        waited_on = {t.prefill for t in self.transfers.values()}
+        for prefill in [p for p in self.heartbeats if p not in waited_on]:
+            del self.heartbeats[prefill]
+        now = time.monotonic()
+        gone = []
+        for prefill in waited_on:
+            beat = self.heartbeats.setdefault(prefill, Heartbeat(last=now))
+            if beat.check is not None and beat.check.done():
+                beat.missed = 0 if beat.check.exception() is None else beat.missed + 1
+                beat.check = None
+                if beat.missed >= self.heartbeat_max_failure:
+                    logger.error("prefill server %s:%d missed %d heartbeats", *prefill, beat.missed)
+                    del self.heartbeats[prefill]
+                    gone.append(prefill)
+                    continue
+            if beat.check is None and now - beat.last >= self.heartbeat_interval:
+                beat.last = now
+                beat.check = self.lookup_pool.submit(check_health, *prefill, timeout=self.heartbeat_interval)
+        return gone
 
     def _claim(self) -> list[Req]:
         failed: list[Req] = []
@@ -114,7 +185,7 @@ class DecodeReceiver:
         for i, (req, since) in enumerate(self.prealloc):
             msg = req.msg
             try:
-                info = self._info(msg.bootstrap_host, msg.bootstrap_port or self.bootstrap_port)
+                info = self._info(self._address(msg))
                 if info is None:  # still looking it up
                     left.append((req, since))
                     continue
@@ -135,8 +206,9 @@ class DecodeReceiver:
                 left.extend(self.prealloc[i:])  # first come, first served
                 break
             move(req, ReqState.TRANSFER)
-            self.transfers[msg.bootstrap_room] = Transfer(req, time.monotonic())
-            ipc_codec.send(self._peer(info["handoff"]), KVDestination(
+            self.transfers[msg.bootstrap_room] = Transfer(req, time.monotonic(), self._address(msg), info["handoff"],
+                                                          slots)
+            self.peers.send(info["handoff"], KVDestination(
                 msg.bootstrap_room, self.engine.session_id, self.notify, slots.tolist(),
                 [[b.data_ptr, b.bytes_per_slot, b.num_slots] for b in self.layout]))
         self.prealloc = left
@@ -162,15 +234,19 @@ class DecodeReceiver:
         gone = [req for req, _ in self.prealloc if hit(req)]
         if gone:
             self.prealloc = [(r, s) for r, s in self.prealloc if not hit(r)]
-        for transfer in self.transfers.values():
-            if hit(transfer.req):
+        for room, transfer in self.transfers.items():
+            if hit(transfer.req) and not transfer.cancelled:
                 transfer.req.to_abort = True
+                transfer.cancelled = True
+                self.peers.send(transfer.handoff, KVCancel(room, self.notify))
         return gone
 
-    def _info(self, host: str | None, port: int) -> dict | None:
+    def _address(self, msg) -> tuple[str, int]:
+        return (msg.bootstrap_host or "127.0.0.1", msg.bootstrap_port or self.bootstrap_port)
+
+    def _info(self, key: tuple[str, int]) -> dict | None:
         """The prefill server's info; None while it is being looked up; raises what the last lookup
         raised (a failed one is tried again after LOOKUP_RETRY seconds)."""
-        key = (host or "127.0.0.1", port)
         info = self.prefill_info.get(key)
         if info is not None:
             return info
@@ -189,11 +265,3 @@ class DecodeReceiver:
         if time.monotonic() - started > LOOKUP_RETRY:
             del self.lookups[key]
         raise error
-
-    def _peer(self, endpoint: str) -> zmq.Socket:
-        sock = self.peers.get(endpoint)
-        if sock is None:
-            sock = self.peers[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(endpoint)
-        return sock

@@ -27,6 +27,16 @@ def waiting_timeout() -> float:
     return env_seconds("WAITING_TIMEOUT", 300.0)
 
 
+def heartbeat_interval() -> float:
+    """Decode: seconds between checks that a prefill server with KV on its way still answers."""
+    return env_seconds("HEARTBEAT_INTERVAL", 5.0)
+
+
+def heartbeat_max_failure() -> int:
+    """Decode: missed heartbeats in a row after which a prefill server counts as gone."""
+    return max(1, int(env_seconds("HEARTBEAT_MAX_FAILURE", 2)))
+
+
 def reachable_host(host: str) -> str:
     """The address peers use to reach a server bound to `host` (a wildcard means this machine)."""
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host

@@ -4,8 +4,10 @@ manager as requests finish; the gauges are read from the scheduler when /metrics
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from radixserve.messages import SchedulerState
+from radixserve.disaggregation.stats import TRANSFER_BUCKETS
+from radixserve.messages import PDStats, SchedulerState
 
 PREFIX = "radixserve:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -45,6 +47,8 @@ class Metrics:
         self.itl = histogram("inter_token_latency_seconds", "Time between output tokens")
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency from arrival to the last token")
         self.labels = {"model_name": model_name}
+        self.pd = PDCollector(model_name)
+        r.register(self.pd)
         self._prompt_total = 0
         self._cached_total = 0
 
@@ -95,4 +99,55 @@ class Metrics:
             self.cache_hit_rate.labels(**lab).set(self._cached_total / max(1, self._prompt_total))
             for group in state.per_dp or [state]:
                 self.dp_num_reqs.labels(dp_rank=str(group.dp_rank), **lab).set(group.num_running + group.num_waiting)
+            self.pd.stats = state.pd
         return generate_latest(self.registry)
+
+
+class PDCollector:
+    """A PD server's queues and KV transfers, as the scheduler last reported them (totals kept there,
+    so they are rendered as they are rather than counted here). Nothing on a server without PD."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: PDStats | None = None
+
+    def collect(self):
+        pd = self.stats
+        if pd is None:
+            return
+        labels, values = ["model_name"], [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        if pd.role == "prefill":
+            yield gauge("num_prefill_bootstrap_queue_reqs", "Requests waiting for their decode server's KV "
+                        "destination", pd.num_bootstrap)
+            yield gauge("num_prefill_inflight_queue_reqs", "Requests whose KV is being written to the decode "
+                        "server", pd.num_inflight)
+            yield counter("kv_transfers", "KV writes to decode servers that completed", pd.transfers)
+            yield counter("kv_transfer_failures", "KV writes that failed", pd.failures)
+            yield counter("kv_transfer_bytes", "Bytes of KV written to decode servers", pd.bytes)
+            name, doc = "kv_transfer_latency_seconds", "Seconds per KV write (one request's prompt)"
+        else:
+            yield gauge("num_decode_prealloc_queue_reqs", "Requests waiting for KV room or their prefill "
+                        "server", pd.num_prealloc)
+            yield gauge("num_decode_transfer_queue_reqs", "Requests waiting for their prompt's KV", pd.num_transfer)
+            yield counter("kv_transfers", "Prompts whose KV arrived from prefill servers", pd.transfers)
+            yield counter("kv_transfer_failures", "Prompts whose KV did not arrive", pd.failures)
+            name, doc = "kv_transfer_wait_seconds", "Seconds from sending a KV destination to the KV landing"
+        if len(pd.latency_counts) == len(TRANSFER_BUCKETS) + 1:
+            cumulative, total = [], 0
+            for bound, count in zip([*map(str, TRANSFER_BUCKETS), "+Inf"], pd.latency_counts):
+                total += count
+                cumulative.append((bound, total))
+            family = HistogramMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(values, cumulative, pd.latency_sum)
+            yield family

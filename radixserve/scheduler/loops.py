@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from radixserve.messages import AbortReq
+
 if TYPE_CHECKING:
     from radixserve.scheduler.scheduler import Scheduler
 
@@ -49,18 +51,22 @@ def profile(scheduler: Scheduler, steps: int) -> None:
 
 def prefill_loop(scheduler: Scheduler) -> None:
     """A PD prefill server: the normal loop, plus requests whose decode server has claimed them
-    joining the waiting queue (and those never claimed ending)."""
+    joining the waiting queue (those never claimed, or cancelled by it, ending), and requests whose
+    KV has been written releasing it."""
     handoff = scheduler.handoff
     assert handoff is not None
     while True:
         idle = not scheduler.has_work()
         if not idle and not (scheduler.prefill.waiting or scheduler.decode.running or scheduler.inflight):
-            handoff.handoff.poll(5)  # only requests waiting for their decode server: wait for one
+            handoff.handoff.poll(5)  # only requests waiting for their decode server or a write: wait
         scheduler.recv_requests(block=idle)
-        ready, late = handoff.poll()
+        ready, late, cancelled = handoff.poll()
         for req in ready:
             scheduler.prefill.add(req)
         scheduler.finish(late)
+        if cancelled:
+            scheduler.abort(AbortReq(rids=cancelled, message="cancelled by the decode server", status_code=503))
+        scheduler.finish(handoff.poll_sent(), send=False)
         scheduler.step()
         scheduler.report_load()
 

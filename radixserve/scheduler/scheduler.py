@@ -39,6 +39,7 @@ from radixserve.messages import (
     GetStateReq,
     LoadReport,
     Message,
+    PDStats,
     ReqOutput,
     SchedulerState,
 )
@@ -148,8 +149,15 @@ class Scheduler:
             num_waiting=len(self.prefill.waiting), new_token_ratio=self.decode.new_token_ratio,
             num_retractions=self.decode.num_retractions, gen_throughput=self.decode.last_gen_throughput,
             num_tokens=sum(r.seq_len for r in self.decode.running), dp_rank=self.dp_rank,
-            overlapped_launches=self.overlapped_launches,
+            overlapped_launches=self.overlapped_launches, pd=self.pd_stats(),
         )
+
+    def pd_stats(self) -> PDStats | None:
+        if self.handoff is not None:
+            return self.handoff.stats()
+        if self.receiver is not None:
+            return self.receiver.stats()
+        return None
 
     def report_load(self) -> None:
         """Tell the DP controller our load (requests in flight, tokens they need) when it changed."""
@@ -187,6 +195,8 @@ class Scheduler:
             req = self.intake.build(msg)
         except Rejected as e:
             logger.info("request %s rejected: %s", msg.rid, e.message)
+            if self.handoff is not None and msg.bootstrap_room is not None:
+                self.handoff.abandon(msg.bootstrap_room, e.message)  # its decode side must not wait
             reason = {"type": "abort", "message": e.message, "status_code": 400}
             self.transport.send_outputs(BatchOut([ReqOutput(msg.rid, [], reason, e.prompt_tokens, 0, 0)]))
             return
@@ -240,7 +250,7 @@ class Scheduler:
     def num_pd_held(self) -> int:
         """Requests a PD server holds outside the prefill and decode queues."""
         if self.handoff is not None:
-            return self.handoff.num_waiting
+            return self.handoff.num_held
         if self.receiver is not None:
             return self.receiver.num_prealloc + self.receiver.num_transfer
         return 0
@@ -314,10 +324,12 @@ class Scheduler:
         self.finish(done, send=False)
 
     def finish(self, reqs: list[Req], send: bool = True) -> None:
-        """Release finished requests' KV (kept in the prefix cache) and rows; FINISHED."""
+        """Release finished requests' KV (kept in the prefix cache) and rows; FINISHED. A PD prefill
+        server's request keeps its KV while the KV is written to its decode server
+        (PREFILL_INFLIGHT); the loop releases it when the write is done."""
         for req in reqs:
-            if self.handoff is not None:
-                self.handoff.send_kv(req)  # before its KV is released
+            if self.handoff is not None and self.handoff.start_send(req):
+                continue
             if req.req_pool_idx is not None:
                 free_kv_of(req, self.cache)
             move(req, ReqState.FINISHED)
@@ -338,16 +350,26 @@ class Scheduler:
     def log_prefill(self, plan: PrefillPlan) -> None:
         logger.info(
             "Prefill batch, #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
-            "#running-req: %d, #queue-req: %d",
+            "#running-req: %d, #queue-req: %d%s",
             len(plan.reqs), plan.new_tokens, plan.cached_tokens, self.token_usage(), len(self.decode.running),
-            len(self.prefill.waiting),
+            len(self.prefill.waiting), self.pd_log_fields(),
         )
+
+    def pd_log_fields(self) -> str:
+        """The PD queues, named as SGLang's PD logs name them."""
+        pd = self.pd_stats()
+        if pd is None:
+            return ""
+        if pd.role == "prefill":
+            return f", #bootstrap-req: {pd.num_bootstrap}, #inflight-req: {pd.num_inflight}"
+        return f", #prealloc-req: {pd.num_prealloc}, #transfer-req: {pd.num_transfer}"
 
     def log_decode(self) -> None:
         running = self.decode.running
         logger.info(
             "Decode batch, #running-req: %d, #token: %d, token usage: %.2f, cuda graph: %s, "
-            "gen throughput (token/s): %.2f, #queue-req: %d",
+            "gen throughput (token/s): %.2f, #queue-req: %d%s",
             len(running), sum(r.seq_len for r in running), self.token_usage(),
             self.runner.graph_runner is not None, self.decode.gen_throughput(), len(self.prefill.waiting),
+            self.pd_log_fields(),
         )

@@ -44,7 +44,9 @@ TRANSITIONS: dict[ReqState, frozenset[ReqState]] = {
     S.TRANSFER: frozenset({S.DECODING, S.FINISHED}),
     S.PREFILLING: frozenset({S.DECODING, S.PREFILL_INFLIGHT, S.FINISHED}),
     S.PREFILL_INFLIGHT: frozenset({S.FINISHED}),
-    S.DECODING: frozenset({S.WAITING, S.FINISHED}),  # WAITING: retracted when KV runs short
+    # WAITING: retracted when KV runs short; PREFILL_INFLIGHT: a prefill server's request whose one
+    # token came from a batch processed after it joined the running batch (overlap scheduling)
+    S.DECODING: frozenset({S.WAITING, S.PREFILL_INFLIGHT, S.FINISHED}),
     S.FINISHED: frozenset(),
 }
 

@@ -5,7 +5,10 @@ router sends it) and through SGLang's own router. Outputs equal what one ordinar
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +20,32 @@ import pytest
 from tests.e2e.server_utils import assert_pool_whole, free_port, start_server
 
 BOOTSTRAP_TIMEOUT = 4  # seconds the prefill server waits for a decode server to claim a request
+HEARTBEAT_INTERVAL, HEARTBEAT_MAX_FAILURE = 0.5, 2  # the decode server's checks of its prefill servers
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Write a haiku about the sea."]
+COMMON = ["--dtype", "float32", "--host", "127.0.0.1"]
+
+
+@contextlib.contextmanager
+def environ(**values: str):
+    """Environment variables the servers started inside inherit (SGLang's names for the timeouts)."""
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name in values:
+            del os.environ[name]
+
+
+def start_prefill(log: str, bootstrap: int):
+    with environ(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT=str(BOOTSTRAP_TIMEOUT)):
+        return start_server([*COMMON, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                             str(bootstrap)], log)
+
+
+def start_decode(log: str):
+    with environ(SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL=str(HEARTBEAT_INTERVAL),
+                 SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE=str(HEARTBEAT_MAX_FAILURE)):
+        return start_server([*COMMON, "--disaggregation-mode", "decode"], log)
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +53,9 @@ def pair(tmp_path_factory):
     os.environ["MC_FORCE_TCP"] = "1"  # the servers inherit it: Mooncake over loopback TCP
     logs = tmp_path_factory.mktemp("pd")
     bootstrap = free_port()
-    common = ["--dtype", "float32", "--host", "127.0.0.1"]
-    os.environ["RADIXSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT"] = str(BOOTSTRAP_TIMEOUT)
+    prefill = start_prefill(str(logs / "prefill.log"), bootstrap)
     try:
-        prefill = start_server([*common, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                                str(bootstrap)], str(logs / "prefill.log"))
-    finally:
-        del os.environ["RADIXSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT"]
-    try:
-        decode = start_server([*common, "--disaggregation-mode", "decode"], str(logs / "decode.log"))
+        decode = start_decode(str(logs / "decode.log"))
     except Exception:
         prefill.stop()
         raise
@@ -42,11 +64,31 @@ def pair(tmp_path_factory):
     assert prefill.stop() == 0, prefill.log()
 
 
-def both(prefill, decode, path: str, body: dict) -> tuple[httpx.Response, httpx.Response]:
+def metric(server, name: str) -> float:
+    """One sample of the server's /metrics (0 when it is not there)."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    found = re.search(rf"^radixserve:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def kill(server) -> None:
+    """SIGKILL the server and every process of its group: no chance to tell anyone."""
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(30)
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def both(prefill, decode, path: str, body: dict, timeout: float = 120) -> tuple[httpx.Response, httpx.Response]:
     """What a PD router does: the same body to both servers at once."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        p = pool.submit(httpx.post, prefill.url + path, json=body, timeout=120)
-        d = pool.submit(httpx.post, decode.url + path, json=body, timeout=120)
+        p = pool.submit(httpx.post, prefill.url + path, json=body, timeout=timeout)
+        d = pool.submit(httpx.post, decode.url + path, json=body, timeout=timeout)
         return p.result(), d.result()
 
 
@@ -156,11 +198,101 @@ def test_sglang_router_drives_the_pair(pair, router):
     assert_pool_whole(decode)
 
 
+def test_a_client_leaving_frees_both_sides(pair):
+    """A request whose client leaves holds nothing afterwards, on either side, long before any
+    timeout: waiting at the decode server for KV (the prefill server is told and answers), waiting
+    at the prefill server for its destination, and decoding on both."""
+    prefill, decode, bootstrap = pair
+    body = {"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 4}, "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": bootstrap, "bootstrap_room": 900}
+    with pytest.raises(httpx.ReadTimeout):  # its prefill request never comes
+        httpx.post(decode.url + "/generate", json=body, timeout=2)
+    assert_pool_whole(decode, timeout=3)
+    with pytest.raises(httpx.ReadTimeout):  # its decode request never comes
+        httpx.post(prefill.url + "/generate", json={**body, "bootstrap_room": 901}, timeout=1)
+    assert_pool_whole(prefill, timeout=3)
+    long = {**body, "bootstrap_room": 902, "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
+    with pytest.raises(httpx.ReadTimeout):
+        both(prefill, decode, "/generate", long, timeout=3)
+    assert_pool_whole(prefill, timeout=3)
+    assert_pool_whole(decode, timeout=3)
+    body = {**body, "bootstrap_room": 903, "sampling_params": {"temperature": 0, "max_new_tokens": 4}}
+    p, d = both(prefill, decode, "/generate", body)  # and the pair serves on
+    assert d.status_code == 200 and d.json()["output_ids"] == alone(decode, body)["output_ids"]
+
+
+def test_a_dead_prefill_server_fails_the_requests_waiting_on_it(pair, tmp_path):
+    """Prefill server killed while the decode server waits for its KV: the decode request ends
+    with a 503 within the heartbeat timeout and its slots are free again."""
+    _, decode, _ = pair
+    bootstrap = free_port()
+    doomed = start_prefill(str(tmp_path / "doomed_prefill.log"), bootstrap)
+    body = {"text": PROMPTS[2], "sampling_params": {"max_new_tokens": 4}, "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": bootstrap, "bootstrap_room": 1000}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, decode.url + "/generate", json=body, timeout=120)
+        wait_for(lambda: metric(decode, "num_decode_transfer_queue_reqs") == 1)
+        kill(doomed)
+        killed = time.time()
+        reply = waiting.result()
+    assert reply.status_code == 503, reply.text
+    assert "stopped answering" in reply.json()["error"]["message"]
+    assert time.time() - killed < HEARTBEAT_INTERVAL * (HEARTBEAT_MAX_FAILURE + 1) + 5
+    assert_pool_whole(decode)
+
+
+def test_a_dead_decode_server_costs_the_prefill_server_nothing(pair, tmp_path):
+    """Decode server killed after sending where a prompt's KV goes: the prefill server's write
+    fails, is counted, and the prefill server's KV is whole again."""
+    prefill, _, bootstrap = pair
+    doomed = start_decode(str(tmp_path / "doomed_decode.log"))
+    body = {"text": PROMPTS[2], "sampling_params": {"max_new_tokens": 4}, "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": bootstrap, "bootstrap_room": 1100}
+    failures = metric(prefill, "kv_transfer_failures_total")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(httpx.post, doomed.url + "/generate", json=body, timeout=60)
+        wait_for(lambda: metric(doomed, "num_decode_transfer_queue_reqs") == 1)
+        kill(doomed)
+    reply = httpx.post(prefill.url + "/generate", json=body, timeout=60)
+    assert reply.status_code in (200, 503), reply.text
+    wait_for(lambda: metric(prefill, "kv_transfer_failures_total") == failures + 1)
+    assert_pool_whole(prefill)
+
+
+def test_300_requests_at_concurrency_32_through_sglang_router(pair, router):
+    """None lost, none failed, every prompt's KV moved, both pools whole; the queues show in the
+    metrics and in the logs under SGLang's names."""
+    prefill, decode, _ = pair
+    before = [(metric(side, "kv_transfers_total"), metric(side, "kv_transfer_failures_total"))
+              for side in (prefill, decode)]
+
+    def one(i: int) -> dict:
+        body = {"text": f"Item {i}: {PROMPTS[i % 3]}", "sampling_params": {"temperature": 0, "max_new_tokens": 3,
+                                                                          "ignore_eos": True}}
+        reply = httpx.post(router + "/generate", json=body, timeout=300)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        outs = list(pool.map(one, range(300)))
+    assert all(len(out["output_ids"]) == 3 for out in outs)
+    for side, (transfers, failures) in zip((prefill, decode), before):
+        assert metric(side, "kv_transfers_total") - transfers >= 300
+        assert metric(side, "kv_transfer_failures_total") == failures
+    assert metric(prefill, "kv_transfer_bytes_total") > 0
+    assert metric(prefill, "kv_transfer_latency_seconds_count") >= 300
+    assert metric(decode, "kv_transfer_wait_seconds_count") >= 300
+    assert_pool_whole(prefill)
+    assert_pool_whole(decode)
+    assert "#bootstrap-req: " in prefill.log() and "#inflight-req: " in prefill.log()
+    assert "#prealloc-req: " in decode.log() and "#transfer-req: " in decode.log()
+
+
 def test_paged_chunked_pair_matches_and_reuses_the_prefill_cache(tmp_path):
     """Pages of 4 and prompts prefilled in chunks of 8 on both servers: outputs still equal one
     server's, and a prompt sent again is served from the prefill server's prefix cache."""
     bootstrap = free_port()
-    common = ["--dtype", "float32", "--host", "127.0.0.1", "--page-size", "4", "--chunked-prefill-size", "8"]
+    common = [*COMMON, "--page-size", "4", "--chunked-prefill-size", "8"]
     prefill = start_server([*common, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
                             str(bootstrap)], str(tmp_path / "prefill.log"))
     decode = None

@@ -1,0 +1,36 @@
+"""PUSH sockets to a PD server's peers, one per endpoint, that never block the scheduler: a message
+to a peer that is gone (its queue full) is dropped and logged; the peer's side times out."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from radixserve import ipc_codec
+from radixserve.messages import Message
+
+logger = logging.getLogger("radixserve.disaggregation")
+
+
+class PeerSockets:
+    def __init__(self) -> None:
+        self.socks: dict[str, zmq.Socket] = {}
+
+    def send(self, endpoint: str, msg: Message) -> bool:
+        sock = self.socks.get(endpoint)
+        if sock is None:
+            sock = self.socks[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(endpoint)
+        try:
+            sock.send(ipc_codec.encode(msg), zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            logger.warning("peer %s is not taking messages: %s dropped", endpoint, type(msg).__name__)
+            return False
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close(0)
+        self.socks.clear()
