@@ -3,6 +3,7 @@
 #
 #   scripts/build_gpu_wheels.sh            # from the repo root; safe to run again
 #   WHEEL_DIR=/elsewhere scripts/build_gpu_wheels.sh
+#   WHEEL_SET=pd scripts/build_gpu_wheels.sh   # build/whl-pd/: the set scripts/run_gpu_pd_bench.sh installs
 #
 # The machine already has torch, triton, transformers and numpy (and their own needs: pyyaml, requests,
 # tqdm, certifi, idna, ...), which are never fetched. Everything else radixserve imports is listed
@@ -15,7 +16,12 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-WHEEL_DIR=${WHEEL_DIR:-.whl}
+WHEEL_SET=${WHEEL_SET:-base}
+case $WHEEL_SET in
+  base) WHEEL_DIR=${WHEEL_DIR:-.whl} ;;
+  pd) WHEEL_DIR=${WHEEL_DIR:-build/whl-pd} ;;  # under /build/ (ignored): .whl/ stays the base set
+  *) echo "build_gpu_wheels: WHEEL_SET is base or pd, not $WHEEL_SET" >&2; exit 1 ;;
+esac
 PYTHON=${PYTHON:-python3}
 
 PACKAGES=(
@@ -35,6 +41,26 @@ PACKAGES=(
   aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 attrs==26.1.0 frozenlist==1.8.0
   multidict==7.2.1 propcache==0.5.4 yarl==1.25.1
 )
+
+# WHEEL_SET=pd: a prefill and a decode server on one GPU behind SGLang's router (scripts/run_gpu_pd_bench.sh).
+# The device tool carries 64 MiB in all, and Mooncake's CUDA 13 wheel alone is 50 MB, SGLang's router 31 MB,
+# so this set leaves out what neither the servers, the router nor bench_serving import (the openai client
+# and its HTTP stack, httpx, gguf: the tests and GGUF files need them) and cuts the Mooncake wheel down to
+# its transfer engine (mooncake/engine.so and the libraries it links, 9 MB; the store, EP, collective and
+# bench binaries are the rest). Mooncake also links the system's libibverbs.so.1, libmlx5.so.1 and
+# libnuma.so.1, even for TCP: scripts/run_gpu_pd_bench.sh says which ones a machine lacks.
+PD_LEAVE_OUT=(openai jiter httpx2 httpcore2 truststore httpx httpcore gguf)
+PD_EXTRA=(
+  mooncake-transfer-engine-cuda13==0.3.14   # Mooncake's transfer engine built for CUDA 13 (the machine's)
+  sglang-router==0.3.2 setproctitle==1.3.8  # SGLang's router (Rust), as tests/e2e/test_disaggregation.py uses
+)
+if [[ $WHEEL_SET == pd ]]; then
+  kept=()
+  for spec in "${PACKAGES[@]}"; do
+    [[ " ${PD_LEAVE_OUT[*]} " == *" ${spec%%==*} "* ]] || kept+=("$spec")
+  done
+  PACKAGES=("${kept[@]}" "${PD_EXTRA[@]}")
+fi
 
 mkdir -p "$WHEEL_DIR"
 
@@ -61,6 +87,40 @@ for spec in "${PACKAGES[@]}"; do
   fi
 done
 
+if [[ $WHEEL_SET == pd ]]; then
+  # Mooncake's transfer engine alone, rewritten in place under the wheel's own name (RECORD rebuilt)
+  "$PYTHON" - "$WHEEL_DIR"/mooncake_transfer_engine_cuda13-*.whl <<'EOF'
+import base64, hashlib, os, sys, zipfile
+
+path = sys.argv[1]
+KEEP = {"mooncake/__init__.py", "mooncake/engine.so", "mooncake/engine.pyi", "mooncake/py.typed",
+        "mooncake/libasio.so", "mooncake/libetcd_wrapper.so"}
+LIBS = ("libyaml-cpp", "libjsoncpp", "libglog", "libgflags")  # what engine.so links from the .libs folder
+with zipfile.ZipFile(path) as z:
+    names = z.namelist()
+    if not any(n.endswith(".dist-info/entry_points.txt") for n in names):
+        sys.exit(0)  # cut down already
+    kept = [z.getinfo(n) for n in names
+            if n in KEEP or (".libs/" in n and n.rsplit("/", 1)[-1].startswith(LIBS))
+            or (".dist-info/" in n and not n.endswith(("/RECORD", "/entry_points.txt")))]
+    missing = KEEP - {i.filename for i in kept}
+    if missing or sum(".libs/" in i.filename for i in kept) != len(LIBS):
+        sys.exit(f"build_gpu_wheels: {os.path.basename(path)} is not laid out as expected "
+                 f"(missing {sorted(missing)} or one of {LIBS})")
+    record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+    data = [(i, z.read(i)) for i in kept]
+rows = [f"{i.filename},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},{len(b)}"
+        for i, b in data] + [f"{record},,"]
+tmp = path + ".tmp"
+with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
+    for info, b in data:  # the original entries: names, modes (the .so files' x bit), compression
+        out.writestr(info, b)
+    out.writestr(record, "\n".join(rows) + "\n")
+os.replace(tmp, path)
+print(f"{os.path.basename(path)}: cut down to its transfer engine, {os.path.getsize(path) / 1e6:.1f} MB")
+EOF
+fi
+
 # One version per package (two stop the whole install), nothing unlisted, every dependency present.
 "$PYTHON" - "$WHEEL_DIR" "${PACKAGES[@]}" <<'EOF'
 import glob, os, re, sys, zipfile
@@ -72,7 +132,7 @@ wanted = {canonicalize_name(s.split("==")[0]): s.split("==")[1] for s in specs}
 # on the GPU machine already (its image), or never needed there
 present = {canonicalize_name(n) for n in (
     "torch triton transformers numpy pyyaml requests tqdm certifi idna urllib3 charset-normalizer "
-    "filelock packaging").split()}
+    "filelock packaging msgpack").split()}
 env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
        "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
        "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}

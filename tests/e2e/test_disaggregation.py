@@ -198,6 +198,39 @@ def test_sglang_router_drives_the_pair(pair, router):
     assert_pool_whole(decode)
 
 
+def test_sglang_router_outputs_equal_one_servers(pair, router):
+    """Through SGLang's router: chat, completions (n = 2, logprobs, a stream) and /generate with
+    prompt and output logprobs give what one ordinary server gives."""
+    prefill, decode, _ = pair
+    client = openai.OpenAI(base_url=router + "/v1", api_key="none", max_retries=0, timeout=120)
+    direct = openai.OpenAI(base_url=decode.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    model = direct.models.list().data[0].id
+    chat = {"model": model, "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 12,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    got, want = (api.chat.completions.create(**chat) for api in (client, direct))
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert [t.token for t in got.choices[0].logprobs.content] == [t.token for t in want.choices[0].logprobs.content]
+    for a, b in zip(got.choices[0].logprobs.content, want.choices[0].logprobs.content):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    completion = {"model": model, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "n": 2, "logprobs": 1}
+    got, want = (api.completions.create(**completion) for api in (client, direct))
+    assert [c.text for c in got.choices] == [c.text for c in want.choices] and len(got.choices) == 2
+    assert got.choices[0].logprobs.tokens == want.choices[0].logprobs.tokens
+    stream = client.completions.create(**{**completion, "n": 1, "logprobs": None, "stream": True})
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == want.choices[0].text
+    body = {"text": PROMPTS[0], "sampling_params": {"temperature": 0, "max_new_tokens": 6}, "return_logprob": True,
+            "logprob_start_len": 0, "top_logprobs_num": 2}
+    got = httpx.post(router + "/generate", json=body, timeout=120).json()
+    want = alone(decode, body)
+    assert got["output_ids"] == want["output_ids"]
+    for key in ("input_token_logprobs", "output_token_logprobs"):
+        assert [t[1] for t in got["meta_info"][key]] == [t[1] for t in want["meta_info"][key]], key
+        for a, b in zip(got["meta_info"][key], want["meta_info"][key]):
+            assert a[0] == b[0] or a[0] == pytest.approx(b[0], abs=1e-3), key
+    assert_pool_whole(prefill)
+    assert_pool_whole(decode)
+
+
 def test_a_client_leaving_frees_both_sides(pair):
     """A request whose client leaves holds nothing afterwards, on either side, long before any
     timeout: waiting at the decode server for KV (the prefill server is told and answers), waiting
