@@ -158,27 +158,40 @@ def test_requests_without_their_peer_end_and_hold_nothing(pair):
     assert_pool_whole(decode)
 
 
-@pytest.fixture(scope="module")
-def router(pair):
-    prefill, decode, bootstrap = pair
+@contextlib.contextmanager
+def sglang_router(prefills: list[tuple[str, int]], decodes: list[str]):
+    """SGLang's PD router (round robin) in front of these servers; yields its URL once every
+    worker is healthy."""
     port = free_port()
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-           "--prefill", prefill.url, str(bootstrap), "--decode", decode.url, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host", "127.0.0.1",
            "--port", str(port), "--prometheus-port", str(free_port()), "--disable-retries", "--policy", "round_robin"]
+    for url, bootstrap in prefills:
+        cmd += ["--prefill", url, str(bootstrap)]
+    for url in decodes:
+        cmd += ["--decode", url]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(url + "/readiness", timeout=2).json().get("healthy_workers") == 2:
-                break
-        except (httpx.HTTPError, ValueError):
-            pass
-        assert proc.poll() is None and time.time() < deadline, "sglang-router did not get ready"
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(30)
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/readiness", timeout=2).json().get("healthy_workers") == len(prefills) + len(decodes):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert proc.poll() is None and time.time() < deadline, "sglang-router did not get ready"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def router(pair):
+    prefill, decode, bootstrap = pair
+    with sglang_router([(prefill.url, bootstrap)], [decode.url]) as url:
+        yield url
 
 
 def test_sglang_router_drives_the_pair(pair, router):
@@ -319,6 +332,40 @@ def test_300_requests_at_concurrency_32_through_sglang_router(pair, router):
     assert_pool_whole(decode)
     assert "#bootstrap-req: " in prefill.log() and "#inflight-req: " in prefill.log()
     assert "#prealloc-req: " in decode.log() and "#transfer-req: " in decode.log()
+
+
+def test_2p2d_through_sglang_router(pair, tmp_path):
+    """Two prefill and two decode servers behind SGLang's router: every prefill/decode combination
+    gives one server's outputs, and every pool is whole afterwards."""
+    prefill, decode, bootstrap = pair
+    bootstrap2 = free_port()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        starting = [pool.submit(start_prefill, str(tmp_path / "prefill2.log"), bootstrap2),
+                    pool.submit(start_decode, str(tmp_path / "decode2.log"))]
+    extra = [f.result() for f in starting if f.exception() is None]
+    if len(extra) < 2:
+        for side in extra:
+            side.stop()
+        raise next(f.exception() for f in starting if f.exception() is not None)
+    prefill2, decode2 = extra
+    try:
+        with sglang_router([(prefill.url, bootstrap), (prefill2.url, bootstrap2)], [decode.url, decode2.url]) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            model = client.models.list().data[0].id
+            prompts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * 2)]  # round robin: each pairing, twice
+            for prompt in prompts:
+                got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+                body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
+                assert got.choices[0].text == alone(decode, body)["text"]
+            for side in (prefill, prefill2):
+                assert metric(side, "kv_transfers_total") > 0  # both prefill servers took part
+            for side in (decode, decode2):
+                assert metric(side, "kv_transfers_total") > 0
+        for side in (prefill, decode, prefill2, decode2):
+            assert_pool_whole(side)
+    finally:
+        for side in extra:
+            assert side.stop() == 0, side.log()
 
 
 def test_paged_chunked_pair_matches_and_reuses_the_prefill_cache(tmp_path):
