@@ -131,14 +131,22 @@ class BatchOut(Message):
     released: list[str] = msgspec.field(default_factory=list)  # see ReqOutput.scheduler_holds
 
 
+class PeerRank(Message):
+    """One TP rank of a PD server as its peer writes to or reads from it: its transfer engine and
+    its KV buffers, [data_ptr, bytes_per_slot, num_slots, head_start, num_heads] each."""
+
+    session_id: str
+    layout: list[list[int]]
+
+
 class KVDestination(Message):
-    """Decode server -> prefill server: where the prompt of the request in `room` goes."""
+    """Decode server -> prefill server: where the prompt of the request in `room` goes (the same
+    slots on every decode rank)."""
 
     room: int
-    session_id: str  # the decode side's transfer engine
     notify: str  # the decode side's ZMQ endpoint for the KVDone
     slots: list[int]  # one per prompt token, in order
-    layout: list[list[int]]  # the decode pool's buffers: [data_ptr, bytes_per_slot, num_slots] each
+    ranks: list[PeerRank]  # the decode server's TP ranks
 
 
 class KVDone(Message):
@@ -159,6 +167,18 @@ class KVCancel(Message):
 
     room: int
     notify: str  # where the answering KVDone goes
+
+
+class PDDecision(Message):
+    """A PD server's rank 0 -> every rank of it (with the requests, in the same broadcast): what
+    rank 0 decided from clocks, threads and sockets, for all ranks to apply at the same step.
+    kind: "expire" (prefill: these rooms waited past the bootstrap timeout), "claim" (decode:
+    reserve KV for these rooms, in order, while it lasts), "fail" (decode: end these rooms'
+    requests with `message`)."""
+
+    kind: str
+    rooms: list[int]
+    message: str = ""
 
 
 class PDStats(Message):
@@ -189,4 +209,5 @@ def to_dict(value: Any) -> Any:
 
 # every message a socket may carry: what a payload is decoded against
 MESSAGE_TYPES = (GenerateReq, GenerateBatch, AbortReq, FlushCacheReq, FlushCacheReply, GetStateReq,
-                 SchedulerState, LoadReport, ReqOutput, BatchOut, KVDestination, KVDone, KVCancel, PDStats)
+                 SchedulerState, LoadReport, ReqOutput, BatchOut, KVDestination, KVDone, KVCancel, PDStats,
+                 PeerRank, PDDecision)

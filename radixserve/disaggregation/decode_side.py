@@ -6,6 +6,10 @@ endpoint) and waits for the prompt's KV (TRANSFER). When KVDone arrives it start
 prefill server's first token, with no forward pass over its prompt. A request without a room runs as
 on an ordinary server.
 
+Every TP rank holds the same requests and slots: rank 0 looks prefill servers up, watches clocks and
+heartbeats, and broadcasts what it decided (PDDecision: claim these rooms' slots now, fail those);
+KVDone reaches every rank through the same broadcast. Only rank 0 talks to peers.
+
 Slots handed to a prefill server are freed only on its KVDone (after its last write) or once it is
 gone: an abort sends KVCancel and waits for the answer; a prefill server that misses
 HEARTBEAT_MAX_FAILURE heartbeats in a row (its bootstrap /health, every HEARTBEAT_INTERVAL seconds)
@@ -22,19 +26,14 @@ from typing import TYPE_CHECKING
 import torch
 import zmq
 
-from radixserve import ipc_codec
 from radixserve.disaggregation.bootstrap import check_health, fetch_info
 from radixserve.disaggregation.kv_runs import BufferSpec, LayoutMismatch, check_layouts
 from radixserve.disaggregation.peers import PeerSockets
-from radixserve.disaggregation.settings import (
-    heartbeat_interval,
-    heartbeat_max_failure,
-    reachable_host,
-    waiting_timeout,
-)
+from radixserve.disaggregation.ranks import local_host, register_ranks
+from radixserve.disaggregation.settings import heartbeat_interval, heartbeat_max_failure, waiting_timeout
 from radixserve.disaggregation.stats import TransferCounts
 from radixserve.disaggregation.transfer import create_engine
-from radixserve.messages import KVCancel, KVDestination, KVDone, PDStats
+from radixserve.messages import KVCancel, KVDestination, KVDone, PDDecision, PDStats
 from radixserve.scheduler.kv import OutOfKVError, allocate, release_new_pages
 from radixserve.scheduler.state import ReqState, move
 
@@ -54,8 +53,8 @@ class Transfer:
     req: Req
     since: float
     prefill: tuple[str, int]  # the prefill server's bootstrap address
-    handoff: str  # its handoff endpoint (for a KVCancel)
     slots: torch.Tensor  # where its prompt's KV goes (not committed: freed by hand if it fails)
+    handoff: str = ""  # (rank 0) the prefill server's handoff endpoint, for a KVCancel
     cancelled: bool = False
 
 
@@ -69,82 +68,95 @@ class Heartbeat:
 
 
 class DecodeReceiver:
-    def __init__(self, args: ServerArgs, pools: MemoryPools, cache: PrefixCache) -> None:
+    def __init__(self, args: ServerArgs, pools: MemoryPools, cache: PrefixCache, kv_heads: tuple[int, int, int],
+                 tp_rank: int) -> None:
         self.pools = pools
         self.cache = cache
-        host = reachable_host(args.host)
+        self.rank0 = tp_rank == 0
+        first, count, self.num_kv_heads = kv_heads
+        host = local_host(args)
         self.engine = create_engine(args.disaggregation_transfer_backend, host, args.disaggregation_ib_device)
-        self.layout = [BufferSpec.of(b) for b in pools.kv.layout()]
-        self.engine.register([(b.data_ptr, b.nbytes) for b in self.layout])
-        ctx = zmq.Context.instance()
-        self.inbox = ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        self.notify = f"tcp://{host}:{self.inbox.bind_to_random_port(f'tcp://{host}')}"
-        # prefill servers' published info, looked up off the loop (a peer that does not answer must
-        # not stall decoding): address -> the lookup, or its result
+        self.layout, self.ranks = register_ranks(self.engine, pools, first, count)
+        self.inbox: zmq.Socket | None = None
+        self.notify = ""
+        if self.rank0:
+            self.inbox = zmq.Context.instance().socket(zmq.PULL)
+            self.inbox.setsockopt(zmq.LINGER, 0)
+            self.notify = f"tcp://{host}:{self.inbox.bind_to_random_port(f'tcp://{host}')}"
+        # (rank 0) prefill servers' published info, looked up off the loop (a peer that does not
+        # answer must not stall decoding): address -> the lookup, or its result
         self.prefill_info: dict[tuple[str, int], dict] = {}
         self.lookups: dict[tuple[str, int], tuple[Future, float]] = {}
         self.lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="pd-bootstrap")
-        self.peers = PeerSockets()
+        self.peers = PeerSockets(enabled=self.rank0)
         self.heartbeats: dict[tuple[str, int], Heartbeat] = {}
         self.heartbeat_interval = heartbeat_interval()
         self.heartbeat_max_failure = heartbeat_max_failure()
         self.counts = TransferCounts()
-        self.prealloc: list[tuple[Req, float]] = []  # PREALLOC, in arrival order
+        self.prealloc: list[tuple[Req, float]] = []  # BOOTSTRAP/PREALLOC, in arrival order
         self.transfers: dict[int, Transfer] = {}  # TRANSFER: room -> request
         self.timeout = waiting_timeout()
         self.bootstrap_port = args.disaggregation_bootstrap_port
 
+    # ---- requests and messages (every rank, in the broadcast's order) ---------------------------
     def hold(self, req: Req) -> None:
         move(req, ReqState.BOOTSTRAP)
         self.prealloc.append((req, time.monotonic()))
 
-    @property
-    def num_prealloc(self) -> int:
-        return len(self.prealloc)
+    def apply(self, decision: PDDecision) -> list[Req]:
+        """Carry out rank 0's decision; returns the requests that ended."""
+        if decision.kind == "claim":
+            self._claim(decision.rooms)
+            return []
+        if decision.kind != "fail":
+            logger.error("unknown PD decision %r", decision.kind)
+            return []
+        rooms = set(decision.rooms)
+        failed = [req for req, _ in self.prealloc if req.msg.bootstrap_room in rooms]
+        self.prealloc = [(r, s) for r, s in self.prealloc if r.msg.bootstrap_room not in rooms]
+        for req in failed:
+            self.counts.failed()
+            req.finish_reason = {"type": "abort", "status_code": 503, "message": decision.message}
+        failed += [self._fail(self.transfers.pop(room), decision.message) for room in decision.rooms
+                   if room in self.transfers]
+        return failed
 
-    @property
-    def num_transfer(self) -> int:
-        return len(self.transfers)
-
-    def stats(self) -> PDStats:
-        c = self.counts
-        return PDStats("decode", num_prealloc=len(self.prealloc), num_transfer=len(self.transfers),
-                       transfers=c.transfers, failures=c.failures, latency_counts=list(c.latency_counts),
-                       latency_sum=c.latency_sum)
-
-    def step(self) -> tuple[list[Req], list[Req]]:
-        """Claim KV for waiting requests, collect arrived prompts. Returns (requests ready to
-        decode, with their first token; requests that failed, with their finish_reason)."""
-        failed = self._claim()
-        ready: list[Req] = []
-        while self.inbox.poll(0):
-            done = ipc_codec.recv(self.inbox)
-            if not isinstance(done, KVDone):
+    def _claim(self, rooms: list[int]) -> None:
+        """Reserve KV for these rooms' prompts, in order, while the pool lasts; send (rank 0) each
+        its destination."""
+        waiting = {req.msg.bootstrap_room: req for req, _ in self.prealloc}
+        claimed = set()
+        for room in rooms:
+            req = waiting.get(room)
+            if req is None:
                 continue
-            transfer = self.transfers.pop(done.room, None)
-            if transfer is None:
-                continue  # timed out or aborted already
-            req = transfer.req
-            if done.ok:
-                self.counts.done(time.monotonic() - transfer.since)
-            if req.to_abort or not done.ok:
-                failed.append(self._fail(transfer, done.message))
-            else:
-                self._start(req, done)
-                ready.append(req)
-        now = time.monotonic()
-        for room in [r for r, t in self.transfers.items() if now - t.since > self.timeout]:
-            failed.append(self._drop(room, f"the prompt's KV did not arrive within {self.timeout:g} s (room {room})"))
-        for prefill in self._gone_prefill_servers():
-            for room in [r for r, t in self.transfers.items() if t.prefill == prefill]:
-                failed.append(self._drop(room, f"prefill server {prefill[0]}:{prefill[1]} stopped answering "
-                                               f"(room {room}); its KV will not arrive"))
-            self.prefill_info.pop(prefill, None)  # look it up afresh next time
-        return ready, failed
+            if req.state is ReqState.BOOTSTRAP:
+                move(req, ReqState.PREALLOC)
+            try:
+                slots = allocate(req, len(req.origin_input_ids), self.pools, self.cache)
+            except OutOfKVError:
+                break  # first come, first served: the rest wait for room
+            move(req, ReqState.TRANSFER)
+            claimed.add(room)
+            address = self._address(req.msg)
+            transfer = self.transfers[room] = Transfer(req, time.monotonic(), address, slots)
+            if self.rank0 and address in self.prefill_info:
+                transfer.handoff = self.prefill_info[address]["handoff"]
+                self.peers.send(transfer.handoff, KVDestination(room, self.notify, slots.tolist(), self.ranks))
+        self.prealloc = [(r, s) for r, s in self.prealloc if r.msg.bootstrap_room not in claimed]
 
-    def _drop(self, room: int, message: str) -> Req:
-        return self._fail(self.transfers.pop(room), message)
+    def on_done(self, done: KVDone) -> tuple[list[Req], list[Req]]:
+        """A prefill server's KVDone: (the request, ready to decode; or the request, failed)."""
+        transfer = self.transfers.pop(done.room, None)
+        if transfer is None:
+            return [], []  # failed or timed out already
+        req = transfer.req
+        if done.ok:
+            self.counts.done(time.monotonic() - transfer.since)
+        if req.to_abort or not done.ok:
+            return [], [self._fail(transfer, done.message)]
+        self._start(req, done)
+        return [req], []
 
     def _fail(self, transfer: Transfer, message: str) -> Req:
         """A transfer that will not be decoded: its slots go back (they hold no committed KV)."""
@@ -156,6 +168,74 @@ class DecodeReceiver:
             req.finish_reason = {"type": "abort", "status_code": 503, "message": message}
         release_new_pages([req], [transfer.slots], self.pools)
         return req
+
+    def _start(self, req: Req, done: KVDone) -> None:
+        """The prompt's KV is in our slots: decode from the prefill server's first token."""
+        req.kv_committed_len = len(req.origin_input_ids)
+        req.cached_tokens = done.cached_tokens
+        req.output_ids.append(done.first_token)
+        if req.return_logprob and done.first_logprob is not None:
+            req.output_token_logprobs.append(done.first_logprob)
+            if req.top_logprobs_num > 0:
+                req.output_top_logprobs.append(done.first_top_logprobs[: req.top_logprobs_num])
+        rows = torch.tensor([req.req_pool_idx], device=self.pools.device)
+        self.pools.set_last_tokens(rows, torch.tensor([done.first_token], device=self.pools.device))
+        move(req, ReqState.DECODING)
+        req.check_finished()
+
+    def take_aborted(self, hit) -> list[Req]:
+        """Waiting requests an abort hits leave now; those whose KV is on its way are marked and
+        leave when their prefill server answers the KVCancel (their slots must not be reused
+        before its last write)."""
+        gone = [req for req, _ in self.prealloc if hit(req)]
+        if gone:
+            self.prealloc = [(r, s) for r, s in self.prealloc if not hit(r)]
+        for room, transfer in self.transfers.items():
+            if hit(transfer.req) and not transfer.cancelled:
+                transfer.req.to_abort = True
+                transfer.cancelled = True
+                self.peers.send(transfer.handoff, KVCancel(room, self.notify))
+        return gone
+
+    # ---- rank 0's decisions ---------------------------------------------------------------------
+    def decide(self) -> list[PDDecision]:
+        """Which waiting rooms to claim KV for now (their prefill server is known), and which
+        requests to fail (timeouts, unusable or silent prefill servers)."""
+        decisions: list[PDDecision] = []
+        now = time.monotonic()
+        late = [room for room, t in self.transfers.items() if now - t.since > self.timeout]
+        if late:
+            decisions.append(PDDecision("fail", late, f"the prompt's KV did not arrive within {self.timeout:g} s"))
+        for prefill in self._gone_prefill_servers():
+            rooms = [r for r, t in self.transfers.items() if t.prefill == prefill and r not in late]
+            decisions.append(PDDecision("fail", rooms, f"prefill server {prefill[0]}:{prefill[1]} stopped "
+                                                       f"answering; the prompt's KV will not arrive"))
+            self.prefill_info.pop(prefill, None)  # look it up afresh next time
+        claim: list[int] = []
+        for req, since in self.prealloc:
+            room = req.msg.bootstrap_room
+            address = self._address(req.msg)
+            try:
+                info = self._info(address)
+                if info is None:  # still looking it up
+                    continue
+                self._check_peer(info)
+                claim.append(room)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                if now - since > self.timeout or isinstance(e, LayoutMismatch):
+                    decisions.append(PDDecision("fail", [room], f"prefill server {address[0]}:{address[1]} "
+                                                                f"unusable: {e}"))
+        if claim:
+            decisions.append(PDDecision("claim", claim))
+        return decisions
+
+    def _check_peer(self, info: dict) -> None:
+        """Raises LayoutMismatch when the prefill server's KV cannot go into ours."""
+        if info.get("num_kv_heads") != self.num_kv_heads:
+            raise LayoutMismatch(f"the prefill server's model has {info.get('num_kv_heads')} KV heads, "
+                                 f"ours {self.num_kv_heads}")
+        for _, layout in info["ranks"]:
+            check_layouts([BufferSpec(*row) for row in layout], self.layout)
 
     def _gone_prefill_servers(self) -> list[tuple[str, int]]:
         """Prefill servers we wait on that missed too many heartbeats. Checks run off the loop."""
@@ -179,71 +259,6 @@ class DecodeReceiver:
                 beat.check = self.lookup_pool.submit(check_health, *prefill, timeout=self.heartbeat_interval)
         return gone
 
-    def _claim(self) -> list[Req]:
-        failed: list[Req] = []
-        left: list[tuple[Req, float]] = []
-        for i, (req, since) in enumerate(self.prealloc):
-            msg = req.msg
-            try:
-                info = self._info(self._address(msg))
-                if info is None:  # still looking it up
-                    left.append((req, since))
-                    continue
-                check_layouts([BufferSpec(*b) for b in info["layout"]], self.layout)
-            except (OSError, ValueError, KeyError) as e:
-                if time.monotonic() - since > self.timeout or isinstance(e, LayoutMismatch):
-                    req.finish_reason = {"type": "abort", "status_code": 503,
-                                         "message": f"prefill server {msg.bootstrap_host} unusable: {e}"}
-                    failed.append(req)
-                else:
-                    left.append((req, since))
-                continue
-            if req.state is ReqState.BOOTSTRAP:
-                move(req, ReqState.PREALLOC)
-            try:
-                slots = allocate(req, len(req.origin_input_ids), self.pools, self.cache)
-            except OutOfKVError:
-                left.extend(self.prealloc[i:])  # first come, first served
-                break
-            move(req, ReqState.TRANSFER)
-            self.transfers[msg.bootstrap_room] = Transfer(req, time.monotonic(), self._address(msg), info["handoff"],
-                                                          slots)
-            self.peers.send(info["handoff"], KVDestination(
-                msg.bootstrap_room, self.engine.session_id, self.notify, slots.tolist(),
-                [[b.data_ptr, b.bytes_per_slot, b.num_slots] for b in self.layout]))
-        self.prealloc = left
-        return failed
-
-    def _start(self, req: Req, done: KVDone) -> None:
-        """The prompt's KV is in our slots: decode from the prefill server's first token."""
-        req.kv_committed_len = len(req.origin_input_ids)
-        req.cached_tokens = done.cached_tokens
-        req.output_ids.append(done.first_token)
-        if req.return_logprob and done.first_logprob is not None:
-            req.output_token_logprobs.append(done.first_logprob)
-            if req.top_logprobs_num > 0:
-                req.output_top_logprobs.append(done.first_top_logprobs[: req.top_logprobs_num])
-        rows = torch.tensor([req.req_pool_idx], device=self.pools.device)
-        self.pools.set_last_tokens(rows, torch.tensor([done.first_token], device=self.pools.device))
-        move(req, ReqState.DECODING)
-        req.check_finished()
-
-    def take_aborted(self, hit) -> list[Req]:
-        """Waiting requests an abort hits leave now; those whose KV is on its way are marked and
-        leave when it lands (their slots must not be reused before)."""
-        gone = [req for req, _ in self.prealloc if hit(req)]
-        if gone:
-            self.prealloc = [(r, s) for r, s in self.prealloc if not hit(r)]
-        for room, transfer in self.transfers.items():
-            if hit(transfer.req) and not transfer.cancelled:
-                transfer.req.to_abort = True
-                transfer.cancelled = True
-                self.peers.send(transfer.handoff, KVCancel(room, self.notify))
-        return gone
-
-    def _address(self, msg) -> tuple[str, int]:
-        return (msg.bootstrap_host or "127.0.0.1", msg.bootstrap_port or self.bootstrap_port)
-
     def _info(self, key: tuple[str, int]) -> dict | None:
         """The prefill server's info; None while it is being looked up; raises what the last lookup
         raised (a failed one is tried again after LOOKUP_RETRY seconds)."""
@@ -265,3 +280,17 @@ class DecodeReceiver:
         if time.monotonic() - started > LOOKUP_RETRY:
             del self.lookups[key]
         raise error
+
+    def _address(self, msg) -> tuple[str, int]:
+        return (msg.bootstrap_host or "127.0.0.1", msg.bootstrap_port or self.bootstrap_port)
+
+    # ---- counts ---------------------------------------------------------------------------------
+    @property
+    def num_held(self) -> int:
+        return len(self.prealloc) + len(self.transfers)
+
+    def stats(self) -> PDStats:
+        c = self.counts
+        return PDStats("decode", num_prealloc=len(self.prealloc), num_transfer=len(self.transfers),
+                       transfers=c.transfers, failures=c.failures, latency_counts=list(c.latency_counts),
+                       latency_sum=c.latency_sum)

@@ -14,10 +14,15 @@ logger = logging.getLogger("radixserve.disaggregation")
 
 
 class PeerSockets:
-    def __init__(self) -> None:
+    """enabled=False (a TP rank other than 0): sends nothing; rank 0 speaks for the server."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.socks: dict[str, zmq.Socket] = {}
 
     def send(self, endpoint: str, msg: Message) -> bool:
+        if not self.enabled:
+            return False
         sock = self.socks.get(endpoint)
         if sock is None:
             sock = self.socks[endpoint] = zmq.Context.instance().socket(zmq.PUSH)

@@ -1,15 +1,17 @@
 """The prefill server's side of a PD pair (--disaggregation-mode prefill).
 
 A request that names a bootstrap room waits (BOOTSTRAP) until the decode server sends where its
-prompt's KV goes (KVDestination, on the handoff socket); it is then prefilled as usual, with an
-output budget of one token. When it finishes, its prompt's KV is written into the decode server's
-pool on a transfer thread (PREFILL_INFLIGHT: one copy per run of consecutive slots per buffer) while
-the scheduler goes on; once the write is done the decode server is told, with the first token
+prompt's KV goes (KVDestination, on rank 0's handoff socket); it is then prefilled as usual, with an
+output budget of one token. When it finishes, every TP rank writes its KV heads of the prompt into
+the decode server's ranks that hold them, on a transfer thread (PREFILL_INFLIGHT), while the
+scheduler goes on; once every rank's write is done the decode server is told, with the first token
 (KVDone), and the KV goes to the prefix cache. A request without a room runs as on an ordinary
 server (warm-up, /health_generate).
 
-Every destination gets exactly one KVDone, and only after the last byte that will ever be written
-into its slots: the decode server frees those slots on it."""
+Every rank holds the same requests in the same states: peer messages reach all ranks through the
+scheduler's broadcast, and what depends on a clock (timeouts) is decided by rank 0 and broadcast
+too (PDDecision). Only rank 0 talks to peers. Every destination gets exactly one KVDone, and only
+after the last byte that will ever be written into its slots: the decode server frees them on it."""
 
 from __future__ import annotations
 
@@ -21,14 +23,15 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from radixserve import ipc_codec
 from radixserve.disaggregation.bootstrap import BootstrapServer
-from radixserve.disaggregation.kv_runs import BufferSpec, LayoutMismatch, transfer_copies
+from radixserve.disaggregation.kv_runs import LayoutMismatch, transfer_copies
 from radixserve.disaggregation.peers import PeerSockets
-from radixserve.disaggregation.settings import bootstrap_timeout, reachable_host
+from radixserve.disaggregation.ranks import local_host, register_ranks, specs
+from radixserve.disaggregation.settings import bootstrap_timeout
 from radixserve.disaggregation.stats import TransferCounts
-from radixserve.disaggregation.transfer import create_engine
-from radixserve.messages import KVCancel, KVDestination, KVDone, PDStats
+from radixserve.disaggregation.transfer import TransferEngine, create_engine
+from radixserve.distributed.parallel_state import tp_min_ints
+from radixserve.messages import KVCancel, KVDestination, KVDone, PDDecision, PDStats
 from radixserve.scheduler.state import ReqState, move
 
 if TYPE_CHECKING:
@@ -50,23 +53,34 @@ class Outgoing:
     nbytes: int
 
 
+def write_all(engine: TransferEngine, writes: list[tuple[str, list[tuple[int, int, int]]]]) -> None:
+    for session, copies in writes:
+        if copies:
+            engine.write(session, copies)
+
+
 class PrefillHandoff:
-    def __init__(self, args: ServerArgs, pools: MemoryPools) -> None:
+    def __init__(self, args: ServerArgs, pools: MemoryPools, kv_heads: tuple[int, int, int], tp_rank: int) -> None:
         self.pools = pools
-        host = reachable_host(args.host)
-        self.engine = create_engine(args.disaggregation_transfer_backend, host, args.disaggregation_ib_device)
-        self.layout = [BufferSpec.of(b) for b in pools.kv.layout()]
-        self.engine.register([(b.data_ptr, b.nbytes) for b in self.layout])
-        ctx = zmq.Context.instance()
-        self.handoff = ctx.socket(zmq.PULL)
-        self.handoff.setsockopt(zmq.LINGER, 0)
-        port = self.handoff.bind_to_random_port(f"tcp://{host}")
-        self.peers = PeerSockets()
-        self.bootstrap = BootstrapServer(args.host or "0.0.0.0", args.disaggregation_bootstrap_port, {
-            "session_id": self.engine.session_id, "handoff": f"tcp://{host}:{port}",
-            "layout": [[b.data_ptr, b.bytes_per_slot, b.num_slots] for b in self.layout],
-            "page_size": args.page_size,
-        })
+        self.rank0 = tp_rank == 0
+        first, count, total = kv_heads
+        self.engine = create_engine(args.disaggregation_transfer_backend, local_host(args),
+                                    args.disaggregation_ib_device)
+        self.layout, ranks = register_ranks(self.engine, pools, first, count)
+        # a KV head held by several ranks (replicated) is written by the first of them only
+        done_by_lower = max([specs(r)[0].head_end for r in ranks[:tp_rank] if r.layout] or [first])
+        self.heads = (max(first, done_by_lower), first + count)
+        self.peers = PeerSockets(enabled=self.rank0)
+        self.handoff: zmq.Socket | None = None
+        if self.rank0:
+            host = local_host(args)
+            self.handoff = zmq.Context.instance().socket(zmq.PULL)
+            self.handoff.setsockopt(zmq.LINGER, 0)
+            port = self.handoff.bind_to_random_port(f"tcp://{host}")
+            self.bootstrap = BootstrapServer(args.host or "0.0.0.0", args.disaggregation_bootstrap_port, {
+                "handoff": f"tcp://{host}:{port}", "ranks": [[r.session_id, r.layout] for r in ranks],
+                "num_kv_heads": total, "page_size": args.page_size, "tp_size": args.tp_size,
+            })
         self.waiting: dict[int, tuple[Req, float]] = {}  # BOOTSTRAP: room -> (request, since)
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.bound: dict[int, tuple[Req, KVDestination]] = {}  # room -> request being prefilled
@@ -78,66 +92,38 @@ class PrefillHandoff:
         self.counts = TransferCounts()
         self.timeout = bootstrap_timeout()
 
-    def hold(self, req: Req) -> None:
-        """A new request with a room: it waits for its destination (BOOTSTRAP)."""
+    # ---- requests and peer messages (every rank, in the broadcast's order) ---------------------
+    def hold(self, req: Req) -> list[Req]:
+        """A new request with a room: it waits for its destination (BOOTSTRAP). Returns it when the
+        destination is already here (to prefill now)."""
         req.max_new_tokens = min(req.max_new_tokens, 1)  # the decode server generates the rest
         move(req, ReqState.BOOTSTRAP)
-        self.waiting[req.msg.bootstrap_room] = (req, time.monotonic())
+        room = req.msg.bootstrap_room
+        if room in self.abandoned:  # a second request for a room that ended: it waits and times out
+            self.abandoned.pop(room)
+        self.waiting[room] = (req, time.monotonic())
+        return self._bind(room)
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
+    def on_destination(self, msg: KVDestination) -> list[Req]:
+        """The decode server's destination for a room: the request to prefill now, if it is here."""
+        if msg.room in self.abandoned:
+            self._refuse(msg.notify, msg.room, self.abandoned[msg.room][0])
+            return []
+        self.destinations[msg.room] = (msg, time.monotonic())
+        return self._bind(msg.room)
 
-    @property
-    def num_held(self) -> int:
-        """Requests held outside the scheduler's queues (BOOTSTRAP and PREFILL_INFLIGHT)."""
-        return len(self.waiting) + len(self.inflight)
+    def _bind(self, room: int) -> list[Req]:
+        if room not in self.waiting or room not in self.destinations:
+            return []
+        req, _ = self.waiting.pop(room)
+        self.bound[room] = (req, self.destinations.pop(room)[0])
+        move(req, ReqState.WAITING)
+        return [req]
 
-    def stats(self) -> PDStats:
-        c = self.counts
-        return PDStats("prefill", num_bootstrap=len(self.waiting), num_inflight=len(self.inflight),
-                       transfers=c.transfers, failures=c.failures, bytes=c.bytes,
-                       latency_counts=list(c.latency_counts), latency_sum=c.latency_sum)
-
-    def poll(self) -> tuple[list[Req], list[Req], list[str]]:
-        """(requests whose destination arrived: to prefill now; requests that waited too long;
-        ids of requests the decode server cancelled while they are being prefilled)."""
-        cancelled: list[str] = []
-        while self.handoff.poll(0):
-            msg = ipc_codec.recv(self.handoff)
-            if isinstance(msg, KVDestination):
-                if msg.room in self.abandoned:
-                    self._refuse(msg.notify, msg.room, self.abandoned[msg.room][0])
-                else:
-                    self.destinations[msg.room] = (msg, time.monotonic())
-            elif isinstance(msg, KVCancel):
-                rid = self._cancel(msg)
-                if rid is not None:
-                    cancelled.append(rid)
-        ready = []
-        for room in [r for r in self.waiting if r in self.destinations]:
-            req, _ = self.waiting.pop(room)
-            self.bound[room] = (req, self.destinations.pop(room)[0])
-            move(req, ReqState.WAITING)
-            ready.append(req)
-        now = time.monotonic()
-        late = []
-        for room in [room for room, (_, since) in self.waiting.items() if now - since > self.timeout]:
-            req, _ = self.waiting.pop(room)
-            message = f"the decode server did not claim bootstrap room {room} within {self.timeout:g} s"
-            req.finish_reason = {"type": "abort", "status_code": 503, "message": message}
-            self.abandoned[room] = (message, now)
-            late.append(req)
-        for room in [r for r, (_, since) in self.destinations.items() if now - since > self.timeout]:
-            dest = self.destinations.pop(room)[0]  # its request never came (the router gave up on it)
-            self._refuse(dest.notify, room, "the prefill server never received this request")
-        for room in [r for r, (_, since) in self.abandoned.items() if now - since > self.timeout]:
-            del self.abandoned[room]
-        return ready, late, cancelled
-
-    def _cancel(self, msg: KVCancel) -> str | None:
-        """The decode server aborted `room`: a request being prefilled is aborted (its KVDone goes
-        when it ends); a write in flight answers when it is done; anything else is answered now."""
+    def on_cancel(self, msg: KVCancel) -> str | None:
+        """The decode server aborted `room`: a request being prefilled is to be aborted (returns its
+        id; its KVDone goes when it ends); a write in flight answers when it is done; anything else
+        is answered now."""
         if msg.room in self.bound:
             return self.bound[msg.room][0].rid
         if any(out.dest.room == msg.room for out in self.inflight):
@@ -147,6 +133,25 @@ class PrefillHandoff:
             self.abandoned[msg.room] = ("cancelled by the decode server", time.monotonic())
         self._refuse(msg.notify, msg.room, "cancelled by the decode server")
         return None
+
+    def expire(self, rooms: list[int]) -> list[Req]:
+        """Rank 0 found these rooms past the bootstrap timeout: requests that waited end (returned),
+        destinations whose request never came are refused, abandoned rooms are forgotten."""
+        late = []
+        now = time.monotonic()
+        for room in rooms:
+            if room in self.waiting:
+                req, _ = self.waiting.pop(room)
+                message = f"the decode server did not claim bootstrap room {room} within {self.timeout:g} s"
+                req.finish_reason = {"type": "abort", "status_code": 503, "message": message}
+                self.abandoned[room] = (message, now)
+                late.append(req)
+            elif room in self.destinations:  # its request never came (the router gave up on it)
+                dest = self.destinations.pop(room)[0]
+                self._refuse(dest.notify, room, "the prefill server never received this request")
+            else:
+                self.abandoned.pop(room, None)
+        return late
 
     def abandon(self, room: int, why: str) -> None:
         """The request of `room` ended here before it was prefilled: its destination is refused."""
@@ -164,10 +169,20 @@ class PrefillHandoff:
             self.abandon(room, "aborted on the prefill server")
         return gone
 
+    # ---- rank 0's decisions ---------------------------------------------------------------------
+    def decide(self) -> list[PDDecision]:
+        """Rooms past the bootstrap timeout, for every rank to expire at the same step."""
+        now = time.monotonic()
+        rooms = [room for table in (self.waiting, self.destinations, self.abandoned)
+                 for room, (_, since) in table.items() if now - since > self.timeout]
+        return [PDDecision("expire", rooms)] if rooms else []
+
+    # ---- the KV writes --------------------------------------------------------------------------
     def start_send(self, req: Req) -> bool:
-        """A request of ours is finishing: start writing its prompt's KV to the decode server.
-        True when a write started (the request is PREFILL_INFLIGHT and keeps its KV until
-        poll_sent returns it); False when there is nothing to write (the decode server is told)."""
+        """A request of ours is finishing: start writing our KV heads of its prompt to the decode
+        server's ranks. True when a write started (the request is PREFILL_INFLIGHT and keeps its
+        KV until poll_sent returns it); False when there is nothing to write (the decode server is
+        told). Every rank decides the same."""
         room = req.msg.bootstrap_room
         bound = self.bound.get(room) if room is not None else None
         if bound is None or bound[0] is not req:
@@ -183,26 +198,34 @@ class PrefillHandoff:
             return False
         src = self.pools.req_to_token.req_to_token[req.req_pool_idx, :n].tolist()
         try:
-            copies = transfer_copies(self.layout, src, [BufferSpec(*spec) for spec in dest.layout], dest.slots)
-        except (LayoutMismatch, ValueError) as e:
-            self._fail(req, dest, f"KV transfer failed: {e}")
-            return False
-        write = self.writer.submit(self.engine.write, dest.session_id, copies)
+            writes = [(rank.session_id, transfer_copies(self.layout, src, specs(rank), dest.slots, self.heads))
+                      for rank in dest.ranks]
+            write = self.writer.submit(write_all, self.engine, writes)
+            nbytes = sum(c[2] for _, copies in writes for c in copies)
+        except (LayoutMismatch, ValueError) as e:  # a failed write, as every rank sees one
+            write, nbytes = Future(), 0
+            write.set_exception(e)
         move(req, ReqState.PREFILL_INFLIGHT)
-        self.inflight.append(Outgoing(req, dest, write, time.monotonic(), sum(c[2] for c in copies)))
+        self.inflight.append(Outgoing(req, dest, write, time.monotonic(), nbytes))
         return True
 
     def poll_sent(self) -> list[Req]:
-        """Requests whose write ended (the decode server is told how): their KV may be released."""
-        if not self.inflight or not self.inflight[0].write.done():
-            return []  # one writer: writes end in order
-        done: list[Req] = []
-        while self.inflight and self.inflight[0].write.done():
-            out = self.inflight.pop(0)
+        """Requests whose write ended on every rank (the decode server is told how): their KV may be
+        released. With TP the ranks agree through one all-reduce."""
+        if not self.inflight:
+            return []
+        done = [int(out.write.done()) for out in self.inflight]
+        failed = [-int(out.write.done() and out.write.exception() is not None) for out in self.inflight]
+        agreed = tp_min_ints(done + failed)  # done on every rank; failed on any
+        finished: list[Req] = []
+        for i, out in enumerate(list(self.inflight)):
+            if not agreed[i]:
+                break  # one writer per rank: writes end in order
+            self.inflight.pop(0)
             req, dest = out.req, out.dest
-            error = out.write.exception()
-            if error is not None:
-                self._fail(req, dest, f"KV transfer failed: {error}")
+            if agreed[len(done) + i]:
+                error = out.write.exception() if out.write.done() else None
+                self._fail(req, dest, f"KV transfer failed: {error or 'on another TP rank'}")
             else:
                 self.counts.done(time.monotonic() - out.started, out.nbytes)
                 reply = KVDone(dest.room, ok=True, first_token=req.output_ids[0], cached_tokens=req.cached_tokens)
@@ -211,11 +234,24 @@ class PrefillHandoff:
                 if req.output_top_logprobs:
                     reply.first_top_logprobs = list(req.output_top_logprobs[0])
                 self.peers.send(dest.notify, reply)
-            done.append(req)
-        return done
+            finished.append(req)
+        return finished
+
+    # ---- counts ---------------------------------------------------------------------------------
+    @property
+    def num_held(self) -> int:
+        """Requests held outside the scheduler's queues (BOOTSTRAP and PREFILL_INFLIGHT)."""
+        return len(self.waiting) + len(self.inflight)
+
+    def stats(self) -> PDStats:
+        c = self.counts
+        return PDStats("prefill", num_bootstrap=len(self.waiting), num_inflight=len(self.inflight),
+                       transfers=c.transfers, failures=c.failures, bytes=c.bytes,
+                       latency_counts=list(c.latency_counts), latency_sum=c.latency_sum)
 
     def _fail(self, req: Req, dest: KVDestination, message: str) -> None:
-        logger.error("room %d: %s", dest.room, message)
+        if self.rank0:
+            logger.error("room %d: %s", dest.room, message)
         self.counts.failed()
         if not isinstance(req.finish_reason, dict) or req.finish_reason.get("type") != "abort":
             req.finish_reason = {"type": "abort", "status_code": 503, "message": message}

@@ -114,3 +114,21 @@ def tp_min_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_STATE.cpu_group)
     return int(t.item())
+
+
+def tp_all_gather_object(obj: object) -> list:
+    """Every rank's obj, in rank order (picklable data; start-up only)."""
+    if _STATE.tp_size == 1:
+        return [obj]
+    gathered: list = [None] * _STATE.tp_size
+    dist.all_gather_object(gathered, obj, group=_STATE.cpu_group)
+    return gathered
+
+
+def tp_min_ints(values: list[int]) -> list[int]:
+    """Each position's smallest value over all ranks (every rank passes as many)."""
+    if _STATE.tp_size == 1 or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_STATE.cpu_group)
+    return t.tolist()

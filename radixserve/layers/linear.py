@@ -63,6 +63,19 @@ def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, i
     return tp_rank * base + min(tp_rank, extra), base + (1 if tp_rank < extra else 0)
 
 
+def kv_heads_of_rank(num_kv_heads: int, num_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """(first, count) of the KV heads a rank holds (and writes into its KV pool): a share of them,
+    or, with fewer KV heads than ranks, one head replicated on tp_size / num_kv_heads ranks."""
+    if num_kv_heads >= tp_size:
+        return kv_head_range(num_kv_heads, tp_size, tp_rank)
+    if tp_size % num_kv_heads or num_heads % tp_size:  # each KV head replicated on whole ranks
+        raise ValueError(
+            f"--tp-size {tp_size} is larger than the model's {num_kv_heads} KV heads, so it must be a "
+            f"multiple of them and divide its {num_heads} attention heads"
+        )
+    return tp_rank // (tp_size // num_kv_heads), 1
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k, v projections in one matmul. Each rank holds whole GQA groups (a KV head with its q
     heads), split as evenly as possible, so head counts need not divide by the TP size. With fewer
@@ -73,17 +86,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         if num_heads % num_kv_heads:
             raise ValueError(f"attention heads ({num_heads}) are not a multiple of KV heads ({num_kv_heads})")
         group = num_heads // num_kv_heads
+        kv_start, kv_count = kv_heads_of_rank(num_kv_heads, num_heads, tp, rank)
         if num_kv_heads >= tp:
-            kv_start, kv_count = kv_head_range(num_kv_heads, tp, rank)
             self.q_head_start, self.num_heads = kv_start * group, kv_count * group
         else:
-            if tp % num_kv_heads or num_heads % tp:  # each KV head replicated on whole ranks
-                raise ValueError(
-                    f"--tp-size {tp} is larger than the model's {num_kv_heads} KV heads, so it must be a "
-                    f"multiple of them and divide its {num_heads} attention heads"
-                )
-            replicas = tp // num_kv_heads
-            kv_start, kv_count = rank // replicas, 1
             self.num_heads = num_heads // tp
             self.q_head_start = rank * self.num_heads
         self.kv_head_start, self.num_kv_heads = kv_start, kv_count

@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from radixserve.messages import AbortReq
-
 if TYPE_CHECKING:
     from radixserve.scheduler.scheduler import Scheduler
 
@@ -49,47 +47,29 @@ def profile(scheduler: Scheduler, steps: int) -> None:
                 out.getvalue())
 
 
-def prefill_loop(scheduler: Scheduler) -> None:
-    """A PD prefill server: the normal loop, plus requests whose decode server has claimed them
-    joining the waiting queue (those never claimed, or cancelled by it, ending), and requests whose
-    KV has been written releasing it."""
+def pd_loop(scheduler: Scheduler) -> None:
+    """A PD server (prefill or decode side): the normal loop, with the peer's messages and rank 0's
+    PD decisions (timeouts, claims) arriving among the requests, and (prefill) requests whose KV
+    has been written releasing it. While it only waits on its peer it polls every few ms."""
+    side = scheduler.handoff or scheduler.receiver
+    assert side is not None
     handoff = scheduler.handoff
-    assert handoff is not None
+    rank0 = scheduler.tp_rank == 0
     while True:
-        idle = not scheduler.has_work()
-        if not idle and not (scheduler.prefill.waiting or scheduler.decode.running or scheduler.inflight):
-            handoff.handoff.poll(5)  # only requests waiting for their decode server or a write: wait
-        scheduler.recv_requests(block=idle)
-        ready, late, cancelled = handoff.poll()
-        for req in ready:
-            scheduler.prefill.add(req)
-        scheduler.finish(late)
-        if cancelled:
-            scheduler.abort(AbortReq(rids=cancelled, message="cancelled by the decode server", status_code=503))
-        scheduler.finish(handoff.poll_sent(), send=False)
-        scheduler.step()
-        scheduler.report_load()
-
-
-def decode_loop(scheduler: Scheduler) -> None:
-    """A PD decode server: the normal loop, plus requests whose prompt KV arrived joining the
-    running batch at their first token."""
-    receiver = scheduler.receiver
-    assert receiver is not None
-    while True:
-        idle = not scheduler.has_work()
-        if not idle and not (scheduler.prefill.waiting or scheduler.decode.running or scheduler.inflight):
-            receiver.inbox.poll(5)  # only requests waiting for their KV: wait for some
-        scheduler.recv_requests(block=idle)
-        ready, failed = receiver.step()
-        scheduler.finish(failed + [r for r in ready if r.finished])
-        started = [r for r in ready if not r.finished]
-        scheduler.send_outputs(started)  # their first token
-        scheduler.decode.add(started)
+        if rank0:
+            scheduler.transport.inject(side.decide())
+        if not scheduler.has_work():
+            timeout = 1000
+        elif scheduler.prefill.waiting or scheduler.prefill.chunked or scheduler.decode.running or scheduler.inflight:
+            timeout = 0
+        else:
+            timeout = 5  # only requests waiting on the peer
+        scheduler.recv_requests(timeout_ms=timeout)
+        if handoff is not None:
+            scheduler.finish(handoff.poll_sent(), send=False)
         scheduler.step()
         scheduler.report_load()
 
 
 # --disaggregation-mode -> loop
-EVENT_LOOPS: dict[str, Callable[[Scheduler], None]] = {"null": normal_loop, "prefill": prefill_loop,
-                                                      "decode": decode_loop}
+EVENT_LOOPS: dict[str, Callable[[Scheduler], None]] = {"null": normal_loop, "prefill": pd_loop, "decode": pd_loop}

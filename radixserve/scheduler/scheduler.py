@@ -23,6 +23,7 @@ from radixserve.cache.chunk import ChunkCache
 from radixserve.cache.radix import RadixCache
 from radixserve.disaggregation.decode_side import DecodeReceiver
 from radixserve.disaggregation.prefill_side import PrefillHandoff
+from radixserve.disaggregation.ranks import kv_share
 from radixserve.disaggregation.settings import FAKE_BOOTSTRAP_HOST
 from radixserve.distributed.parallel_state import check_same_setup, init_tensor_parallel, setup_fingerprint
 from radixserve.ipc import PortArgs
@@ -37,8 +38,12 @@ from radixserve.messages import (
     GenerateBatch,
     GenerateReq,
     GetStateReq,
+    KVCancel,
+    KVDestination,
+    KVDone,
     LoadReport,
     Message,
+    PDDecision,
     PDStats,
     ReqOutput,
     SchedulerState,
@@ -121,10 +126,15 @@ class Scheduler:
         # PD disaggregation: the side of the pair this server is, if any (disaggregation/)
         self.handoff: PrefillHandoff | None = None
         self.receiver: DecodeReceiver | None = None
+        kv_heads = kv_share(cfg, args.tp_size, tp_rank)
         if args.disaggregation_mode == "prefill":
-            self.handoff = PrefillHandoff(args, self.pools)
+            self.handoff = PrefillHandoff(args, self.pools, kv_heads, tp_rank)
+            if self.handoff.handoff is not None:
+                self.transport.add_peer_socket(self.handoff.handoff)
         elif args.disaggregation_mode == "decode":
-            self.receiver = DecodeReceiver(args, self.pools, self.cache)
+            self.receiver = DecodeReceiver(args, self.pools, self.cache, kv_heads, tp_rank)
+            if self.receiver.inbox is not None:
+                self.transport.add_peer_socket(self.receiver.inbox)
 
     # ---- info -------------------------------------------------------------
     def info(self) -> dict:
@@ -170,8 +180,8 @@ class Scheduler:
         )
 
     # ---- messages ---------------------------------------------------------
-    def recv_requests(self, block: bool) -> None:
-        for msg in self.transport.recv(block):
+    def recv_requests(self, block: bool = False, timeout_ms: int | None = None) -> None:
+        for msg in self.transport.recv(block, timeout_ms):
             self.handle(msg)
 
     def handle(self, msg: Message) -> None:
@@ -186,8 +196,36 @@ class Scheduler:
             self.transport.reply(self.flush_cache())
         elif isinstance(msg, GetStateReq):
             self.transport.reply(self.state())
+        elif isinstance(msg, (KVDestination, KVCancel, KVDone, PDDecision)):
+            self.handle_pd(msg)
         else:
             logger.error("unknown message %r", type(msg).__name__)
+
+    def handle_pd(self, msg: Message) -> None:
+        """A PD peer's message, or rank 0's PD decision (every rank, in the broadcast's order)."""
+        if self.handoff is not None and isinstance(msg, KVDestination):
+            for req in self.handoff.on_destination(msg):
+                self.prefill.add(req)
+        elif self.handoff is not None and isinstance(msg, KVCancel):
+            rid = self.handoff.on_cancel(msg)
+            if rid is not None:
+                self.abort(AbortReq(rids=[rid], message="cancelled by the decode server", status_code=503))
+        elif self.handoff is not None and isinstance(msg, PDDecision):
+            self.finish(self.handoff.expire(msg.rooms))
+        elif self.receiver is not None and isinstance(msg, KVDone):
+            self.kv_arrived(*self.receiver.on_done(msg))
+        elif self.receiver is not None and isinstance(msg, PDDecision):
+            self.finish(self.receiver.apply(msg))
+        else:
+            logger.warning("%s ignored: not for a %s server", type(msg).__name__, self.args.disaggregation_mode)
+
+    def kv_arrived(self, ready: list[Req], failed: list[Req]) -> None:
+        """Decode server: requests whose prompt's KV landed join the running batch at their first
+        token (or end there, when one token was all they wanted)."""
+        self.finish(failed + [r for r in ready if r.finished])
+        started = [r for r in ready if not r.finished]
+        self.send_outputs(started)  # their first token
+        self.decode.add(started)
 
     def add_request(self, msg: GenerateReq) -> None:
         self.num_received += 1
@@ -206,7 +244,8 @@ class Scheduler:
             return
         if msg.bootstrap_room is not None and msg.bootstrap_host != FAKE_BOOTSTRAP_HOST:
             if self.handoff is not None:
-                self.handoff.hold(req)
+                for ready in self.handoff.hold(req):
+                    self.prefill.add(ready)
                 return
             if self.receiver is not None:
                 self.receiver.hold(req)
@@ -249,11 +288,8 @@ class Scheduler:
 
     def num_pd_held(self) -> int:
         """Requests a PD server holds outside the prefill and decode queues."""
-        if self.handoff is not None:
-            return self.handoff.num_held
-        if self.receiver is not None:
-            return self.receiver.num_prealloc + self.receiver.num_transfer
-        return 0
+        side = self.handoff or self.receiver
+        return side.num_held if side is not None else 0
 
     def has_work(self) -> bool:
         return self.has_requests() or self.inflight is not None

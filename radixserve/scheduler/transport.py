@@ -1,6 +1,8 @@
 """The scheduler's links to the other processes: requests in over ZMQ (rank 0 receives them, every
 tensor-parallel rank gets the same messages in the same order), token ids out to the detokenizer,
-replies to control messages, and load reports to the DP controller."""
+replies to control messages, and load reports to the DP controller. A PD server's rank 0 also
+receives its peer's messages here, and adds its own decisions (inject), so that every rank sees
+them in one order with the requests."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ class SchedulerTransport:
         # only rank 0 talks to the other processes; the other ranks follow its broadcasts
         self.recv_sock = self.detok_sock = self.reply_sock = self.load_sock = None
         self.last_load: LoadReport | None = None
+        self.peer_sock: zmq.Socket | None = None  # a PD server's socket for its peer's messages
+        self.injected: list[Message] = []  # rank 0's own decisions, delivered with the next messages
         if tp_rank == 0:
             ctx = zmq.Context.instance()
             self.recv_sock = pull_socket(ctx, ports.scheduler_input)
@@ -26,23 +30,53 @@ class SchedulerTransport:
             if ports.load_report:
                 self.load_sock = push_socket(ctx, ports.load_report)
 
-    def recv(self, block: bool) -> list[Message]:
-        """Every message waiting (block: wait up to a second for the first), on every rank."""
+    def add_peer_socket(self, sock: zmq.Socket) -> None:
+        """Receive the messages of this socket too (rank 0; a PD server's peer)."""
+        self.peer_sock = sock
+
+    def inject(self, msgs: list[Message]) -> None:
+        """Rank 0: deliver these messages (to every rank) after the next ones received."""
+        self.injected += msgs
+
+    def recv(self, block: bool = False, timeout_ms: int | None = None) -> list[Message]:
+        """Every message waiting, on every rank. Waits up to timeout_ms for the first one (block:
+        up to a second)."""
         msgs: list[Message] = []
-        payloads: list[memoryview] = []  # as received: what the other TP ranks are sent
+        payloads: list = []  # as received: what the other TP ranks are sent
         if self.recv_sock is not None:
-            timeout = 1000 if block else 0
-            while self.recv_sock.poll(timeout):
-                msg, payload = ipc_codec.recv_raw(self.recv_sock)
-                if msg is not None:
-                    msgs.append(msg)
-                    payloads.append(payload)
+            timeout = timeout_ms if timeout_ms is not None else 1000 if block else 0
+            socks = [s for s in (self.recv_sock, self.peer_sock) if s is not None]
+            if self.injected:
                 timeout = 0
+            while True:
+                ready = self._ready(socks, timeout)
+                if not ready:
+                    break
+                for sock in ready:
+                    msg, payload = ipc_codec.recv_raw(sock)
+                    if msg is not None:
+                        msgs.append(msg)
+                        payloads.append(payload)
+                timeout = 0
+            if self.injected:
+                msgs += self.injected
+                if self.tp_followers:
+                    payloads += [ipc_codec.encode(m) for m in self.injected]
+                self.injected = []
         if not self.tp_followers:
             return msgs
         # the other ranks get rank 0's payloads as bytes (no pickle across hosts either)
         data = tp_broadcast_bytes(ipc_codec.encode_list(payloads) if self.recv_sock is not None else None)
         return msgs if self.recv_sock is not None else ipc_codec.decode_list(data)
+
+    @staticmethod
+    def _ready(socks: list[zmq.Socket], timeout: int) -> list[zmq.Socket]:
+        if len(socks) == 1:
+            return socks if socks[0].poll(timeout) else []
+        poller = zmq.Poller()
+        for sock in socks:
+            poller.register(sock, zmq.POLLIN)
+        return [sock for sock, _ in poller.poll(timeout)]
 
     def send_outputs(self, batch: BatchOut) -> None:
         if self.detok_sock is not None:

@@ -36,6 +36,21 @@ def test_copies_address_every_buffer_by_bytes() -> None:
         transfer_copies(src, [9, 10], dst, [1, 2])
 
 
+def test_copies_between_tp_sizes_move_the_heads_both_sides_hold() -> None:
+    """3 KV heads of 4 bytes: a TP-2 rank holding heads 2..3 writes into a TP-1 peer holding all
+    three (a part of each slot, one slot at a time); a rank with nothing in common writes nothing;
+    a replicated head is written only by the rank told to (heads=)."""
+    rank1 = [BufferSpec(1000, 4, 10, head_start=2, num_heads=1)]
+    whole = [BufferSpec(9000, 12, 10, head_start=0, num_heads=3)]
+    assert transfer_copies(rank1, [1, 2], whole, [5, 6]) == [(1004, 9068, 4), (1008, 9080, 4)]
+    assert transfer_copies(whole, [5, 6], rank1, [1, 2]) == [(9068, 1004, 4), (9080, 1008, 4)]
+    rank0 = [BufferSpec(500, 8, 10, head_start=0, num_heads=2)]
+    assert transfer_copies(rank1, [1], rank0, [1]) == []
+    assert transfer_copies(whole, [5], rank0, [1], heads=(1, 3)) == [(9064, 512, 4)]
+    with pytest.raises(LayoutMismatch, match="a KV head"):
+        transfer_copies(rank1, [1], [BufferSpec(0, 12, 10, 0, 2)], [1])
+
+
 def test_fake_engine_moves_nothing_and_unknown_backends_are_named() -> None:
     engine = create_engine("fake", "127.0.0.1")
     assert isinstance(engine, FakeEngine)
