@@ -36,16 +36,16 @@ def environ(**values: str):
             del os.environ[name]
 
 
-def start_prefill(log: str, bootstrap: int):
+def start_prefill(log: str, bootstrap: int, *more: str):
     with environ(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT=str(BOOTSTRAP_TIMEOUT)):
         return start_server([*COMMON, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                             str(bootstrap)], log)
+                             str(bootstrap), *more], log)
 
 
-def start_decode(log: str):
+def start_decode(log: str, *more: str):
     with environ(SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL=str(HEARTBEAT_INTERVAL),
                  SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE=str(HEARTBEAT_MAX_FAILURE)):
-        return start_server([*COMMON, "--disaggregation-mode", "decode"], log)
+        return start_server([*COMMON, "--disaggregation-mode", "decode", *more], log)
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +361,39 @@ def test_2p2d_through_sglang_router(pair, tmp_path):
                 assert metric(side, "kv_transfers_total") > 0  # both prefill servers took part
             for side in (decode, decode2):
                 assert metric(side, "kv_transfers_total") > 0
+        for side in (prefill, decode, prefill2, decode2):
+            assert_pool_whole(side)
+    finally:
+        for side in extra:
+            assert side.stop() == 0, side.log()
+
+
+def test_tp2_and_tp1_sides_exchange_kv(pair, tmp_path):
+    """A prefill server at TP 2 (gloo) writes into a TP-1 decode server and a TP-2 one, and a TP-1
+    prefill server into the TP-2 decode server: the bundled model's 3 KV heads split 2 + 1, so each
+    slot is re-sliced between the sides. Greedy outputs equal one ordinary server's."""
+    prefill, decode, bootstrap = pair
+    bootstrap2 = free_port()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        starting = [pool.submit(start_prefill, str(tmp_path / "prefill_tp2.log"), bootstrap2, "--tp-size", "2"),
+                    pool.submit(start_decode, str(tmp_path / "decode_tp2.log"), "--tp-size", "2")]
+    extra = [f.result() for f in starting if f.exception() is None]
+    if len(extra) < 2:
+        for side in extra:
+            side.stop()
+        raise next(f.exception() for f in starting if f.exception() is not None)
+    prefill2, decode2 = extra
+    try:
+        room = 2000
+        for p_server, p_port, d_server in [(prefill2, bootstrap2, decode), (prefill, bootstrap, decode2),
+                                           (prefill2, bootstrap2, decode2)]:
+            for prompt in PROMPTS:
+                room += 1
+                body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 8},
+                        "bootstrap_host": "127.0.0.1", "bootstrap_port": p_port, "bootstrap_room": room}
+                p, d = both(p_server, d_server, "/generate", body)
+                assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+                assert d.json()["output_ids"] == alone(decode, body)["output_ids"], (p_server.url, d_server.url)
         for side in (prefill, decode, prefill2, decode2):
             assert_pool_whole(side)
     finally:
