@@ -160,9 +160,6 @@ class ServerArgs:
         checks = [
             (self.dp_size > 1 and self.nnodes > 1,
              f"--dp-size {self.dp_size} with --nnodes {self.nnodes}: multi-node data parallelism {pending}"),
-            (self.disaggregation_mode != "null" and self.dp_size > 1,
-             f"--disaggregation-mode {self.disaggregation_mode} with --dp-size {self.dp_size}: PD disaggregation "
-             f"across data-parallel groups {pending} (tensor and multi-node parallelism are)"),
             (self.enable_two_batch_overlap, f"--enable-two-batch-overlap: two-batch overlap {pending}"),
             (self.grammar_backend != "xgrammar",
              f"--grammar-backend {self.grammar_backend}: radixserve's structured output runs on xgrammar only; "

@@ -48,6 +48,12 @@ logger = logging.getLogger("radixserve.disaggregation")
 LOOKUP_RETRY = 1.0  # seconds between lookups of a prefill server that did not answer
 
 
+def prefill_group(info: dict, room: int) -> dict:
+    """The prefill server's DP group that serves `room` (its DP controller sends a request with a
+    room to group room % dp_size, as SGLang's does)."""
+    return info["groups"][room % len(info["groups"])]
+
+
 @dataclass
 class Transfer:
     req: Req
@@ -141,7 +147,7 @@ class DecodeReceiver:
             address = self._address(req.msg)
             transfer = self.transfers[room] = Transfer(req, time.monotonic(), address, slots)
             if self.rank0 and address in self.prefill_info:
-                transfer.handoff = self.prefill_info[address]["handoff"]
+                transfer.handoff = prefill_group(self.prefill_info[address], room)["handoff"]
                 self.peers.send(transfer.handoff, KVDestination(room, self.notify, slots.tolist(), self.ranks))
         self.prealloc = [(r, s) for r, s in self.prealloc if r.msg.bootstrap_room not in claimed]
 
@@ -231,11 +237,12 @@ class DecodeReceiver:
 
     def _check_peer(self, info: dict) -> None:
         """Raises LayoutMismatch when the prefill server's KV cannot go into ours."""
-        if info.get("num_kv_heads") != self.num_kv_heads:
-            raise LayoutMismatch(f"the prefill server's model has {info.get('num_kv_heads')} KV heads, "
-                                 f"ours {self.num_kv_heads}")
-        for _, layout in info["ranks"]:
-            check_layouts([BufferSpec(*row) for row in layout], self.layout)
+        for group in info["groups"]:
+            if group.get("num_kv_heads") != self.num_kv_heads:
+                raise LayoutMismatch(f"the prefill server's model has {group.get('num_kv_heads')} KV heads, "
+                                     f"ours {self.num_kv_heads}")
+            for _, layout in group["ranks"]:
+                check_layouts([BufferSpec(*row) for row in layout], self.layout)
 
     def _gone_prefill_servers(self) -> list[tuple[str, int]]:
         """Prefill servers we wait on that missed too many heartbeats. Checks run off the loop."""

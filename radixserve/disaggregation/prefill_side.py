@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from radixserve.disaggregation.bootstrap import BootstrapServer
+from radixserve.disaggregation.bootstrap import BootstrapServer, register_group
 from radixserve.disaggregation.kv_runs import LayoutMismatch, transfer_copies
 from radixserve.disaggregation.peers import PeerSockets
 from radixserve.disaggregation.ranks import local_host, register_ranks, specs
-from radixserve.disaggregation.settings import bootstrap_timeout
+from radixserve.disaggregation.settings import bootstrap_timeout, reachable_host
 from radixserve.disaggregation.stats import TransferCounts
 from radixserve.disaggregation.transfer import TransferEngine, create_engine
 from radixserve.distributed.parallel_state import tp_min_ints
@@ -60,7 +60,8 @@ def write_all(engine: TransferEngine, writes: list[tuple[str, list[tuple[int, in
 
 
 class PrefillHandoff:
-    def __init__(self, args: ServerArgs, pools: MemoryPools, kv_heads: tuple[int, int, int], tp_rank: int) -> None:
+    def __init__(self, args: ServerArgs, pools: MemoryPools, kv_heads: tuple[int, int, int], tp_rank: int,
+                 dp_rank: int = 0) -> None:
         self.pools = pools
         self.rank0 = tp_rank == 0
         first, count, total = kv_heads
@@ -72,15 +73,20 @@ class PrefillHandoff:
         self.heads = (max(first, done_by_lower), first + count)
         self.peers = PeerSockets(enabled=self.rank0)
         self.handoff: zmq.Socket | None = None
+        self.bootstrap: BootstrapServer | None = None
         if self.rank0:
             host = local_host(args)
             self.handoff = zmq.Context.instance().socket(zmq.PULL)
             self.handoff.setsockopt(zmq.LINGER, 0)
             port = self.handoff.bind_to_random_port(f"tcp://{host}")
-            self.bootstrap = BootstrapServer(args.host or "0.0.0.0", args.disaggregation_bootstrap_port, {
-                "handoff": f"tcp://{host}:{port}", "ranks": [[r.session_id, r.layout] for r in ranks],
-                "num_kv_heads": total, "page_size": args.page_size, "tp_size": args.tp_size,
-            })
+            info = {"handoff": f"tcp://{host}:{port}", "ranks": [[r.session_id, r.layout] for r in ranks],
+                    "num_kv_heads": total, "page_size": args.page_size, "tp_size": args.tp_size}
+            if dp_rank == 0:  # the server's one bootstrap endpoint; the other DP groups register there
+                self.bootstrap = BootstrapServer(args.host or "0.0.0.0", args.disaggregation_bootstrap_port,
+                                                 args.dp_size)
+                self.bootstrap.register(0, info)
+            else:
+                register_group(reachable_host(args.host), args.disaggregation_bootstrap_port, dp_rank, info)
         self.waiting: dict[int, tuple[Req, float]] = {}  # BOOTSTRAP: room -> (request, since)
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.bound: dict[int, tuple[Req, KVDestination]] = {}  # room -> request being prefilled

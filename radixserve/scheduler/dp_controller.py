@@ -16,6 +16,7 @@ import msgspec
 import zmq
 
 from radixserve import ipc_codec
+from radixserve.disaggregation.settings import FAKE_BOOTSTRAP_HOST
 from radixserve.ipc import PortArgs, pull_socket, push_socket
 from radixserve.messages import (
     AbortReq,
@@ -59,7 +60,11 @@ class LoadBalancer:
         self._cycle = itertools.cycle(range(dp_size))
 
     def pick(self, req: GenerateReq) -> int:
-        if self.method == "round_robin":
+        if req.bootstrap_room is not None and req.bootstrap_host != FAKE_BOOTSTRAP_HOST:
+            # PD: the group is the room's, on both servers of a pair (the decode side finds the
+            # prefill side's group the same way), as in SGLang
+            group = req.bootstrap_room % len(self.loads)
+        elif self.method == "round_robin":
             group = next(self._cycle)
         elif self.method == "shortest_queue":
             group = min(range(len(self.loads)), key=lambda g: (self.loads[g].num_reqs, g))
@@ -86,6 +91,13 @@ def merge_states(states: list[SchedulerState]) -> SchedulerState:
                       "req_rows_available", "num_running", "num_waiting", "num_retractions", "num_tokens",
                       "gen_throughput", "overlapped_launches"):
             setattr(total, name, sum(getattr(s, name) for s in states))
+    pd = [s.pd for s in states if s.pd is not None]
+    if pd:
+        total.pd = msgspec.structs.replace(pd[0])
+        for name in ("num_bootstrap", "num_inflight", "num_prealloc", "num_transfer", "transfers", "failures",
+                     "bytes", "latency_sum"):
+            setattr(total.pd, name, sum(getattr(p, name) for p in pd))
+        total.pd.latency_counts = [sum(c) for c in zip(*(p.latency_counts for p in pd))]
     total.per_dp = states
     return total
 

@@ -128,7 +128,7 @@ class Scheduler:
         self.receiver: DecodeReceiver | None = None
         kv_heads = kv_share(cfg, args.tp_size, tp_rank)
         if args.disaggregation_mode == "prefill":
-            self.handoff = PrefillHandoff(args, self.pools, kv_heads, tp_rank)
+            self.handoff = PrefillHandoff(args, self.pools, kv_heads, tp_rank, dp_rank)
             if self.handoff.handoff is not None:
                 self.transport.add_peer_socket(self.handoff.handoff)
         elif args.disaggregation_mode == "decode":

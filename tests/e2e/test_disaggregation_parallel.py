@@ -1,6 +1,7 @@
 """PD disaggregation across parallel ranks, on a tiny Qwen3 (one KV head: under TP 2 it is
 replicated on both ranks): a prefill group spread over two "nodes" (--nnodes 2, recipe 3's shape)
-writes into a TP-1 and a TP-2 decode server over Mooncake's TCP transport; both give transformers'
+writes into a TP-1 and a TP-2 decode server over Mooncake's TCP transport; a DP-2 prefill server
+into a DP-2 decode server (each room's DP group on both sides is room % 2). All give transformers'
 greedy tokens, and every pool is whole afterwards."""
 
 from __future__ import annotations
@@ -20,10 +21,23 @@ from tests.helpers import hf_greedy, make_tiny_model
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def model(tmp_path_factory):
     os.environ["MC_FORCE_TCP"] = "1"
     path = str(tmp_path_factory.mktemp("qwen3"))
-    hf_model = make_tiny_model("qwen3", path, seed=11)
+    return path, make_tiny_model("qwen3", path, seed=11)
+
+
+def generate_both(prefill, decode, body: dict) -> dict:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        p, d = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=120) for s in (prefill, decode)]
+        p, d = p.result(), d.result()
+    assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+    return d.json()
+
+
+@pytest.fixture(scope="module")
+def servers(model, tmp_path_factory):
+    path, hf_model = model
     logs = tmp_path_factory.mktemp("pd_parallel")
     common = ["--model-path", path, "--dtype", "float32", "--host", "127.0.0.1"]
     bootstrap = free_port()
@@ -60,10 +74,36 @@ def test_multinode_tp2_prefill_matches_transformers(servers, decode_tp):
         prompt = [rng.randrange(3, 49152) for _ in range(rng.randrange(3, 40))]
         body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 10},
                 "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap, "bootstrap_room": 100 * decode_tp + room}
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            p, d = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=120) for s in (prefill, decode)]
-            p, d = p.result(), d.result()
-        assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
-        assert d.json()["output_ids"] == hf_greedy(hf_model, prompt, 10)
+        assert generate_both(prefill, decode, body)["output_ids"] == hf_greedy(hf_model, prompt, 10)
     assert_pool_whole(prefill)
     assert_pool_whole(decode)
+
+
+def test_dp2_prefill_into_dp2_decode_matches_transformers(model, tmp_path):
+    path, hf_model = model
+    common = ["--model-path", path, "--dtype", "float32", "--host", "127.0.0.1", "--dp-size", "2"]
+    bootstrap = free_port()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(start_server, [*common, "--disaggregation-mode", "prefill",
+                                              "--disaggregation-bootstrap-port", str(bootstrap)],
+                               str(tmp_path / "prefill_dp2.log")),
+                   pool.submit(start_server, [*common, "--disaggregation-mode", "decode"], str(tmp_path / "decode_dp2.log"))]
+    started = [f.result() for f in futures if f.exception() is None]
+    try:
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
+        prefill, decode = started
+        rng = random.Random(7)
+        prompts = [[rng.randrange(3, 49152) for _ in range(rng.randrange(3, 40))] for _ in range(4)]
+        body = {"input_ids": prompts, "sampling_params": {"temperature": 0, "max_new_tokens": 10},
+                "bootstrap_host": ["127.0.0.1"] * 4, "bootstrap_port": [bootstrap] * 4, "bootstrap_room": [10, 11, 12, 13]}
+        got = generate_both(prefill, decode, body)
+        assert [o["output_ids"] for o in got] == [hf_greedy(hf_model, p, 10) for p in prompts]
+        for server in (prefill, decode):
+            groups = httpx.get(server.url + "/get_server_info", timeout=30).json()["internal_states"][0]["per_dp"]
+            assert [g["pd"]["transfers"] for g in groups] == [2, 2]  # rooms 10, 12 and 11, 13
+            assert_pool_whole(server)
+    finally:
+        for server in started:
+            server.stop()

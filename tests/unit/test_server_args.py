@@ -73,11 +73,11 @@ def test_choice_errors_list_allowed_values():
 @pytest.mark.parametrize(
     "kwargs, flag",
     [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
-     ({"disaggregation_mode": "decode", "dp_size": 2}, "--disaggregation-mode"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
 )
 def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
-    assert ServerArgs(disaggregation_mode="prefill", tp_size=2, nnodes=2, dist_init_addr="h:1").unbuilt_feature() is None
+    for parallel in ({"tp_size": 2, "nnodes": 2, "dist_init_addr": "h:1"}, {"dp_size": 2}):
+        assert ServerArgs(disaggregation_mode="prefill", **parallel).unbuilt_feature() is None
     message = ServerArgs(**kwargs).unbuilt_feature()
     assert message and message.startswith(flag) and "\n" not in message
     assert ServerArgs().unbuilt_feature() is None
