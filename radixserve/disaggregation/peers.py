@@ -25,9 +25,15 @@ class PeerSockets:
             return False
         sock = self.socks.get(endpoint)
         if sock is None:
-            sock = self.socks[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
+            sock = zmq.Context.instance().socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(endpoint)
+            try:
+                sock.connect(endpoint)  # a peer's word: a malformed endpoint must not stop the scheduler
+            except zmq.ZMQError as e:
+                sock.close(0)
+                logger.warning("peer endpoint %r unusable (%s): %s dropped", endpoint, e, type(msg).__name__)
+                return False
+            self.socks[endpoint] = sock
         try:
             sock.send(ipc_codec.encode(msg), zmq.NOBLOCK, copy=False)
             return True

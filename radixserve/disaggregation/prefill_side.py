@@ -208,7 +208,7 @@ class PrefillHandoff:
                       for rank in dest.ranks]
             write = self.writer.submit(write_all, self.engine, writes)
             nbytes = sum(c[2] for _, copies in writes for c in copies)
-        except (LayoutMismatch, ValueError) as e:  # a failed write, as every rank sees one
+        except (LayoutMismatch, ValueError, TypeError) as e:  # a failed write, as every rank sees one
             write, nbytes = Future(), 0
             write.set_exception(e)
         move(req, ReqState.PREFILL_INFLIGHT)

@@ -267,6 +267,36 @@ def test_a_client_leaving_frees_both_sides(pair):
     assert d.status_code == 200 and d.json()["output_ids"] == alone(decode, body)["output_ids"]
 
 
+def test_a_malformed_destination_costs_the_prefill_server_nothing(pair):
+    """A peer's garbage on the handoff socket (an endpoint ZMQ refuses, buffer rows of the wrong
+    shape, slots outside the pool) fails that one request's transfer; the server serves on."""
+    import zmq
+
+    from radixserve import ipc_codec
+    from radixserve.messages import KVDestination, PeerRank
+
+    prefill, decode, bootstrap = pair
+    info = httpx.get(f"http://127.0.0.1:{bootstrap}/info", timeout=10).json()
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(info["groups"][0]["handoff"])
+    failures = metric(prefill, "kv_transfer_failures_total")
+    bad = [[PeerRank("127.0.0.1:1", [[1, 2]])], [PeerRank("127.0.0.1:1", [[0, 4, 1, 0, 1]] * 64)]]
+    for room, ranks in zip((1200, 1201), bad):
+        ipc_codec.send(sock, KVDestination(room, "no such endpoint", [10**9] * 6, ranks))
+        reply = httpx.post(prefill.url + "/generate", timeout=60, json={
+            "input_ids": [1, 504, 3575, 282, 4877, 314], "sampling_params": {"max_new_tokens": 4},
+            "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap, "bootstrap_room": room})
+        assert reply.status_code in (200, 503), reply.text
+    sock.close()
+    wait_for(lambda: metric(prefill, "kv_transfer_failures_total") == failures + 2)
+    assert_pool_whole(prefill)
+    body = {"text": PROMPTS[0], "sampling_params": {"temperature": 0, "max_new_tokens": 4},
+            "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap, "bootstrap_room": 1202}
+    p, d = both(prefill, decode, "/generate", body)
+    assert d.status_code == 200 and d.json()["output_ids"] == alone(decode, body)["output_ids"]
+
+
 def test_a_dead_prefill_server_fails_the_requests_waiting_on_it(pair, tmp_path):
     """Prefill server killed while the decode server waits for its KV: the decode request ends
     with a 503 within the heartbeat timeout and its slots are free again."""
