@@ -151,7 +151,7 @@ def test_bad_flag_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "radixserve.launch_server", "--disaggregation-mode", "prefill",
-                           "--tp-size", "2"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "radixserve.launch_server", "--enable-two-batch-overlap"],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "--disaggregation-mode" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--enable-two-batch-overlap" in proc.stderr
