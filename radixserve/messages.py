@@ -192,7 +192,8 @@ class PDStats(Message):
     transfers: int = 0  # prefill: KV writes done; decode: prompts received
     failures: int = 0
     bytes: int = 0  # prefill: bytes written
-    # prefill: seconds per write; decode: seconds from sending a destination to the KV landing.
+    chunk_writes: int = 0  # prefill: writes of a chunk's KV started before the prompt's prefill finished
+    # prefill: seconds from the prompt's prefill finishing to its last KV written; decode: seconds from sending a destination to the KV landing.
     # Counts per bucket (bounds in metrics.LATENCY_BUCKETS, +Inf last), not cumulative.
     latency_counts: list[int] = msgspec.field(default_factory=list)
     latency_sum: float = 0.0

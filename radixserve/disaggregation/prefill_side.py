@@ -2,10 +2,11 @@
 
 A request that names a bootstrap room waits (BOOTSTRAP) until the decode server sends where its
 prompt's KV goes (KVDestination, on rank 0's handoff socket); it is then prefilled as usual, with an
-output budget of one token. When it finishes, every TP rank writes its KV heads of the prompt into
-the decode server's ranks that hold them, on a transfer thread (PREFILL_INFLIGHT), while the
-scheduler goes on; once every rank's write is done the decode server is told, with the first token
-(KVDone), and the KV goes to the prefix cache. A request without a room runs as on an ordinary
+output budget of one token. Every TP rank writes its KV heads of the prompt into the decode server's
+ranks that hold them, on a transfer thread, while the scheduler goes on: each chunk of a chunked
+prefill as soon as it is computed, the rest when the prompt's prefill finishes (PREFILL_INFLIGHT).
+Once every rank's writes are done the decode server is told, with the first token (KVDone), and the
+KV goes to the prefix cache. A request without a room runs as on an ordinary
 server (warm-up, /health_generate).
 
 Every rank holds the same requests in the same states: peer messages reach all ranks through the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
@@ -43,14 +44,36 @@ logger = logging.getLogger("radixserve.disaggregation")
 
 
 @dataclass
-class Outgoing:
-    """A request whose KV is being written (PREFILL_INFLIGHT)."""
+class Bound:
+    """A request with its destination, being prefilled; `sent` tokens of its prompt are written or
+    being written (the chunks computed so far), by `writes`."""
 
     req: Req
     dest: KVDestination
-    write: Future
+    sent: int = 0
+    writes: list[Future] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass
+class Outgoing:
+    """A request whose prefill ended and whose KV writes are not all done (PREFILL_INFLIGHT). With
+    `refusal`, the request ended without its KV (aborted): the decode server is refused once the
+    writes already started are done, since it frees the destination on the answer."""
+
+    req: Req
+    dest: KVDestination
+    writes: list[Future]
     started: float
     nbytes: int
+    refusal: str | None = None
+
+    def done(self) -> bool:
+        return all(w.done() for w in self.writes)
+
+    def error(self) -> BaseException | None:
+        """The first failed write's error (of those done)."""
+        return next((w.exception() for w in self.writes if w.done() and w.exception() is not None), None)
 
 
 def write_all(engine: TransferEngine, writes: list[tuple[str, list[tuple[int, int, int]]]]) -> None:
@@ -89,7 +112,7 @@ class PrefillHandoff:
                 register_group(reachable_host(args.host), args.disaggregation_bootstrap_port, dp_rank, info)
         self.waiting: dict[int, tuple[Req, float]] = {}  # BOOTSTRAP: room -> (request, since)
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
-        self.bound: dict[int, tuple[Req, KVDestination]] = {}  # room -> request being prefilled
+        self.bound: dict[int, Bound] = {}  # room -> request being prefilled
         # rooms whose request ended before its destination came: room -> (why, since)
         self.abandoned: dict[int, tuple[str, float]] = {}
         self.inflight: list[Outgoing] = []
@@ -122,7 +145,7 @@ class PrefillHandoff:
         if room not in self.waiting or room not in self.destinations:
             return []
         req, _ = self.waiting.pop(room)
-        self.bound[room] = (req, self.destinations.pop(room)[0])
+        self.bound[room] = Bound(req, self.destinations.pop(room)[0])
         move(req, ReqState.WAITING)
         return [req]
 
@@ -131,7 +154,7 @@ class PrefillHandoff:
         id; its KVDone goes when it ends); a write in flight answers when it is done; anything else
         is answered now."""
         if msg.room in self.bound:
-            return self.bound[msg.room][0].rid
+            return self.bound[msg.room].req.rid
         if any(out.dest.room == msg.room for out in self.inflight):
             return None
         self.destinations.pop(msg.room, None)
@@ -184,44 +207,71 @@ class PrefillHandoff:
         return [PDDecision("expire", rooms)] if rooms else []
 
     # ---- the KV writes --------------------------------------------------------------------------
+    def send_chunk(self, req: Req, computed: int) -> None:
+        """A chunk of `req`'s prompt is computed: its first `computed` tokens have their KV. Start
+        writing what of it is not written yet, so the transfer overlaps the rest of the prefill.
+        Every rank calls it at the same step."""
+        bound = self._bound_of(req)
+        if bound is not None and len(bound.dest.slots) == len(req.origin_input_ids):
+            self._write(bound, min(computed, len(req.origin_input_ids)))
+
     def start_send(self, req: Req) -> bool:
-        """A request of ours is finishing: start writing our KV heads of its prompt to the decode
-        server's ranks. True when a write started (the request is PREFILL_INFLIGHT and keeps its
-        KV until poll_sent returns it); False when there is nothing to write (the decode server is
-        told). Every rank decides the same."""
-        room = req.msg.bootstrap_room
-        bound = self.bound.get(room) if room is not None else None
-        if bound is None or bound[0] is not req:
+        """A request of ours is finishing: write what of its prompt's KV is not written yet. True
+        when writes are in flight (the request is PREFILL_INFLIGHT and keeps its KV until poll_sent
+        returns it); False when the decode server was answered now. Every rank decides the same."""
+        bound = self._bound_of(req)
+        if bound is None:
             return False
+        room, dest = req.msg.bootstrap_room, bound.dest
         del self.bound[room]
-        dest = bound[1]
         n = len(req.origin_input_ids)
+        refusal = None
         if req.finish_reason is not None and req.finish_reason.get("type") == "abort":
-            self._refuse(dest.notify, room, req.finish_reason.get("message", "aborted on the prefill server"))
+            refusal = req.finish_reason.get("message", "aborted on the prefill server")
+        elif not req.output_ids or req.req_pool_idx is None or len(dest.slots) != n:
+            refusal = "the prefill server has no KV for this request"
+        else:
+            self._write(bound, n)
+        if refusal is not None and all(w.done() for w in bound.writes):
+            self._refuse(dest.notify, room, refusal)
             return False
-        if not req.output_ids or req.req_pool_idx is None or len(dest.slots) != n:
-            self._refuse(dest.notify, room, "the prefill server has no KV for this request")
-            return False
-        src = self.pools.req_to_token.req_to_token[req.req_pool_idx, :n].tolist()
-        try:
-            writes = [(rank.session_id, transfer_copies(self.layout, src, specs(rank), dest.slots, self.heads))
-                      for rank in dest.ranks]
-            write = self.writer.submit(write_all, self.engine, writes)
-            nbytes = sum(c[2] for _, copies in writes for c in copies)
-        except (LayoutMismatch, ValueError, TypeError) as e:  # a failed write, as every rank sees one
-            write, nbytes = Future(), 0
-            write.set_exception(e)
         move(req, ReqState.PREFILL_INFLIGHT)
-        self.inflight.append(Outgoing(req, dest, write, time.monotonic(), nbytes))
+        self.inflight.append(Outgoing(req, dest, bound.writes, time.monotonic(), bound.nbytes, refusal))
         return True
 
+    def _bound_of(self, req: Req) -> Bound | None:
+        room = req.msg.bootstrap_room
+        bound = self.bound.get(room) if room is not None else None
+        return bound if bound is not None and bound.req is req else None
+
+    def _write(self, bound: Bound, end: int) -> None:
+        """Start writing tokens [bound.sent, end) of the prompt: our KV heads of them, into each of
+        the decode server's ranks that holds them."""
+        if end <= bound.sent:
+            return
+        req, dest = bound.req, bound.dest
+        src = self.pools.req_to_token.req_to_token[req.req_pool_idx, bound.sent:end].tolist()
+        dst = dest.slots[bound.sent:end]
+        try:
+            writes = [(rank.session_id, transfer_copies(self.layout, src, specs(rank), dst, self.heads))
+                      for rank in dest.ranks]
+            write = self.writer.submit(write_all, self.engine, writes)
+            bound.nbytes += sum(c[2] for _, copies in writes for c in copies)
+        except (LayoutMismatch, ValueError, TypeError) as e:  # a failed write, as every rank sees one
+            write = Future()
+            write.set_exception(e)
+        if end < len(req.origin_input_ids):
+            self.counts.chunk_writes += 1
+        bound.writes.append(write)
+        bound.sent = end
+
     def poll_sent(self) -> list[Req]:
-        """Requests whose write ended on every rank (the decode server is told how): their KV may be
-        released. With TP the ranks agree through one all-reduce."""
+        """Requests whose writes ended on every rank (the decode server is told how): their KV may
+        be released. With TP the ranks agree through one all-reduce."""
         if not self.inflight:
             return []
-        done = [int(out.write.done()) for out in self.inflight]
-        failed = [-int(out.write.done() and out.write.exception() is not None) for out in self.inflight]
+        done = [int(out.done()) for out in self.inflight]
+        failed = [-int(out.done() and out.error() is not None) for out in self.inflight]
         agreed = tp_min_ints(done + failed)  # done on every rank; failed on any
         finished: list[Req] = []
         for i, out in enumerate(list(self.inflight)):
@@ -229,9 +279,10 @@ class PrefillHandoff:
                 break  # one writer per rank: writes end in order
             self.inflight.pop(0)
             req, dest = out.req, out.dest
-            if agreed[len(done) + i]:
-                error = out.write.exception() if out.write.done() else None
-                self._fail(req, dest, f"KV transfer failed: {error or 'on another TP rank'}")
+            if out.refusal is not None:
+                self._refuse(dest.notify, dest.room, out.refusal)
+            elif agreed[len(done) + i]:
+                self._fail(req, dest, f"KV transfer failed: {out.error() or 'on another TP rank'}")
             else:
                 self.counts.done(time.monotonic() - out.started, out.nbytes)
                 reply = KVDone(dest.room, ok=True, first_token=req.output_ids[0], cached_tokens=req.cached_tokens)
@@ -252,7 +303,7 @@ class PrefillHandoff:
     def stats(self) -> PDStats:
         c = self.counts
         return PDStats("prefill", num_bootstrap=len(self.waiting), num_inflight=len(self.inflight),
-                       transfers=c.transfers, failures=c.failures, bytes=c.bytes,
+                       transfers=c.transfers, failures=c.failures, bytes=c.bytes, chunk_writes=c.chunk_writes,
                        latency_counts=list(c.latency_counts), latency_sum=c.latency_sum)
 
     def _fail(self, req: Req, dest: KVDestination, message: str) -> None:

@@ -14,6 +14,7 @@ class TransferCounts:
     transfers: int = 0
     failures: int = 0
     bytes: int = 0
+    chunk_writes: int = 0  # writes started before the prompt's prefill finished (a chunk's KV)
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(TRANSFER_BUCKETS) + 1))
     latency_sum: float = 0.0
 

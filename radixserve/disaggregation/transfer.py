@@ -3,7 +3,9 @@ memory once and writes (source address, peer address, bytes) copies into a peer'
 memory, named by the peer's session id.
 
 - mooncake: Mooncake's TransferEngine (package `mooncake-transfer-engine`, `-non-cuda` on CPU
-  machines); RDMA over the devices of --disaggregation-ib-device, TCP without them.
+  machines); RDMA over the devices of --disaggregation-ib-device, TCP without them. With
+  Mooncake's own MC_INTRANODE_NVLINK set (and MC_FORCE_TCP not), it is started on its rdma
+  protocol with no devices, which moves GPU memory between processes of one node by CUDA IPC.
 - nixl: NVIDIA's NIXL, where the `nixl` package imports.
 - fake: moves nothing (warm-up and /health_generate on PD servers, as SGLang does).
 """
@@ -49,7 +51,8 @@ class MooncakeEngine:
                 f"system libraries libibverbs1 and ibverbs-providers ({e})") from None
         os.environ.setdefault("MC_LOG_LEVEL", "WARNING")  # Mooncake logs each connection at INFO
         self._engine = Engine()
-        protocol = "rdma" if ib_devices else "tcp"
+        intra_node = bool(os.environ.get("MC_INTRANODE_NVLINK")) and "MC_FORCE_TCP" not in os.environ
+        protocol = "rdma" if ib_devices or intra_node else "tcp"
         rc = self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, ib_devices or "")
         if rc != 0:
             raise TransferError(f"Mooncake failed to start ({protocol} on {hostname}, rc {rc})")

@@ -135,7 +135,10 @@ class PDCollector:
             yield counter("kv_transfers", "KV writes to decode servers that completed", pd.transfers)
             yield counter("kv_transfer_failures", "KV writes that failed", pd.failures)
             yield counter("kv_transfer_bytes", "Bytes of KV written to decode servers", pd.bytes)
-            name, doc = "kv_transfer_latency_seconds", "Seconds per KV write (one request's prompt)"
+            yield counter("kv_transfer_chunk_writes", "KV writes of a prompt's chunk started while the rest of "
+                          "the prompt was still to prefill", pd.chunk_writes)
+            name, doc = ("kv_transfer_latency_seconds", "Seconds from a prompt's prefill finishing to its KV fully "
+                         "written (chunks written earlier overlap the prefill)")
         else:
             yield gauge("num_decode_prealloc_queue_reqs", "Requests waiting for KV room or their prefill "
                         "server", pd.num_prealloc)

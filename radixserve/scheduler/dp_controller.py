@@ -95,7 +95,7 @@ def merge_states(states: list[SchedulerState]) -> SchedulerState:
     if pd:
         total.pd = msgspec.structs.replace(pd[0])
         for name in ("num_bootstrap", "num_inflight", "num_prealloc", "num_transfer", "transfers", "failures",
-                     "bytes", "latency_sum"):
+                     "bytes", "chunk_writes", "latency_sum"):
             setattr(total.pd, name, sum(getattr(p, name) for p in pd))
         total.pd.latency_counts = [sum(c) for c in zip(*(p.latency_counts for p in pd))]
     total.per_dp = states

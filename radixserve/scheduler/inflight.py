@@ -23,6 +23,8 @@ class InFlightBatch:
     ready: torch.cuda.Event | None  # None on the CPU, where the copies were synchronous
     # requests whose sampled token is dropped: a chunked prompt's non-final chunk
     discarded: set[int] = field(default_factory=set)  # ids of Req objects
+    # (request, prompt tokens with KV) of each chunk computed whose prompt continues later
+    chunks: list[tuple[Req, int]] = field(default_factory=list)
 
     @classmethod
     def start_copy(cls, reqs: list[Req], sampled: SamplerOutput, discarded: set[int] | None = None) -> InFlightBatch:

@@ -103,6 +103,7 @@ class PrefillManager:
         record_sampled(self.runner, batch, sampled.next_token_ids)
         launch = ExtendLaunch(None)
         discarded: set[int] = set()
+        chunks: list[tuple[Req, int]] = []
         for i, req in enumerate(reqs):
             req.kv_committed_len += req.extend_len
             if req.wants_prompt_logprobs:
@@ -110,6 +111,7 @@ class PrefillManager:
             if req is self.chunked:  # more of its prompt to go: no token yet
                 self.cache.cache_unfinished_req(req)
                 discarded.add(id(req))
+                chunks.append((req, req.kv_committed_len))
                 continue
             if req.wants_prompt_logprobs:
                 req.prompt_logprobs_done = True
@@ -122,4 +124,5 @@ class PrefillManager:
             req.pending += 1  # it can decode before its first token reaches the host
             launch.to_decode.append(req)
         launch.inflight = InFlightBatch.start_copy(reqs, sampled, discarded)
+        launch.inflight.chunks = chunks
         return launch

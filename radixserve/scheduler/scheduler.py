@@ -347,6 +347,10 @@ class Scheduler:
         """Append the batch's tokens, stream them, and release the requests that finished. Requests
         that finished or were aborted after this batch was launched drop their (extra) token."""
         tokens = SampledTokens.of(batch.wait())
+        if self.handoff is not None:  # the chunks' KV is computed now: a PD prefill server writes it out
+            for req, computed in batch.chunks:
+                if not req.finished:
+                    self.handoff.send_chunk(req, computed)
         live: list[Req] = []
         for i, req in enumerate(batch.reqs):
             if req.finished or id(req) in batch.discarded:

@@ -433,7 +433,8 @@ def test_tp2_and_tp1_sides_exchange_kv(pair, tmp_path):
 
 def test_paged_chunked_pair_matches_and_reuses_the_prefill_cache(tmp_path):
     """Pages of 4 and prompts prefilled in chunks of 8 on both servers: outputs still equal one
-    server's, and a prompt sent again is served from the prefill server's prefix cache."""
+    server's, each chunk's KV is written out before the prompt's prefill ends, and a prompt sent
+    again is served from the prefill server's prefix cache."""
     bootstrap = free_port()
     common = [*COMMON, "--page-size", "4", "--chunked-prefill-size", "8"]
     prefill = start_server([*common, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
@@ -451,6 +452,9 @@ def test_paged_chunked_pair_matches_and_reuses_the_prefill_cache(tmp_path):
             assert d.json()["output_ids"] == alone(decode, body)["output_ids"]
             cached.append(p.json()["meta_info"]["cached_tokens"])
         assert cached[0] == 0 and cached[1] >= 8
+        # ~22 prompt tokens in chunks of 8: two chunks written early the first time, one the second
+        assert metric(prefill, "kv_transfer_chunk_writes_total") >= 2
+        assert metric(prefill, "kv_transfers_total") == 2
         assert_pool_whole(prefill)
         assert_pool_whole(decode)
     finally:
