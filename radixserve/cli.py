@@ -6,9 +6,10 @@ import sys
 
 from radixserve import __version__
 
-USAGE = """usage: radixserve {serve,generate,version} [ARGS]
+USAGE = """usage: radixserve {serve,router,generate,version} [ARGS]
 
   serve      start the HTTP server (python -m radixserve.launch_server)
+  router     start the router (python -m radixserve.launch_router)
   generate   run prompts through the offline engine (python -m radixserve.generate)
   version    print the version
 """
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from radixserve.launch_server import main as serve_main
 
         return serve_main(rest)
+    if command == "router":
+        from radixserve.launch_router import main as router_main
+
+        return router_main(rest)
     if command == "generate":
         from radixserve.generate import main as generate_main
 

@@ -158,12 +158,15 @@ def test_requests_without_their_peer_end_and_hold_nothing(pair):
     assert_pool_whole(decode)
 
 
+ROUTERS = {"sglang": "sglang_router.launch_router", "radixserve": "radixserve.launch_router"}
+
+
 @contextlib.contextmanager
-def sglang_router(prefills: list[tuple[str, int]], decodes: list[str]):
-    """SGLang's PD router (round robin) in front of these servers; yields its URL once every
-    worker is healthy."""
+def pd_router(kind: str, prefills: list[tuple[str, int]], decodes: list[str]):
+    """A PD router (SGLang's or radixserve's, same flags; round robin) in front of these servers;
+    yields its URL once every worker is healthy."""
     port = free_port()
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", ROUTERS[kind], "--pd-disaggregation", "--host", "127.0.0.1",
            "--port", str(port), "--prometheus-port", str(free_port()), "--disable-retries", "--policy", "round_robin"]
     for url, bootstrap in prefills:
         cmd += ["--prefill", url, str(bootstrap)]
@@ -179,7 +182,7 @@ def sglang_router(prefills: list[tuple[str, int]], decodes: list[str]):
                     break
             except (httpx.HTTPError, ValueError):
                 pass
-            assert proc.poll() is None and time.time() < deadline, "sglang-router did not get ready"
+            assert proc.poll() is None and time.time() < deadline, f"{kind}'s router did not get ready"
             time.sleep(0.5)
         yield url
     finally:
@@ -187,14 +190,14 @@ def sglang_router(prefills: list[tuple[str, int]], decodes: list[str]):
         proc.wait(30)
 
 
-@pytest.fixture(scope="module")
-def router(pair):
+@pytest.fixture(scope="module", params=list(ROUTERS))
+def router(pair, request):
     prefill, decode, bootstrap = pair
-    with sglang_router([(prefill.url, bootstrap)], [decode.url]) as url:
+    with pd_router(request.param, [(prefill.url, bootstrap)], [decode.url]) as url:
         yield url
 
 
-def test_sglang_router_drives_the_pair(pair, router):
+def test_router_drives_the_pair(pair, router):
     prefill, decode, _ = pair
     client = openai.OpenAI(base_url=router + "/v1", api_key="none", max_retries=0, timeout=120)
     direct = openai.OpenAI(base_url=decode.url + "/v1", api_key="none", max_retries=0, timeout=120)
@@ -211,8 +214,8 @@ def test_sglang_router_drives_the_pair(pair, router):
     assert_pool_whole(decode)
 
 
-def test_sglang_router_outputs_equal_one_servers(pair, router):
-    """Through SGLang's router: chat, completions (n = 2, logprobs, a stream) and /generate with
+def test_router_outputs_equal_one_servers(pair, router):
+    """Through SGLang's router and radixserve's: chat, completions (n = 2, logprobs, a stream) and /generate with
     prompt and output logprobs give what one ordinary server gives."""
     prefill, decode, _ = pair
     client = openai.OpenAI(base_url=router + "/v1", api_key="none", max_retries=0, timeout=120)
@@ -335,7 +338,7 @@ def test_a_dead_decode_server_costs_the_prefill_server_nothing(pair, tmp_path):
     assert_pool_whole(prefill)
 
 
-def test_300_requests_at_concurrency_32_through_sglang_router(pair, router):
+def test_300_requests_at_concurrency_32_through_a_router(pair, router):
     """None lost, none failed, every prompt's KV moved, both pools whole; the queues show in the
     metrics and in the logs under SGLang's names."""
     prefill, decode, _ = pair
@@ -364,9 +367,9 @@ def test_300_requests_at_concurrency_32_through_sglang_router(pair, router):
     assert "#prealloc-req: " in decode.log() and "#transfer-req: " in decode.log()
 
 
-def test_2p2d_through_sglang_router(pair, tmp_path):
-    """Two prefill and two decode servers behind SGLang's router: every prefill/decode combination
-    gives one server's outputs, and every pool is whole afterwards."""
+def test_2p2d_through_both_routers(pair, tmp_path):
+    """Two prefill and two decode servers behind SGLang's router, then radixserve's: every
+    prefill/decode combination gives one server's outputs, and every pool is whole afterwards."""
     prefill, decode, bootstrap = pair
     bootstrap2 = free_port()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -379,18 +382,19 @@ def test_2p2d_through_sglang_router(pair, tmp_path):
         raise next(f.exception() for f in starting if f.exception() is not None)
     prefill2, decode2 = extra
     try:
-        with sglang_router([(prefill.url, bootstrap), (prefill2.url, bootstrap2)], [decode.url, decode2.url]) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-            model = client.models.list().data[0].id
-            prompts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * 2)]  # round robin: each pairing, twice
-            for prompt in prompts:
-                got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
-                body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
-                assert got.choices[0].text == alone(decode, body)["text"]
-            for side in (prefill, prefill2):
-                assert metric(side, "kv_transfers_total") > 0  # both prefill servers took part
-            for side in (decode, decode2):
-                assert metric(side, "kv_transfers_total") > 0
+        for kind in ROUTERS:
+            before = [metric(side, "kv_transfers_total") for side in (prefill, prefill2, decode, decode2)]
+            with pd_router(kind, [(prefill.url, bootstrap), (prefill2.url, bootstrap2)],
+                           [decode.url, decode2.url]) as url:
+                client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+                model = client.models.list().data[0].id
+                prompts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * 2)]  # round robin: each pairing, twice
+                for prompt in prompts:
+                    got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+                    body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
+                    assert got.choices[0].text == alone(decode, body)["text"], kind
+                after = [metric(side, "kv_transfers_total") for side in (prefill, prefill2, decode, decode2)]
+                assert all(a > b for a, b in zip(after, before)), (kind, before, after)  # all four took part
         for side in (prefill, decode, prefill2, decode2):
             assert_pool_whole(side)
     finally:

@@ -1,0 +1,109 @@
+"""Regular mode: one worker per request, chosen by the policy; on a connection error or a 408, 429
+or 5xx before any byte reached the client, another worker is tried after a backoff. A stream is
+passed through chunk by chunk; a worker failing mid-stream becomes an error event that ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from starlette.responses import Response, StreamingResponse
+
+from radixserve.router.context import RouterContext
+from radixserve.router.request_info import RequestInfo
+from radixserve.router.upstream import RETRYABLE, backoff_seconds, error_chunk, error_response
+from radixserve.router.worker import Worker
+
+logger = logging.getLogger("radixserve.router")
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.seconds = seconds
+
+    def left(self) -> float:
+        return max(0.001, self.at - time.monotonic())
+
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.left())
+
+
+async def pause_before_retry(ctx: RouterContext, retry: int, route: str) -> None:
+    a = ctx.args
+    ctx.metrics.retries.labels(route).inc()
+    await asyncio.sleep(backoff_seconds(retry, a.retry_initial_backoff_ms, a.retry_max_backoff_ms,
+                                        a.retry_backoff_multiplier, a.retry_jitter_factor))
+
+
+async def relay(ctx: RouterContext, resp: aiohttp.ClientResponse, workers: list[tuple[Worker, int]],
+                first: bytes = b"") -> AsyncIterator[bytes]:
+    """A worker's stream, chunk by chunk. Whatever ends it (the end, a failure, the client leaving)
+    closes the upstream connection, which aborts the request on the worker, and releases it."""
+    ok = False
+    try:
+        if first:
+            yield first
+        async for chunk in resp.content.iter_any():
+            yield chunk
+        ok = True
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        status = 504 if isinstance(e, asyncio.TimeoutError) else 502
+        logger.warning("stream from %s broke off: %r", workers[0][0].url, e)
+        yield error_chunk(status, f"the worker's stream broke off: {type(e).__name__} {e}".strip())
+    finally:
+        resp.close()
+        for worker, tokens in workers:
+            ctx.registry.release(worker, tokens, ok)
+
+
+async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: RequestInfo, headers: dict[str, str],
+                        request_id: str, deadline: Deadline) -> Response:
+    tokens = info.key.tokens
+    tried: set[str] = set()
+    last: Response | None = None
+    for attempt in range(ctx.args.max_attempts):
+        if attempt:
+            await pause_before_retry(ctx, attempt, path)
+        candidates = ctx.registry.candidates("regular", tried)
+        if not candidates:
+            return last or error_response(503, "no worker is available (none healthy, all removed, or their "
+                                               "circuit breakers open)", request_id)
+        worker = ctx.policies["regular"].select(candidates, info.key)
+        tried.add(worker.url)
+        worker.started(tokens)
+        resp = None
+        try:
+            resp = await ctx.session.post(worker.url + path, data=raw, headers=headers, timeout=deadline.timeout())
+            if resp.status == 200 and info.stream:
+                streaming = StreamingResponse(relay(ctx, resp, [(worker, tokens)]), status_code=200,
+                                              media_type=resp.headers.get("content-type", "text/event-stream"),
+                                              headers={"x-request-id": request_id})
+                resp = None  # relay owns it now
+                return streaming
+            body = await resp.read()
+            status, media = resp.status, resp.headers.get("content-type", "application/json")
+        except asyncio.TimeoutError:
+            ctx.registry.release(worker, tokens, ok=False)
+            return error_response(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
+                                  request_id)
+        except (aiohttp.ClientError, OSError) as e:
+            ctx.registry.release(worker, tokens, ok=False)
+            logger.warning("worker %s failed: %r", worker.url, e)
+            last = error_response(502, f"worker {worker.url} failed: {type(e).__name__}", request_id)
+            continue
+        except BaseException:  # cancelled (the client left): the closed connection aborts it there
+            ctx.registry.release(worker, tokens, ok=True)
+            raise
+        finally:
+            if resp is not None:
+                resp.close()
+        ctx.registry.release(worker, tokens, ok=status < 500)
+        answer = Response(body, status_code=status, media_type=media, headers={"x-request-id": request_id})
+        if status not in RETRYABLE:
+            return answer
+        last = answer
+    return last
