@@ -13,6 +13,9 @@ prompt, so a chat template's tokens are not in the input totals.
 lengths are exact, no tokenizer is loaded (so a config-only model with dummy weights can be benched), the
 ids are drawn from [0, vocab size) with the size taken from --vocab-size or the server's /get_server_info,
 and output tokens are the server's count (meta_info.completion_tokens, else the ids streamed).
+
+--dataset-name generated-shared-prefix (SGLang's, --gsp-* flags) sends groups of prompts that share a random
+system prompt; the report adds the server's prefix-cache hit rate wherever replies carry cached_tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -36,10 +40,12 @@ from radixserve.bench.serving_dataset import (
     DATASETS,
     DatasetRow,
     PromptSource,
+    SharedPrefixShape,
     Tokenizer,
     TokenVocab,
     count_tokens,
     get_dataset,
+    shared_prefix_shape,
 )
 from radixserve.bench.serving_metrics import RequestOutput, compute_metrics, format_report
 from radixserve.bench.serving_stream import NATIVE, SSEParser, StreamDecoder
@@ -51,6 +57,8 @@ BACKENDS = {
     "radixserve": "/generate",
     "sglang": "/generate",
 }
+GSP = "generated-shared-prefix"
+DEFAULT_NUM_PROMPTS = 1000
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=6 * 3600)  # long runs at high load are legitimate
 MAX_ERRORS_KEPT = 10
 
@@ -105,6 +113,7 @@ async def send_request(
             for data in parser.close():
                 _apply(out, decoder, data, time.perf_counter())
         out.finish(time.perf_counter())
+        out.server_prompt_tokens, out.cached_tokens = decoder.prompt_tokens, decoder.cached_tokens
         if decoder.completion_tokens is not None:
             out.output_tokens = decoder.completion_tokens
         elif tokenizer is not None:
@@ -169,6 +178,25 @@ async def fetch_vocab_size(session: aiohttp.ClientSession, base_url: str) -> int
     raise BenchError(f"cannot learn the vocabulary size from {base_url} ({'; '.join(tried)}); pass --vocab-size")
 
 
+def num_requests(args: argparse.Namespace) -> int:
+    """Timed requests: --num-prompts (default 1000), but generated-shared-prefix sends every prompt of
+    every group, as SGLang (which ignores --num-prompts there) does."""
+    if args.dataset_name == GSP:
+        return shared_prefix_shape(args).num_requests
+    return DEFAULT_NUM_PROMPTS if args.num_prompts is None else args.num_prompts
+
+
+def shared_prefix_summary(rows: Sequence[DatasetRow]) -> str:
+    """One line on a generated-shared-prefix workload as drawn (text lengths are the bench tokenizer's)."""
+    groups: dict[int | None, int] = {}
+    for row in rows:
+        groups.setdefault(row.group, row.prefix_len)
+    shared = sum(groups.values()) / max(1, len(groups))
+    question = sum(r.prompt_len - r.prefix_len for r in rows) / max(1, len(rows))
+    return (f"{GSP}: {len(groups)} groups, {len(rows)} prompts, system prompts of {shared:.1f} tokens "
+            f"on average shared within a group, then {question:.1f} more tokens per prompt")
+
+
 async def arrivals(rows: Sequence[DatasetRow], rate: float, rng: random.Random) -> AsyncIterator[DatasetRow]:
     """Rows at Poisson arrival times (exponential gaps, mean 1/rate); all at once for rate inf."""
     for i, row in enumerate(rows):
@@ -203,7 +231,11 @@ async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer | None) -
         else:
             assert tokenizer is not None
             source = tokenizer
-        rows = get_dataset(args, source, args.num_prompts, args.seed)
+        count = num_requests(args)
+        if args.num_prompts is not None and args.num_prompts != count:
+            print(f"note: --num-prompts {args.num_prompts} is not used by {args.dataset_name}: it sends "
+                  f"--gsp-num-groups x --gsp-prompts-per-group = {count} requests")
+        rows = get_dataset(args, source, count, args.seed)
         # warm-up prompts come from another seed so they leave nothing in a prefix cache for the timed ones
         warmup_rows = get_dataset(args, source, args.warmup_requests, args.seed + 1) if args.warmup_requests else []
 
@@ -214,6 +246,8 @@ async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer | None) -
         prompts = f"token-id prompts, vocab {vocab_size}" if tokenize_prompt else "text prompts"
         print(f"{args.backend} -> {url}, model {model or '(server default)'}, {len(rows)} {prompts} "
               f"({sum(r.prompt_len for r in rows)} input tokens, {sum(r.output_len for r in rows)} output asked)")
+        if args.dataset_name == GSP:
+            print(shared_prefix_summary(rows))
         for row in warmup_rows:
             warm = await one(row)
             if not warm.success:
@@ -248,12 +282,15 @@ async def run_benchmark(args: argparse.Namespace, tokenizer: Tokenizer | None) -
     for err in errors:
         print(f"failed request: {err}")
     ok = [o for o in outputs if o.success]
+    dataset: dict[str, Any] = {}
+    if args.dataset_name == GSP:
+        dataset = {f"gsp_{k}": v for k, v in dataclasses.asdict(shared_prefix_shape(args)).items()}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": args.backend, "base_url": base_url, "model": model,
         "tokenizer": None if tokenize_prompt else args.tokenizer or "bundled",
         "tokenize_prompt": tokenize_prompt, "vocab_size": vocab_size,
-        "dataset_name": args.dataset_name, "num_prompts": args.num_prompts,
+        "dataset_name": args.dataset_name, "num_prompts": len(rows), **dataset,
         "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
         "random_range_ratio": args.random_range_ratio, "request_rate": args.request_rate,
         "max_concurrency": args.max_concurrency, "seed": args.seed, "ignore_eos": ignore_eos,
@@ -285,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from /get_server_info)")
     g = parser.add_argument_group("workload")
     g.add_argument("--dataset-name", default="random", choices=list(DATASETS))
-    g.add_argument("--num-prompts", type=int, default=1000)
+    g.add_argument("--num-prompts", type=int, default=None,
+                   help=f"requests to send (default {DEFAULT_NUM_PROMPTS}; {GSP} always sends groups x "
+                        "prompts per group, as SGLang does)")
     g.add_argument("--random-input-len", type=int, default=1024)
     g.add_argument("--random-output-len", type=int, default=1024)
     g.add_argument("--random-range-ratio", type=float, default=0.0,
@@ -297,6 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-ignore-eos", action="store_true",
                    help="let requests stop at EOS (by default ignore_eos makes outputs as long as asked)")
     g.add_argument("--warmup-requests", type=int, default=1, help="untimed requests sent one by one first")
+    g = parser.add_argument_group(f"{GSP} dataset (SGLang's flags and defaults)")
+    gsp = SharedPrefixShape()
+    g.add_argument("--gsp-num-groups", type=int, default=gsp.num_groups,
+                   help="system prompts; each group's prompts all start with the group's one "
+                        "(default: %(default)s)")
+    g.add_argument("--gsp-prompts-per-group", type=int, default=gsp.prompts_per_group,
+                   help="prompts (requests) per system prompt (default: %(default)s)")
+    g.add_argument("--gsp-system-prompt-len", type=int, default=gsp.system_prompt_len,
+                   help="tokens of each random system prompt (0: none) (default: %(default)s)")
+    g.add_argument("--gsp-question-len", type=int, default=gsp.question_len,
+                   help="tokens of each prompt's own random question, after the system prompt "
+                        "(default: %(default)s)")
+    g.add_argument("--gsp-output-len", type=int, default=gsp.output_len,
+                   help="tokens asked for per request (default: %(default)s)")
+    g.add_argument("--gsp-range-ratio", type=float, default=gsp.range_ratio,
+                   help="each length is uniform in [len*ratio, len]; 1.0 makes them exact "
+                        "(default: %(default)s)")
     g = parser.add_argument_group("output")
     g.add_argument("--disable-tqdm", action="store_true")
     g.add_argument("--output-file", default=None, help="append the result as one JSON line")
@@ -305,11 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag for values that make no benchmark."""
-    for name in ("num_prompts", "random_input_len", "random_output_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1; got {getattr(args, name)}")
-    if not 0.0 <= args.random_range_ratio <= 1.0:
-        raise ValueError(f"--random-range-ratio: must be in [0, 1]; got {args.random_range_ratio}")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ValueError(f"--num-prompts: must be >= 1; got {args.num_prompts}")
+    for name, low in (("random_input_len", 1), ("random_output_len", 1), ("gsp_num_groups", 1),
+                      ("gsp_prompts_per_group", 1), ("gsp_system_prompt_len", 0), ("gsp_question_len", 1),
+                      ("gsp_output_len", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= {low}; got {getattr(args, name)}")
+    for name in ("random_range_ratio", "gsp_range_ratio"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be in [0, 1]; got {getattr(args, name)}")
     if not args.request_rate > 0:
         raise ValueError(f"--request-rate: must be > 0 (inf for all at once); got {args.request_rate}")
     if args.max_concurrency is not None and args.max_concurrency < 1:

@@ -7,6 +7,9 @@ Definitions (the ones SGLang's and vLLM's bench_serving use):
   E2E   request sent -> stream closed.
   TPOT  per request, (E2E - TTFT) / (output tokens - 1), for requests with more than one output token.
   concurrency  sum of E2E over the run's duration: how many requests were in flight on average.
+  cache hit rate  prompt tokens the server served from its prefix cache over all prompt tokens, from
+        each reply's meta_info.cached_tokens or usage.prompt_tokens_details.cached_tokens (absent when
+        the server reports neither).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class RequestOutput:
     latency: float = 0.0  # E2E
     itl: list[float] = field(default_factory=list)
     last_chunk: float | None = None  # arrival of the latest content chunk
+    server_prompt_tokens: int | None = None  # the prompt as the server counted it (template, BOS), if said
+    cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache, if said
 
     def on_content(self, now: float, num_tokens: int = 1) -> None:
         """Record a chunk with new content that arrived at `now` carrying `num_tokens` tokens."""
@@ -94,6 +99,9 @@ class BenchmarkMetrics:
     itl: LatencyStats
     e2e: LatencyStats
     tpot: LatencyStats
+    # prefix cache, None where no successful request's server reported cached tokens
+    total_cached_tokens: int | None = None
+    cache_hit_rate: float | None = None  # cached / prompt tokens of the requests that reported them
 
     def as_dict(self) -> dict[str, Any]:
         """Flat, SGLang-like keys: completed, ..., mean_ttft_ms, median_ttft_ms, p90_ttft_ms, ..."""
@@ -106,10 +114,22 @@ class BenchmarkMetrics:
         return out
 
 
+def cache_hits(ok: Sequence[RequestOutput]) -> tuple[int | None, float | None]:
+    """(total cached prompt tokens, their share of those requests' prompt tokens) over the requests whose
+    server said; the server's prompt count is the denominator where given, as it counts what it cached."""
+    said = [o for o in ok if o.cached_tokens is not None]
+    if not said:
+        return None, None
+    cached = sum(o.cached_tokens or 0 for o in said)
+    prompt = sum(o.prompt_len if o.server_prompt_tokens is None else o.server_prompt_tokens for o in said)
+    return cached, cached / prompt if prompt > 0 else 0.0
+
+
 def compute_metrics(outputs: Sequence[RequestOutput], duration: float) -> BenchmarkMetrics:
     ok = [o for o in outputs if o.success]
     total_in = sum(o.prompt_len for o in ok)
     total_out = sum(o.output_tokens for o in ok)
+    total_cached, hit_rate = cache_hits(ok)
 
     def rate(x: float) -> float:
         return x / duration if duration > 0 else 0.0
@@ -129,6 +149,8 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration: float) -> Benchm
         itl=LatencyStats.of([gap for o in ok for gap in o.itl]),
         e2e=LatencyStats.of([o.latency for o in ok]),
         tpot=LatencyStats.of([t for o in ok if (t := o.tpot) is not None]),
+        total_cached_tokens=total_cached,
+        cache_hit_rate=hit_rate,
     )
 
 
@@ -161,6 +183,11 @@ def format_report(m: BenchmarkMetrics, header: Sequence[tuple[str, Any]] = ()) -
         _row("Total token throughput (tok/s)", m.total_throughput),
         _row("Concurrency", m.concurrency),
     ]
+    if m.total_cached_tokens is not None and m.cache_hit_rate is not None:
+        lines += [
+            _row("Total cached input tokens", m.total_cached_tokens),
+            _row("Prefix cache hit rate (%)", 100.0 * m.cache_hit_rate),
+        ]
     sections = (
         ("End-to-End Latency", "E2E Latency", m.e2e),
         ("Time to First Token", "TTFT", m.ttft),

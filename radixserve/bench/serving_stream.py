@@ -72,12 +72,17 @@ class StreamDecoder:
     `stream_options.include_usage`, a final chunk with `usage` and no choices; a server that reports usage
     on every chunk (vLLM's continuous_usage_stats) also gives exact tokens per chunk. Native /generate
     chunks are cumulative: the whole text so far and `meta_info.completion_tokens` (or `output_ids`).
+    Either may carry the server's prompt count and prefix-cache hits: `meta_info.prompt_tokens` and
+    `cached_tokens`, or `usage.prompt_tokens` and `usage.prompt_tokens_details.cached_tokens`.
     """
 
     def __init__(self, backend: str) -> None:
         self.native = backend in NATIVE
         self.chat = backend == "openai-chat"
         self.completion_tokens: int | None = None  # the server's latest count
+        # the prompt as the server counted it and how much of it came from its prefix cache, where it says
+        self.prompt_tokens: int | None = None
+        self.cached_tokens: int | None = None
         self._text_len = 0
 
     def feed(self, obj: dict[str, Any]) -> Delta:
@@ -87,7 +92,9 @@ class StreamDecoder:
         if self.native:
             full = str(obj.get("text") or "")
             text, self._text_len = full[self._text_len:], max(self._text_len, len(full))
-            count = (obj.get("meta_info") or {}).get("completion_tokens")
+            meta = obj.get("meta_info") or {}
+            self._prompt_counts(meta.get("prompt_tokens"), meta.get("cached_tokens"))
+            count = meta.get("completion_tokens")
             if count is None and obj.get("output_ids") is not None:
                 count = len(obj["output_ids"])
             # native counts are cumulative from the first chunk on
@@ -100,7 +107,10 @@ class StreamDecoder:
                 text = delta.get("content") or delta.get("reasoning_content") or ""
             elif choices:
                 text = choices[0].get("text") or ""
-            count = (obj.get("usage") or {}).get("completion_tokens")
+            usage = obj.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}  # vLLM may send null here
+            self._prompt_counts(usage.get("prompt_tokens"), details.get("cached_tokens"))
+            count = usage.get("completion_tokens")
             # a lone final usage says nothing about one chunk; per-chunk usage does
             prev = self.completion_tokens
             new = None if count is None or prev is None else int(count) - prev
@@ -108,6 +118,12 @@ class StreamDecoder:
             self.completion_tokens = int(count)
         content = bool(text) or (self.native and (new or 0) > 0)
         return Delta(text=text, has_content=content, num_tokens=new)
+
+    def _prompt_counts(self, prompt: Any, cached: Any) -> None:
+        if prompt is not None:
+            self.prompt_tokens = int(prompt)
+        if cached is not None:
+            self.cached_tokens = int(cached)
 
 
 # ---- one request ---------------------------------------------------------------------------------

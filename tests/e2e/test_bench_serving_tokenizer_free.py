@@ -61,3 +61,25 @@ def test_bench_serving_tokenize_prompt_end_to_end(server, tmp_path, monkeypatch)
     # the mean, not the median: SSE events that share one network read are timed microseconds apart, so
     # on a loaded machine most gaps can round to 0.00 ms while the waits between reads still count
     assert record["mean_itl_ms"] > 0 and record["output_throughput"] > 0
+
+
+def test_bench_serving_shared_prefix_hits_the_radix_cache(server, tmp_path, monkeypatch):
+    """A few generated-shared-prefix requests, one at a time: every prompt after its group's first finds
+    the group's system prompt in the radix cache, and the bench reads that from meta_info.cached_tokens."""
+
+    def no_tokenizer(name: str | None) -> None:
+        raise AssertionError("--tokenize-prompt must load no tokenizer")
+
+    monkeypatch.setattr(serving_dataset, "load_bench_tokenizer", no_tokenizer)
+    out_file = tmp_path / "serving.jsonl"
+    argv = ["--base-url", server.url, "--backend", "radixserve", "--tokenize-prompt",
+            "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2",
+            "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "32", "--gsp-question-len", "4",
+            "--gsp-output-len", "2", "--max-concurrency", "1", "--disable-tqdm",
+            "--output-file", str(out_file)]
+    assert main(argv) == 0
+    record = json.loads(out_file.read_text())
+    assert (record["completed"], record["failed"], record["input_lens"]) == (6, 0, [36] * 6)
+    # 2 groups x 2 later prompts x 32 system-prompt tokens; a first prompt may match a stray token or two
+    assert 4 * 32 <= record["total_cached_tokens"] <= 4 * 32 + 4
+    assert record["cache_hit_rate"] == pytest.approx(record["total_cached_tokens"] / (6 * 36))

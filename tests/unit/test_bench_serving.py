@@ -264,16 +264,40 @@ class FakeState:
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    cached: list[int] = field(default_factory=list)  # per request, with prefix_cache: the tokens it reported
+
+
+def prompt_words(body: dict[str, Any]) -> list[Any]:
+    """A request's prompt as the fake's tokens: its input_ids, else the words of its text."""
+    if "input_ids" in body:
+        return list(body["input_ids"])
+    text = body.get("text") if "text" in body else body.get("prompt")
+    return str(text if text is not None else body["messages"][-1]["content"]).split()
+
+
+def longest_shared_prefix(words: list[Any], seen: list[list[Any]]) -> int:
+    """What a token-granular prefix cache holding `seen` would serve of `words`."""
+    best = 0
+    for old in seen:
+        n = 0
+        while n < min(len(words), len(old)) and words[n] == old[n]:
+            n += 1
+        best = max(best, n)
+    return best
 
 
 def fake_streaming_app(state: FakeState, fail_every: int = 0, usage: bool = True, native_text: bool = True,
-                       native_counts: bool = True, vocab_size: int | None = None) -> web.Application:
+                       native_counts: bool = True, vocab_size: int | None = None,
+                       prefix_cache: bool = False) -> web.Application:
     """A fake of the OpenAI and native /generate streaming formats, only for testing the bench client: it
     runs no model and stands for no real server. Each token is the word "w7 "; tokens come in chunks of
     1, 2, 1, 2, ... so that multi-token chunks occur. Every `fail_every`-th request gets an HTTP 500.
     Native chunks carry no text with `native_text=False` (a model without a tokenizer) and no token
-    counts with `native_counts=False`; `vocab_size` is served by /get_server_info when set."""
+    counts with `native_counts=False`; `vocab_size` is served by /get_server_info when set. With
+    `prefix_cache`, replies report prompt_tokens and cached_tokens (meta_info, or usage's
+    prompt_tokens_details) as a token-granular prefix cache of every earlier prompt would."""
     app = web.Application()
+    seen: list[list[Any]] = []  # earlier prompts, for prefix_cache
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
@@ -290,6 +314,12 @@ def fake_streaming_app(state: FakeState, fail_every: int = 0, usage: bool = True
             return web.Response(status=500, text="injected failure")
         native = request.path == "/generate"
         n = body["sampling_params"]["max_new_tokens"] if native else body["max_tokens"]
+        words = prompt_words(body)
+        prompt: dict[str, int] = {}
+        if prefix_cache:
+            prompt = {"prompt_tokens": len(words), "cached_tokens": longest_shared_prefix(words, seen)}
+            state.cached.append(prompt["cached_tokens"])
+            seen.append(words)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         state.in_flight += 1
@@ -308,14 +338,18 @@ def fake_streaming_app(state: FakeState, fail_every: int = 0, usage: bool = True
             if native:
                 chunk: dict[str, Any] = {"text": "w7 " * sent if native_text else ""}
                 if native_counts:
-                    chunk.update(output_ids=[7] * sent, meta_info={"completion_tokens": sent})
+                    chunk.update(output_ids=[7] * sent, meta_info={"completion_tokens": sent, **prompt})
                 await send(chunk)
             elif request.path == "/v1/chat/completions":
                 await send({"choices": [{"index": 0, "delta": {"content": piece}}]})
             else:
                 await send({"choices": [{"index": 0, "text": piece}]})
         if not native and usage and body.get("stream_options", {}).get("include_usage"):
-            await send({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}})
+            used: dict[str, Any] = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+            if prompt:
+                used.update(prompt_tokens=prompt["prompt_tokens"],
+                            prompt_tokens_details={"cached_tokens": prompt["cached_tokens"]})
+            await send({"choices": [], "usage": used})
         await resp.write(b"data: [DONE]\n\n")
         state.in_flight -= 1
         return resp
@@ -352,7 +386,7 @@ RESULT_FIELDS = {
     "random_output_len", "random_range_ratio", "request_rate", "max_concurrency", "seed", "ignore_eos",
     "warmup_requests", "tokenize_prompt", "vocab_size", "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
     "request_throughput", "input_throughput", "output_throughput", "total_throughput", "concurrency",
-    "input_lens", "output_lens", "errors",
+    "input_lens", "output_lens", "errors", "total_cached_tokens", "cache_hit_rate",
 } | {f"{s}_{k}_ms" for s in ("mean", "median", "p90", "p99") for k in ("ttft", "itl", "e2e", "tpot")}
 
 
