@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from radixserve.router.context import RouterContext
 from radixserve.router.request_info import RequestInfo
-from radixserve.router.upstream import RETRYABLE, backoff_seconds, error_chunk, error_response
+from radixserve.router.upstream import RETRYABLE, answer_headers, backoff_seconds, error_chunk, error_response
 from radixserve.router.worker import Worker
 
 logger = logging.getLogger("radixserve.router")
@@ -30,6 +30,15 @@ class Deadline:
 
     def timeout(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=self.left())
+
+
+def mark_unreachable(ctx: RouterContext, worker: Worker, error: BaseException) -> None:
+    """A worker that refuses connections is down: out until a health check passes again (with
+    health checks off, its circuit breaker alone keeps it out)."""
+    if isinstance(error, aiohttp.ClientConnectorError) and not ctx.args.disable_health_check and worker.healthy:
+        worker.healthy = False
+        worker.health_failures = worker.health_successes = 0
+        logger.warning("worker %s refuses connections: out until its health check passes", worker.url)
 
 
 async def pause_before_retry(ctx: RouterContext, retry: int, route: str) -> None:
@@ -81,17 +90,19 @@ async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: Request
             if resp.status == 200 and info.stream:
                 streaming = StreamingResponse(relay(ctx, resp, [(worker, tokens)]), status_code=200,
                                               media_type=resp.headers.get("content-type", "text/event-stream"),
-                                              headers={"x-request-id": request_id})
+                                              headers=answer_headers(resp.headers, request_id))
                 resp = None  # relay owns it now
                 return streaming
             body = await resp.read()
             status, media = resp.status, resp.headers.get("content-type", "application/json")
+            passed = answer_headers(resp.headers, request_id)
         except asyncio.TimeoutError:
             ctx.registry.release(worker, tokens, ok=False)
             return error_response(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
                                   request_id)
         except (aiohttp.ClientError, OSError) as e:
             ctx.registry.release(worker, tokens, ok=False)
+            mark_unreachable(ctx, worker, e)
             logger.warning("worker %s failed: %r", worker.url, e)
             last = error_response(502, f"worker {worker.url} failed: {type(e).__name__}", request_id)
             continue
@@ -102,7 +113,7 @@ async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: Request
             if resp is not None:
                 resp.close()
         ctx.registry.release(worker, tokens, ok=status < 500)
-        answer = Response(body, status_code=status, media_type=media, headers={"x-request-id": request_id})
+        answer = Response(body, status_code=status, media_type=media, headers=passed)
         if status not in RETRYABLE:
             return answer
         last = answer

@@ -20,9 +20,9 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from radixserve.router.context import RouterContext
-from radixserve.router.dispatch import Deadline, pause_before_retry
+from radixserve.router.dispatch import Deadline, mark_unreachable, pause_before_retry
 from radixserve.router.request_info import RequestInfo
-from radixserve.router.upstream import RETRYABLE, error_chunk, error_response
+from radixserve.router.upstream import RETRYABLE, answer_headers, error_chunk, error_response
 from radixserve.router.worker import Worker
 
 logger = logging.getLogger("radixserve.router")
@@ -59,6 +59,7 @@ async def fetch_prefill(ctx: RouterContext, worker: Worker, path: str, raw: byte
     except asyncio.TimeoutError:
         raise PrefillFailed(504, b"") from None
     except (aiohttp.ClientError, OSError) as e:
+        mark_unreachable(ctx, worker, e)
         raise PrefillFailed(502, f"prefill server {worker.url} failed: {type(e).__name__}".encode()) from None
 
 
@@ -179,7 +180,7 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
                 stream.watch_prefill()
                 resp = None  # the stream owns it now
                 return StreamingResponse(stream.events(), media_type="text/event-stream",
-                                         headers={"x-request-id": request_id})
+                                         headers=answer_headers(stream.resp.headers, request_id))
             decode_read = asyncio.ensure_future(resp.read())
             await asyncio.wait([decode_read, prefill_task], return_when=asyncio.FIRST_COMPLETED)
             if prefill_task.done() and isinstance(prefill_task.exception(), PrefillFailed):
@@ -187,6 +188,7 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
                 raise prefill_task.exception()
             d_body, d_status = await decode_read, resp.status
             media = resp.headers.get("content-type", "application/json")
+            passed = answer_headers(resp.headers, request_id)
             if d_status == 200 and info.wants_logprobs:
                 merged = merge_prompt_logprobs(orjson.loads(d_body), orjson.loads(await prefill_task))
                 d_body = orjson.dumps(merged)
@@ -206,6 +208,7 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
                                   request_id)
         except (aiohttp.ClientError, OSError) as e:
             release(ctx, pair, True, False)
+            mark_unreachable(ctx, d, e)
             logger.warning("decode server %s failed: %r", d.url, e)
             last = error_response(502, f"decode server {d.url} failed: {type(e).__name__}", request_id)
             continue
@@ -218,8 +221,7 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
                 if not prefill_task.done():
                     prefill_task.cancel()
         release(ctx, pair, True, d_status < 500)
-        answer = Response(d_body, status_code=d_status, media_type=media,
-                          headers={"x-request-id": request_id})
+        answer = Response(d_body, status_code=d_status, media_type=media, headers=passed)
         if d_status not in RETRYABLE:
             return answer
         last = answer

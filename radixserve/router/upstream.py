@@ -31,6 +31,17 @@ def forward_headers(headers: Mapping[str, str], request_id: str) -> dict[str, st
     return out
 
 
+RESPONSE_HEADERS_DROPPED = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "date",
+                                      "server", "content-type"})
+
+
+def answer_headers(upstream: Mapping[str, str], request_id: str) -> dict[str, str]:
+    """A worker's response headers as the router passes them on (its own hop-by-hop ones dropped)."""
+    out = {k: v for k, v in upstream.items() if k.lower() not in RESPONSE_HEADERS_DROPPED}
+    out["x-request-id"] = request_id
+    return out
+
+
 def error_response(status: int, message: str, request_id: str | None = None) -> Response:
     headers = {"x-request-id": request_id} if request_id else None
     return Response(orjson.dumps(error_body(status, message)), status_code=status, media_type="application/json",
