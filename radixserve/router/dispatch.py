@@ -10,11 +10,17 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-from starlette.responses import Response, StreamingResponse
 
 from radixserve.router.context import RouterContext
 from radixserve.router.request_info import RequestInfo
-from radixserve.router.upstream import RETRYABLE, answer_headers, backoff_seconds, error_chunk, error_response
+from radixserve.router.upstream import (
+    RETRYABLE,
+    Answer,
+    answer_headers,
+    backoff_seconds,
+    error_answer,
+    error_chunk,
+)
 from radixserve.router.worker import Worker
 
 logger = logging.getLogger("radixserve.router")
@@ -70,16 +76,16 @@ async def relay(ctx: RouterContext, resp: aiohttp.ClientResponse, workers: list[
 
 
 async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: RequestInfo, headers: dict[str, str],
-                        request_id: str, deadline: Deadline) -> Response:
+                        request_id: str, deadline: Deadline) -> Answer:
     tokens = info.key.tokens
     tried: set[str] = set()
-    last: Response | None = None
+    last: Answer | None = None
     for attempt in range(ctx.args.max_attempts):
         if attempt:
             await pause_before_retry(ctx, attempt, path)
         candidates = ctx.registry.candidates("regular", tried)
         if not candidates:
-            return last or error_response(503, "no worker is available (none healthy, all removed, or their "
+            return last or error_answer(503, "no worker is available (none healthy, all removed, or their "
                                                "circuit breakers open)", request_id)
         worker = ctx.policies["regular"].select(candidates, info.key)
         tried.add(worker.url)
@@ -88,9 +94,9 @@ async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: Request
         try:
             resp = await ctx.session.post(worker.url + path, data=raw, headers=headers, timeout=deadline.timeout())
             if resp.status == 200 and info.stream:
-                streaming = StreamingResponse(relay(ctx, resp, [(worker, tokens)]), status_code=200,
-                                              media_type=resp.headers.get("content-type", "text/event-stream"),
-                                              headers=answer_headers(resp.headers, request_id))
+                streaming = Answer(200, media_type=resp.headers.get("content-type", "text/event-stream"),
+                                   headers=answer_headers(resp.headers, request_id),
+                                   stream=relay(ctx, resp, [(worker, tokens)]))
                 resp = None  # relay owns it now
                 return streaming
             body = await resp.read()
@@ -98,13 +104,13 @@ async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: Request
             passed = answer_headers(resp.headers, request_id)
         except asyncio.TimeoutError:
             ctx.registry.release(worker, tokens, ok=False)
-            return error_response(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
+            return error_answer(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
                                   request_id)
         except (aiohttp.ClientError, OSError) as e:
             ctx.registry.release(worker, tokens, ok=False)
             mark_unreachable(ctx, worker, e)
             logger.warning("worker %s failed: %r", worker.url, e)
-            last = error_response(502, f"worker {worker.url} failed: {type(e).__name__}", request_id)
+            last = error_answer(502, f"worker {worker.url} failed: {type(e).__name__}", request_id)
             continue
         except BaseException:  # cancelled (the client left): the closed connection aborts it there
             ctx.registry.release(worker, tokens, ok=True)
@@ -113,7 +119,7 @@ async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: Request
             if resp is not None:
                 resp.close()
         ctx.registry.release(worker, tokens, ok=status < 500)
-        answer = Response(body, status_code=status, media_type=media, headers=passed)
+        answer = Answer(status, body, media, passed)
         if status not in RETRYABLE:
             return answer
         last = answer

@@ -17,12 +17,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from starlette.responses import Response, StreamingResponse
 
 from radixserve.router.context import RouterContext
 from radixserve.router.dispatch import Deadline, mark_unreachable, pause_before_retry
 from radixserve.router.request_info import RequestInfo
-from radixserve.router.upstream import RETRYABLE, answer_headers, error_chunk, error_response
+from radixserve.router.upstream import RETRYABLE, Answer, answer_headers, error_answer, error_chunk
 from radixserve.router.worker import Worker
 
 logger = logging.getLogger("radixserve.router")
@@ -149,17 +148,17 @@ class PDStream:
 
 
 async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
-                   request_id: str, deadline: Deadline) -> Response:
+                   request_id: str, deadline: Deadline) -> Answer:
     tokens = info.key.tokens
     tried_p: set[str] = set()
     tried_d: set[str] = set()
-    last: Response | None = None
+    last: Answer | None = None
     for attempt in range(ctx.args.max_attempts):
         if attempt:
             await pause_before_retry(ctx, attempt, path)
         prefills, decodes = ctx.registry.candidates("prefill", tried_p), ctx.registry.candidates("decode", tried_d)
         if not prefills or not decodes:
-            return last or error_response(503, f"no {'prefill' if not prefills else 'decode'} server is available "
+            return last or error_answer(503, f"no {'prefill' if not prefills else 'decode'} server is available "
                                                "(none healthy, all removed, or their circuit breakers open)",
                                           request_id)
         p = ctx.policies["prefill"].select(prefills, info.key)
@@ -179,8 +178,8 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
                 stream = PDStream(ctx, resp, prefill_task, pair, info)
                 stream.watch_prefill()
                 resp = None  # the stream owns it now
-                return StreamingResponse(stream.events(), media_type="text/event-stream",
-                                         headers=answer_headers(stream.resp.headers, request_id))
+                return Answer(200, media_type="text/event-stream", headers=answer_headers(stream.resp.headers, request_id),
+                              stream=stream.events())
             decode_read = asyncio.ensure_future(resp.read())
             await asyncio.wait([decode_read, prefill_task], return_when=asyncio.FIRST_COMPLETED)
             if prefill_task.done() and isinstance(prefill_task.exception(), PrefillFailed):
@@ -197,20 +196,20 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
         except PrefillFailed as e:
             ok_p = e.status < 500
             release(ctx, pair, ok_p, True)
-            last = error_response(e.status, "the prefill server failed: " + e.body.decode(errors="replace")[:500],
+            last = error_answer(e.status, "the prefill server failed: " + e.body.decode(errors="replace")[:500],
                                   request_id)
             if e.status in RETRYABLE:
                 continue
             return last
         except asyncio.TimeoutError:
             release(ctx, pair, True, False)
-            return error_response(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
+            return error_answer(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
                                   request_id)
         except (aiohttp.ClientError, OSError) as e:
             release(ctx, pair, True, False)
             mark_unreachable(ctx, d, e)
             logger.warning("decode server %s failed: %r", d.url, e)
-            last = error_response(502, f"decode server {d.url} failed: {type(e).__name__}", request_id)
+            last = error_answer(502, f"decode server {d.url} failed: {type(e).__name__}", request_id)
             continue
         except BaseException:  # the client left: closing both connections aborts it on both servers
             release(ctx, pair, True, True)
@@ -221,7 +220,7 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
                 if not prefill_task.done():
                     prefill_task.cancel()
         release(ctx, pair, True, d_status < 500)
-        answer = Response(d_body, status_code=d_status, media_type=media, headers=passed)
+        answer = Answer(d_status, d_body, media, passed)
         if d_status not in RETRYABLE:
             return answer
         last = answer

@@ -4,7 +4,8 @@ error envelope the router answers with."""
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -40,6 +41,22 @@ def answer_headers(upstream: Mapping[str, str], request_id: str) -> dict[str, st
     out = {k: v for k, v in upstream.items() if k.lower() not in RESPONSE_HEADERS_DROPPED}
     out["x-request-id"] = request_id
     return out
+
+
+@dataclass
+class Answer:
+    """What the router sends back for a serving request: a body, or a stream of chunks."""
+
+    status: int
+    body: bytes = b""
+    media_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: AsyncIterator[bytes] | None = None
+
+
+def error_answer(status: int, message: str, request_id: str | None = None) -> Answer:
+    return Answer(status, orjson.dumps(error_body(status, message)),
+                  headers={"x-request-id": request_id} if request_id else {})
 
 
 def error_response(status: int, message: str, request_id: str | None = None) -> Response:
