@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -104,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     ctx = build_context(args)
     app = create_app(ctx)
-    app.router.lifespan_context = lifespan
+    app.rest.router.lifespan_context = lifespan
     if args.prometheus_port:
         start_http_server(args.prometheus_port, args.prometheus_host, registry=ctx.metrics.registry)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             loop="uvloop" if sys.platform != "win32" else "asyncio", http="httptools",
                             timeout_graceful_shutdown=int(args.shutdown_grace_period_secs), backlog=4096,
                             timeout_keep_alive=30)
+    # uvicorn re-raises the signal that stopped it once it has drained; the handlers it restores then
+    # do nothing, so that a router stopped by SIGTERM or SIGINT exits with status 0, as servers do
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
+    logger.info("router stopped")
     return 0
 
 

@@ -262,3 +262,25 @@ def test_streams_pass_through_and_a_worker_dying_mid_stream_ends_it_with_an_erro
                             m.proc.stop(grace_s=0)  # the worker goes away mid-stream
             assert any('"error"' in line for line in lines[2:]), lines
             assert lines[-1] == "data: [DONE]"
+
+
+def test_sigterm_lets_requests_in_flight_finish(tmp_path):
+    with mocks(tmp_path, 1) as (slow,):
+        slow.config(latency_ms=1500)
+        port = free_port()
+        proc = spawn("router", ["-m", "radixserve.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                                "--prometheus-port", str(free_port()), "--worker-urls", slow.url,
+                                "--shutdown-grace-period-secs", "30"], str(tmp_path / "router.log"))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(url + "/readiness", proc, timeout_s=30)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                running = pool.submit(generate, url)
+                time.sleep(0.5)
+                proc.popen.send_signal(15)
+                assert running.result().status_code == 200  # finished, though the router was stopping
+            assert proc.popen.wait(20) == 0
+            with pytest.raises(httpx.ConnectError):
+                generate(url)
+        finally:
+            proc.stop()
