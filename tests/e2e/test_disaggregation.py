@@ -270,6 +270,22 @@ def test_a_client_leaving_frees_both_sides(pair):
     assert d.status_code == 200 and d.json()["output_ids"] == alone(decode, body)["output_ids"]
 
 
+def test_a_client_leaving_radixserves_router_frees_both_sides(pair):
+    """Through radixserve's PD router: a client that leaves mid-stream, or before a long answer,
+    aborts the request on the decode and the prefill server alike."""
+    prefill, decode, bootstrap = pair
+    with pd_router("radixserve", [(prefill.url, bootstrap)], [decode.url]) as url:
+        long = {"text": PROMPTS[2], "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
+        with httpx.stream("POST", url + "/generate", json={**long, "stream": True}, timeout=60) as r:
+            for _ in r.iter_lines():
+                break  # the first event, then leave
+        assert_pool_whole(decode, timeout=5)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/generate", json=long, timeout=2)
+        assert_pool_whole(decode, timeout=5)
+        assert_pool_whole(prefill, timeout=5)
+
+
 def test_a_malformed_destination_costs_the_prefill_server_nothing(pair):
     """A peer's garbage on the handoff socket (an endpoint ZMQ refuses, buffer rows of the wrong
     shape, slots outside the pool) fails that one request's transfer; the server serves on."""
