@@ -6,9 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from radixserve.router.context import RouterContext
 from radixserve.router.info_routes import INFO_ROUTES
@@ -36,6 +39,19 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """404 and 405 (and any other HTTP error) as the OpenAI error envelope."""
+    response = error_response(exc.status_code, exc.detail or "error")
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def not_served(request: Request) -> Response:  # placeholder: POST is served by serving.py
+    raise HTTPException(405, f"{request.method} is not allowed on {request.url.path}; use POST",
+                        headers={"Allow": "POST"})
+
+
 class RouterApp:
     def __init__(self, ctx: RouterContext) -> None:
         self.ctx = ctx
@@ -45,7 +61,10 @@ class RouterApp:
                                          allow_methods=["*"], allow_headers=["*"]))
         if ctx.args.api_key:
             middleware.append(Middleware(APIKeyMiddleware, key=ctx.args.api_key))
-        self.rest = Starlette(routes=INFO_ROUTES + WORKER_ROUTES, middleware=middleware)
+        # the serving paths answer other methods with a 405 naming POST
+        other_methods = [Route(p, not_served, methods=["GET", "PUT", "DELETE", "PATCH"]) for p in SERVING_PATHS]
+        self.rest = Starlette(routes=INFO_ROUTES + WORKER_ROUTES + other_methods, middleware=middleware,
+                              exception_handlers={HTTPException: http_error})
         self.rest.state.ctx = ctx
         self.serving: Any = ServingHandler(ctx)
         self.methods = {"POST"}

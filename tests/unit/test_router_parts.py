@@ -149,3 +149,24 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert waits == [0.05, 0.1, 0.2, 0.2]
     jittered = {backoff_seconds(1, 100, 1000, 2.0, 0.5) for _ in range(50)}
     assert min(jittered) >= 0.05 and max(jittered) <= 0.15 and len(jittered) > 1
+
+
+def test_unknown_routes_and_methods_get_the_error_envelope() -> None:
+    import httpx
+
+    from radixserve.launch_router import build_context
+    from radixserve.router.app import create_app
+
+    app = create_app(build_context(parse_args(["--disable-health-check"])))  # no workers yet
+
+    async def calls() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+            return [await c.get("/nope"), await c.get("/generate"), await c.get("/v1/models"),
+                    await c.post("/generate", content=b"[1, 2]"), await c.post("/workers", json={"url": "x"})]
+
+    missing, wrong_method, no_worker, not_object, bad_url = asyncio.run(calls())
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert no_worker.status_code == 503 and "no regular worker" in no_worker.json()["error"]["message"]
+    assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
+    assert bad_url.status_code == 400 and "http://host:port" in bad_url.json()["error"]["message"]
