@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from radixserve.scheduler.req import Req
     from radixserve.server_args import ServerArgs
 
+HEARTBEAT_TIMEOUT_MIN = 2.0  # seconds a heartbeat waits for its answer at least
+
 logger = logging.getLogger("radixserve.disaggregation")
 
 LOOKUP_RETRY = 1.0  # seconds between lookups of a prefill server that did not answer
@@ -81,7 +83,8 @@ class DecodeReceiver:
         self.rank0 = tp_rank == 0
         first, count, self.num_kv_heads = kv_heads
         host = local_host(args)
-        self.engine = create_engine(args.disaggregation_transfer_backend, host, args.disaggregation_ib_device)
+        self.engine = create_engine(args.disaggregation_transfer_backend, host, args.disaggregation_ib_device,
+                                    pools.kv.device)
         self.layout, self.ranks = register_ranks(self.engine, pools, first, count)
         self.inbox: zmq.Socket | None = None
         self.notify = ""
@@ -263,7 +266,9 @@ class DecodeReceiver:
                     continue
             if beat.check is None and now - beat.last >= self.heartbeat_interval:
                 beat.last = now
-                beat.check = self.lookup_pool.submit(check_health, *prefill, timeout=self.heartbeat_interval)
+                # a busy server may answer slowly; a dead one refuses at once: the wait has a floor
+                beat.check = self.lookup_pool.submit(check_health, *prefill,
+                                                     timeout=max(self.heartbeat_interval, HEARTBEAT_TIMEOUT_MIN))
         return gone
 
     def _info(self, key: tuple[str, int]) -> dict | None:
