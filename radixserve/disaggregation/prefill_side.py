@@ -89,7 +89,7 @@ class PrefillHandoff:
         self.rank0 = tp_rank == 0
         first, count, total = kv_heads
         self.engine = create_engine(args.disaggregation_transfer_backend, local_host(args),
-                                    args.disaggregation_ib_device)
+                                    args.disaggregation_ib_device, pools.kv.device)
         self.layout, ranks = register_ranks(self.engine, pools, first, count)
         # a KV head held by several ranks (replicated) is written by the first of them only
         done_by_lower = max([specs(r)[0].head_end for r in ranks[:tp_rank] if r.layout] or [first])

@@ -6,7 +6,8 @@ memory, named by the peer's session id.
   machines); RDMA over the devices of --disaggregation-ib-device, TCP without them. With
   Mooncake's own MC_INTRANODE_NVLINK set (and MC_FORCE_TCP not), it is started on its rdma
   protocol with no devices, which moves GPU memory between processes of one node by CUDA IPC.
-- nixl: NVIDIA's NIXL, where the `nixl` package imports.
+- nixl: NVIDIA's NIXL (package `nixl-cu13`, or `nixl`) over its UCX backend, on CPU or CUDA memory
+  (transfer_nixl.py).
 - fake: moves nothing (warm-up and /health_generate on PD servers, as SGLang does).
 """
 
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("radixserve.disaggregation")
 
@@ -95,17 +99,15 @@ class FakeEngine:
         pass
 
 
-def create_engine(backend: str, hostname: str, ib_devices: str | None = None) -> TransferEngine:
+def create_engine(backend: str, hostname: str, ib_devices: str | None = None,
+                  device: torch.device | str | None = None) -> TransferEngine:
+    """The engine of `backend`; `device` is where the KV pool it registers lives (CPU when None)."""
     if backend == "mooncake":
         return MooncakeEngine(hostname, ib_devices)
     if backend == "fake":
         return FakeEngine()
     if backend == "nixl":
-        try:
-            import nixl  # noqa: F401
-        except ImportError:
-            raise TransferError("--disaggregation-transfer-backend nixl needs the nixl package "
-                                "(pip install nixl), which is not installed") from None
-        raise TransferError("--disaggregation-transfer-backend nixl: the NIXL engine is not built yet; "
-                            "use mooncake")
+        from radixserve.disaggregation.transfer_nixl import NixlEngine  # imports NIXL only when chosen
+
+        return NixlEngine(hostname, device)
     raise TransferError(f"unknown transfer backend {backend!r} (mooncake, nixl or fake)")

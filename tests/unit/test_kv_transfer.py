@@ -1,5 +1,6 @@
 """Moving a request's KV between two pools: the copies that do it (slots consecutive on both sides
-go as one), and a real write between two processes through Mooncake's TCP transport over loopback."""
+go as one), and a real write between two processes through Mooncake's TCP transport over loopback
+(test_kv_transfer_nixl.py runs the same write through NIXL)."""
 
 from __future__ import annotations
 
@@ -63,11 +64,9 @@ def _pool() -> KVPool:
     return KVPool(32, 1, LAYERS, HEADS, DIM, torch.float16, "cpu")
 
 
-def _receiver(conn) -> None:
-    from radixserve.disaggregation.transfer import MooncakeEngine
-
+def _receiver(conn, backend: str) -> None:
     pool = _pool()
-    engine = MooncakeEngine("127.0.0.1")
+    engine = create_engine(backend, "127.0.0.1", device=pool.device)
     layout = pool.layout()
     engine.register([(b.data_ptr, BufferSpec.of(b).nbytes) for b in layout])
     conn.send((engine.session_id, [BufferSpec.of(b) for b in layout]))
@@ -77,14 +76,13 @@ def _receiver(conn) -> None:
     engine.close()
 
 
-def _sender(conn, peer: str, specs: list[BufferSpec], src_slots: list[int], dst_slots: list[int]) -> None:
-    from radixserve.disaggregation.transfer import MooncakeEngine, TransferError
-
+def _sender(conn, backend: str, peer: str, specs: list[BufferSpec], src_slots: list[int], dst_slots: list[int]
+            ) -> None:
     pool = _pool()
     gen = torch.Generator().manual_seed(7)
     for b in pool.layout():
         b.tensor.copy_(torch.randn(b.tensor.shape, generator=gen).to(b.tensor.dtype))
-    engine = MooncakeEngine("127.0.0.1")
+    engine = create_engine(backend, "127.0.0.1", device=pool.device)
     layout = pool.layout()
     engine.register([(b.data_ptr, BufferSpec.of(b).nbytes) for b in layout])
     copies = transfer_copies([BufferSpec.of(b) for b in layout], src_slots, specs, dst_slots)
@@ -98,22 +96,25 @@ def _sender(conn, peer: str, specs: list[BufferSpec], src_slots: list[int], dst_
     engine.close()
 
 
-def test_mooncake_writes_a_requests_slots_into_another_process_pool() -> None:
-    os.environ["MC_FORCE_TCP"] = "1"  # loopback TCP, inherited by the spawned processes
+def write_between_processes(backend: str) -> None:
+    """A request's slots written from one process's pool into another's through `backend`: they land
+    byte for byte, nothing else is written, and a copy outside the peer's memory is refused."""
     ctx = mp.get_context("spawn")
     recv_parent, recv_child = ctx.Pipe()
-    receiver = ctx.Process(target=_receiver, args=(recv_child,), daemon=True)
+    receiver = ctx.Process(target=_receiver, args=(recv_child, backend), daemon=True)
     receiver.start()
     try:
         assert recv_parent.poll(120), "the receiving engine did not start"
         peer, specs = recv_parent.recv()
         src_slots, dst_slots = [3, 4, 5, 9, 17], [10, 11, 12, 2, 30]
         send_parent, send_child = ctx.Pipe()
-        sender = ctx.Process(target=_sender, args=(send_child, peer, specs, src_slots, dst_slots), daemon=True)
+        sender = ctx.Process(target=_sender, args=(send_child, backend, peer, specs, src_slots, dst_slots),
+                             daemon=True)
         sender.start()
         assert send_parent.poll(120), "the sending engine did not finish"
         sent, num_copies, refused = send_parent.recv()
         sender.join(30)
+        assert sender.exitcode == 0  # the engine's libraries unload cleanly too
         assert num_copies == 3 * 2 * LAYERS  # three runs, every K and V buffer
         assert refused
         recv_parent.send(dst_slots)
@@ -124,6 +125,12 @@ def test_mooncake_writes_a_requests_slots_into_another_process_pool() -> None:
         assert total == pytest.approx(sum(float(abs(t.astype("float32")).sum()) for t in sent), rel=1e-3)
         recv_parent.send("stop")
         receiver.join(30)
+        assert receiver.exitcode == 0
     finally:
         for p in mp.active_children():
             p.kill()
+
+
+def test_mooncake_writes_a_requests_slots_into_another_process_pool() -> None:
+    os.environ["MC_FORCE_TCP"] = "1"  # loopback TCP, inherited by the spawned processes
+    write_between_processes("mooncake")
