@@ -25,7 +25,6 @@ from radixserve.router.health import check_once, eviction_loop, health_loop, loa
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.policies import PolicyConfig, make_policy
 from radixserve.router.registry import Registry
-from radixserve.router.upstream import new_session
 from radixserve.router.worker import BreakerConfig
 
 logger = logging.getLogger("radixserve.router")
@@ -62,7 +61,6 @@ def build_context(args: RouterArgs) -> RouterContext:
 @contextlib.asynccontextmanager
 async def lifespan(app):
     ctx: RouterContext = app.state.ctx
-    ctx.session = new_session()
     if not ctx.args.disable_health_check:  # one round first, so that workers already up serve at once
         workers = list(ctx.registry.workers.values())
         for w, ok in zip(workers, await asyncio.gather(*(check_once(ctx, w) for w in workers))):
@@ -84,7 +82,7 @@ async def lifespan(app):
         for task in ctx.background:
             task.cancel()
         await asyncio.gather(*ctx.background, return_exceptions=True)
-        await ctx.session.close()
+        await ctx.client.close()
 
 
 def setup_logging(args: RouterArgs) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from radixserve.router.admission import Admission
 from radixserve.router.args import RouterArgs
+from radixserve.router.http_client import HTTPClient
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.policies import Policy
 from radixserve.router.registry import Registry
@@ -20,7 +19,7 @@ class RouterContext:
     policies: dict[str, Policy]  # role -> policy
     admission: Admission
     metrics: RouterMetrics
-    session: aiohttp.ClientSession | None = None  # made inside the event loop
+    client: HTTPClient = field(default_factory=HTTPClient)  # to the workers
     draining: bool = False  # shutting down: new requests get 503
     inflight: int = 0  # requests being served now
     background: list = field(default_factory=list)  # health checks, load polls, eviction

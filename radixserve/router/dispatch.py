@@ -9,9 +9,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
-
 from radixserve.router.context import RouterContext
+from radixserve.router.http_client import ConnectFailed, Response, UpstreamError
 from radixserve.router.request_info import RequestInfo
 from radixserve.router.upstream import (
     RETRYABLE,
@@ -34,14 +33,11 @@ class Deadline:
     def left(self) -> float:
         return max(0.001, self.at - time.monotonic())
 
-    def timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self.left())
-
 
 def mark_unreachable(ctx: RouterContext, worker: Worker, error: BaseException) -> None:
     """A worker that refuses connections is down: out until a health check passes again (with
     health checks off, its circuit breaker alone keeps it out)."""
-    if isinstance(error, aiohttp.ClientConnectorError) and not ctx.args.disable_health_check and worker.healthy:
+    if isinstance(error, ConnectFailed) and not ctx.args.disable_health_check and worker.healthy:
         worker.healthy = False
         worker.health_failures = worker.health_successes = 0
         logger.warning("worker %s refuses connections: out until its health check passes", worker.url)
@@ -54,7 +50,7 @@ async def pause_before_retry(ctx: RouterContext, retry: int, route: str) -> None
                                         a.retry_backoff_multiplier, a.retry_jitter_factor))
 
 
-async def relay(ctx: RouterContext, resp: aiohttp.ClientResponse, workers: list[tuple[Worker, int]],
+async def relay(ctx: RouterContext, resp: Response, workers: list[tuple[Worker, int]],
                 first: bytes = b"") -> AsyncIterator[bytes]:
     """A worker's stream, chunk by chunk. Whatever ends it (the end, a failure, the client leaving)
     closes the upstream connection, which aborts the request on the worker, and releases it."""
@@ -62,10 +58,10 @@ async def relay(ctx: RouterContext, resp: aiohttp.ClientResponse, workers: list[
     try:
         if first:
             yield first
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp:
             yield chunk
         ok = True
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (UpstreamError, asyncio.TimeoutError) as e:
         status = 504 if isinstance(e, asyncio.TimeoutError) else 502
         logger.warning("stream from %s broke off: %r", workers[0][0].url, e)
         yield error_chunk(status, f"the worker's stream broke off: {type(e).__name__} {e}".strip())
@@ -92,7 +88,7 @@ async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: Request
         worker.started(tokens)
         resp = None
         try:
-            resp = await ctx.session.post(worker.url + path, data=raw, headers=headers, timeout=deadline.timeout())
+            resp = await ctx.client.request("POST", worker.url + path, raw, headers, deadline.left())
             if resp.status == 200 and info.stream:
                 streaming = Answer(200, media_type=resp.headers.get("content-type", "text/event-stream"),
                                    headers=answer_headers(resp.headers, request_id),
@@ -106,7 +102,7 @@ async def route_regular(ctx: RouterContext, path: str, raw: bytes, info: Request
             ctx.registry.release(worker, tokens, ok=False)
             return error_answer(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
                                   request_id)
-        except (aiohttp.ClientError, OSError) as e:
+        except (UpstreamError, OSError) as e:
             ctx.registry.release(worker, tokens, ok=False)
             mark_unreachable(ctx, worker, e)
             logger.warning("worker %s failed: %r", worker.url, e)

@@ -7,9 +7,10 @@ import asyncio
 import logging
 import time
 
-import aiohttp
+import orjson
 
 from radixserve.router.context import RouterContext
+from radixserve.router.http_client import UpstreamError
 from radixserve.router.worker import Worker
 
 logger = logging.getLogger("radixserve.router")
@@ -21,11 +22,10 @@ STARTUP_POLL_SECS = 1.0  # how often a worker not up yet is checked, within --wo
 async def check_once(ctx: RouterContext, worker: Worker) -> bool:
     url = worker.url + ctx.args.health_check_endpoint
     try:
-        async with ctx.session.get(url, headers=ctx.auth_headers(),
-                                   timeout=aiohttp.ClientTimeout(total=ctx.args.health_check_timeout_secs)) as r:
-            await r.read()
-            return r.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        status, _ = await ctx.client.fetch("GET", url, headers=ctx.auth_headers(),
+                                           timeout=ctx.args.health_check_timeout_secs)
+        return status == 200
+    except (UpstreamError, asyncio.TimeoutError, OSError):
         return False
 
 
@@ -73,13 +73,12 @@ async def health_loop(ctx: RouterContext) -> None:
 
 async def read_load(ctx: RouterContext, worker: Worker) -> None:
     try:
-        async with ctx.session.get(worker.url + "/get_load", headers=ctx.auth_headers(),
-                                   timeout=aiohttp.ClientTimeout(total=5)) as r:
-            if r.status == 200:
-                loads = await r.json(content_type=None)
-                groups = loads if isinstance(loads, list) else [loads]
-                worker.report(sum(int(g.get("num_tokens", 0)) for g in groups if isinstance(g, dict)))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        status, body = await ctx.client.fetch("GET", worker.url + "/get_load", headers=ctx.auth_headers(), timeout=5)
+        if status == 200:
+            loads = orjson.loads(body)
+            groups = loads if isinstance(loads, list) else [loads]
+            worker.report(sum(int(g.get("num_tokens", 0)) for g in groups if isinstance(g, dict)))
+    except (UpstreamError, asyncio.TimeoutError, OSError, ValueError):
         pass  # the health checks deal with a worker that is down
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from radixserve.router.context import RouterContext
+from radixserve.router.http_client import UpstreamError
 from radixserve.router.upstream import error_response
 from radixserve.router.worker import Worker
 
@@ -30,10 +30,8 @@ def roles(ctx: RouterContext) -> tuple[str, ...]:
 async def fetch(ctx: RouterContext, worker: Worker, path: str, method: str = "GET",
                 timeout: float = 30.0) -> tuple[int, bytes]:
     try:
-        async with ctx.session.request(method, worker.url + path, headers=ctx.auth_headers(),
-                                       timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            return r.status, await r.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        return await ctx.client.fetch(method, worker.url + path, headers=ctx.auth_headers(), timeout=timeout)
+    except (UpstreamError, asyncio.TimeoutError, OSError) as e:
         return 502, f"{worker.url}: {type(e).__name__}".encode()
 
 

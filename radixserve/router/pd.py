@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from radixserve.router.context import RouterContext
 from radixserve.router.dispatch import Deadline, mark_unreachable, pause_before_retry
+from radixserve.router.http_client import Response, UpstreamError
 from radixserve.router.request_info import RequestInfo
 from radixserve.router.upstream import RETRYABLE, Answer, answer_headers, error_answer, error_chunk
 from radixserve.router.worker import Worker
@@ -50,16 +50,15 @@ async def fetch_prefill(ctx: RouterContext, worker: Worker, path: str, raw: byte
                         deadline: Deadline) -> bytes:
     """The prefill server's whole answer; PrefillFailed for anything but a 200."""
     try:
-        async with ctx.session.post(worker.url + path, data=raw, headers=headers, timeout=deadline.timeout()) as r:
-            body = await r.read()
-            if r.status != 200:
-                raise PrefillFailed(r.status, body)
-            return body
+        status, body = await ctx.client.fetch("POST", worker.url + path, raw, headers, deadline.left())
     except asyncio.TimeoutError:
         raise PrefillFailed(504, b"") from None
-    except (aiohttp.ClientError, OSError) as e:
+    except (UpstreamError, OSError) as e:
         mark_unreachable(ctx, worker, e)
         raise PrefillFailed(502, f"prefill server {worker.url} failed: {type(e).__name__}".encode()) from None
+    if status != 200:
+        raise PrefillFailed(status, body)
+    return body
 
 
 def merge_prompt_logprobs(decode: Any, prefill: Any) -> Any:
@@ -79,7 +78,7 @@ class PDStream:
     """Relays the decode server's stream. With return_logprob, the first event of each prompt gets
     the prefill answer's prompt logprobs (the decode server sends none)."""
 
-    def __init__(self, ctx: RouterContext, resp: aiohttp.ClientResponse, prefill_task: asyncio.Task,
+    def __init__(self, ctx: RouterContext, resp: Response, prefill_task: asyncio.Task,
                  pair: list[tuple[Worker, int]], info: RequestInfo) -> None:
         self.ctx, self.resp, self.prefill_task, self.pair, self.info = ctx, resp, prefill_task, pair, info
         self.prefill_error: PrefillFailed | None = None
@@ -98,10 +97,10 @@ class PDStream:
             if self.info.wants_logprobs:
                 async for chunk in self._merged():
                     yield chunk
-            async for chunk in self.resp.content.iter_any():
+            async for chunk in self.resp:
                 yield chunk
             ok = True
-        except (aiohttp.ClientError, asyncio.TimeoutError, PrefillFailed) as e:
+        except (UpstreamError, asyncio.TimeoutError, PrefillFailed) as e:
             if self.prefill_error is not None:
                 yield error_chunk(self.prefill_error.status, "the prefill server failed: "
                                   + self.prefill_error.body.decode(errors="replace")[:500])
@@ -121,7 +120,7 @@ class PDStream:
         prefill: Any = None
         buffer = b""
         while pending:
-            chunk = await self.resp.content.readany()
+            chunk = await self.resp.next_chunk()
             if not chunk:
                 if buffer:
                     yield buffer
@@ -173,7 +172,7 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
         prefill_task.add_done_callback(retrieve)
         resp = None
         try:
-            resp = await ctx.session.post(d.url + path, data=raw, headers=headers, timeout=deadline.timeout())
+            resp = await ctx.client.request("POST", d.url + path, raw, headers, deadline.left())
             if resp.status == 200 and info.stream:
                 stream = PDStream(ctx, resp, prefill_task, pair, info)
                 stream.watch_prefill()
@@ -205,7 +204,7 @@ async def route_pd(ctx: RouterContext, path: str, body: dict[str, Any], info: Re
             release(ctx, pair, True, False)
             return error_answer(504, f"no answer within --request-timeout-secs ({deadline.seconds:g} s)",
                                   request_id)
-        except (aiohttp.ClientError, OSError) as e:
+        except (UpstreamError, OSError) as e:
             release(ctx, pair, True, False)
             mark_unreachable(ctx, d, e)
             logger.warning("decode server %s failed: %r", d.url, e)

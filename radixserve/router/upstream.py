@@ -1,5 +1,5 @@
-"""Talking to workers: the one HTTP client session, the headers passed on, retry pacing, and the
-error envelope the router answers with."""
+"""Talking to workers: the headers passed on, retry pacing, and the error envelope the router
+answers with (the client itself is http_client.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 
@@ -17,13 +16,6 @@ RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 # request headers not passed on: hop-by-hop ones, and those the client library sets itself
 DROPPED_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
                              "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding"})
-
-
-def new_session() -> aiohttp.ClientSession:
-    # no pool limit (admission limits concurrency); no total timeout here (each call sets its own)
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
-                                 auto_decompress=False, json_serialize=lambda v: orjson.dumps(v).decode())
 
 
 def forward_headers(headers: Mapping[str, str], request_id: str) -> dict[str, str]:
