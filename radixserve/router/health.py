@@ -16,7 +16,6 @@ from radixserve.router.worker import Worker
 logger = logging.getLogger("radixserve.router")
 
 LOAD_POLL_SECS = 1.0  # how often minimum_tokens reads each worker's /get_load
-STARTUP_POLL_SECS = 1.0  # how often a worker not up yet is checked, within --worker-startup-timeout-secs
 
 
 async def check_once(ctx: RouterContext, worker: Worker) -> bool:
@@ -59,7 +58,8 @@ async def health_loop(ctx: RouterContext) -> None:
         for w in workers:
             if due.get(id(w), 0.0) <= now:
                 waiting_start = not w.ever_healthy and now - w.added_at < ctx.args.worker_startup_timeout_secs
-                due[id(w)] = now + (STARTUP_POLL_SECS if waiting_start else ctx.args.health_check_interval_secs)
+                due[id(w)] = now + (ctx.args.worker_startup_check_interval if waiting_start
+                                    else ctx.args.health_check_interval_secs)
                 checks.append(w)
         if checks:
             results = await asyncio.gather(*(check_once(ctx, w) for w in checks))
@@ -68,7 +68,7 @@ async def health_loop(ctx: RouterContext) -> None:
         live = {id(w) for w in workers}
         for key in [k for k in due if k not in live]:
             del due[key]
-        await asyncio.sleep(min(STARTUP_POLL_SECS, ctx.args.health_check_interval_secs))
+        await asyncio.sleep(min(1.0, ctx.args.worker_startup_check_interval, ctx.args.health_check_interval_secs))
 
 
 async def read_load(ctx: RouterContext, worker: Worker) -> None:

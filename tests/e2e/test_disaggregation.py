@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.server_utils import assert_pool_whole, free_port, start_server
 
-BOOTSTRAP_TIMEOUT = 4  # seconds the prefill server waits for a decode server to claim a request
+BOOTSTRAP_TIMEOUT = 8  # seconds the prefill server waits for a decode server to claim a request
 HEARTBEAT_INTERVAL, HEARTBEAT_MAX_FAILURE = 0.5, 2  # the decode server's checks of its prefill servers
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Write a haiku about the sea."]
 COMMON = ["--dtype", "float32", "--host", "127.0.0.1"]

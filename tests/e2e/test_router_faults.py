@@ -142,7 +142,8 @@ def test_health_checks_take_a_worker_out_and_back_in(tmp_path):
 def test_a_worker_down_at_startup_joins_when_it_comes_up(tmp_path):
     late_port = free_port()
     with mocks(tmp_path, 1) as (up,):
-        flags = ["--worker-urls", f"http://127.0.0.1:{late_port}", up.url, "--policy", "round_robin"]
+        flags = ["--worker-urls", f"http://127.0.0.1:{late_port}", up.url, "--policy", "round_robin",
+                 "--worker-startup-check-interval", "0.5"]
         with router(tmp_path, *flags, ready_workers=1) as url:
             assert {served_by(generate(url)) for _ in range(3)} == {str(up.port)}
             late = start_mock(tmp_path, port=late_port)
