@@ -105,7 +105,7 @@ def test_cpu_image_serves_a_chat_completion_as_non_root_and_drains_on_stop(image
         logs = sh("docker", "logs", name)
         assert "SIGTERM: draining" in logs.stdout + logs.stderr
     finally:
-        sh("docker", "rm", "-f", name, timeout=60)
+        sh("docker", "rm", "-f", "-v", name, timeout=60)  # -v: the image's cache volume too
 
 
 def test_pd_compose_passes_the_health_check_until_a_service_stops(image):
