@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from radixserve.bench.serving_dataset import common_prefix
 from radixserve.server_args import CHOICES, ServerArgs, ServerArgsError
 
 # Engine flags this bench forwards; None means "leave it to the engine's default".
@@ -271,15 +272,6 @@ def ratios(results: list[Measurement]) -> dict[str, float]:
         if ours and theirs and theirs.output_tok_s > 0:
             out[mode] = ours.output_tok_s / theirs.output_tok_s
     return out
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def format_table(results: list[Measurement]) -> str:

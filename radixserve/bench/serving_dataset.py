@@ -209,7 +209,8 @@ def _distinct_firsts(ids: Sequence[int], k: int, rng: random.Random) -> list[int
     return firsts + rng.choices(ids, k=k - len(firsts))
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -243,7 +244,7 @@ def _text_group(
         questions = [random_prompt(tokenizer, n, ids, rng, f)[0] for n, f in zip(question_lens, firsts)]
         prompts = [f"{system}{GSP_SEPARATOR}{q}" if system else q for q in questions]
         rows = [
-            DatasetRow(prompt, len(got), out_len, group=group, prefix_len=_common_prefix(got, system_ids))
+            DatasetRow(prompt, len(got), out_len, group=group, prefix_len=common_prefix(got, system_ids))
             for prompt, got, out_len in zip(prompts, encode_many(tokenizer, prompts), output_lens)
         ]
         if all(r.prefix_len == len(system_ids) for r in rows):
