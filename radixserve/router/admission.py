@@ -29,7 +29,6 @@ class Admission:
         self.refilled = time.monotonic()
         self.running = 0
         self.waiters: deque[asyncio.Future] = deque()
-        self.rejected = {"queue_full": 0, "queue_timeout": 0}
 
     @property
     def queued(self) -> int:
@@ -56,7 +55,6 @@ class Admission:
             self.running += 1
             return
         if len(self.waiters) >= self.queue_size:
-            self.rejected["queue_full"] += 1
             raise Rejected(429, f"too many requests: {self.running} running and the queue of "
                                 f"{self.queue_size} is full")
         waiter = asyncio.get_running_loop().create_future()
@@ -72,7 +70,6 @@ class Admission:
                 if waiter in self.waiters:
                     self.waiters.remove(waiter)
             if isinstance(e, asyncio.TimeoutError):
-                self.rejected["queue_timeout"] += 1
                 raise Rejected(408, f"request waited {self.queue_timeout:g} s in the router's queue") from None
             raise
 

@@ -14,13 +14,10 @@ from starlette.routing import Route
 from radixserve.router.args import RouterArgsError, check_url
 from radixserve.router.context import RouterContext
 from radixserve.router.health import check_once
+from radixserve.router.info_routes import json
 from radixserve.router.registry import WorkerExists
 from radixserve.router.upstream import error_response
 from radixserve.router.worker import Worker
-
-
-def json(value, status: int = 200) -> Response:
-    return Response(orjson.dumps(value), status_code=status, media_type="application/json")
 
 
 def describe(w: Worker) -> dict:
