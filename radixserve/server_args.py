@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -86,14 +87,20 @@ class ServerArgs:
                                             "(default 32)", KERNELS, **POSITIVE)
     enable_two_batch_overlap: bool = flag(False, "overlap two micro-batches", KERNELS)
     # ---- parallelism --------------------------------------------------------------------------
-    tp_size: int = flag(1, "tensor parallel size", PARALLEL, **POSITIVE)
+    tp_size: int = flag(1, "tensor parallel size", PARALLEL, aliases=("--tensor-parallel-size",), **POSITIVE)
+    ep_size: int = flag(1, "expert parallel size (MoE models): the experts are dealt out over this many ranks of "
+                        "the TP group, each expert's intermediate dim over the other tp/ep", PARALLEL,
+                        aliases=("--expert-parallel-size", "--ep"), **POSITIVE)
     dp_size: int = flag(1, "data parallel size", PARALLEL, **POSITIVE)
     load_balance_method: str = flag("round_robin", "how the DP controller spreads requests", PARALLEL,
                                     choices=("round_robin", "shortest_queue", "minimum_tokens"))
     enable_dp_attention: bool = flag(False, "data parallel attention (MoE models)", PARALLEL)
     enable_dp_lm_head: bool = flag(False, "data parallel LM head (with DP attention)", PARALLEL)
-    moe_dense_tp_size: int | None = flag(None, "TP size for dense layers of MoE models", PARALLEL)
-    moe_a2a_backend: str = flag("none", "MoE all-to-all backend", PARALLEL, choices=("none", "deepep"))
+    moe_dense_tp_size: int | None = flag(None, "TP size for the dense MLP layers of MoE models: 1 keeps them "
+                                         "whole on every rank (default: split like the rest)", PARALLEL)
+    moe_a2a_backend: str = flag("none", "MoE token exchange between expert-parallel ranks: none (each rank "
+                                "computes its experts for all tokens, one all-reduce) or deepep", PARALLEL,
+                                choices=("none", "deepep"))
     dist_init_addr: str | None = flag(None, "HOST:PORT of node 0 for torch.distributed init (DP group i uses "
                                       "PORT + i)", PARALLEL)
     nnodes: int = flag(1, "number of nodes", PARALLEL, **POSITIVE)
@@ -138,6 +145,16 @@ class ServerArgs:
                 f"--tp-size ({self.tp_size}) must be a multiple of --nnodes ({self.nnodes}): each node runs "
                 "the same number of ranks"
             )
+        if self.tp_size % self.ep_size:
+            raise ServerArgsError(
+                f"--ep-size ({self.ep_size}) must divide --tp-size ({self.tp_size}): expert-parallel ranks are "
+                "ranks of the TP group"
+            )
+        if self.moe_dense_tp_size not in (None, 1, self.tp_size):
+            raise ServerArgsError(
+                f"--moe-dense-tp-size: 1 (dense layers whole on every rank) or the --tp-size ({self.tp_size}); "
+                f"got {self.moe_dense_tp_size}"
+            )
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ServerArgsError("--dist-init-addr HOST:PORT (node 0's address) is required with --nnodes > 1")
         if self.dist_init_addr is not None:
@@ -166,9 +183,12 @@ class ServerArgs:
              "use --grammar-backend xgrammar"),
             (self.enable_dp_attention, f"--enable-dp-attention: DP attention (MoE models) {pending}"),
             (self.enable_dp_lm_head, f"--enable-dp-lm-head: DP LM head {pending}"),
-            (self.moe_dense_tp_size is not None, f"--moe-dense-tp-size: MoE models {pending}"),
-            (self.moe_a2a_backend != "none",
-             f"--moe-a2a-backend {self.moe_a2a_backend}: needs DeepEP, which is not installed; use 'none'"),
+            (self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None,
+             "--moe-a2a-backend deepep: needs DeepEP (the deep_ep package), which is not installed; use "
+             "--moe-a2a-backend none"),
+            (self.moe_a2a_backend == "deepep",
+             f"--moe-a2a-backend deepep: dispatch through DeepEP {pending} (it pays with --enable-dp-attention, "
+             "also not built); use --moe-a2a-backend none"),
         ]
         for hit, message in checks:
             if hit:

@@ -46,6 +46,19 @@ def tiny_config(arch: str):
         return transformers.Qwen3Config(**{**common, "head_dim": 32, "num_key_value_heads": 1})
     if arch == "mistral":
         return transformers.MistralConfig(**{**common, "sliding_window": None})
+    # MoE: experts small and many enough that a batch spreads over all of them; intermediate sizes
+    # odd for the kernels' tails
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**{**common, "intermediate_size": 40, "num_local_experts": 8,
+                                             "num_experts_per_tok": 2, "sliding_window": None})
+    if arch == "qwen2_moe":  # a gated shared expert; every second layer sparse, layer 1 dense anyway
+        return transformers.Qwen2MoeConfig(**{**common, "num_hidden_layers": 3, "num_experts": 6,
+                                              "num_experts_per_tok": 3, "moe_intermediate_size": 24,
+                                              "shared_expert_intermediate_size": 56, "decoder_sparse_step": 1,
+                                              "mlp_only_layers": [1], "norm_topk_prob": False})
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**{**common, "head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                                              "moe_intermediate_size": 40, "norm_topk_prob": True})
     raise ValueError(arch)
 
 

@@ -24,6 +24,30 @@ class ParallelState:
 _STATE = ParallelState()
 
 
+@dataclass(frozen=True)
+class MoEParallel:
+    """How a MoE model's layers split over the TP group. Experts: over `ep_size` ranks (whole experts
+    each), and each expert's intermediate dim over the tp_size / ep_size ranks sharing them. Dense MLP
+    layers: split like the rest (dense_tp_size = tp_size) or replicated on every rank (1)."""
+
+    ep_size: int = 1
+    dense_tp_size: int | None = None
+
+
+_MOE = MoEParallel()
+
+
+def set_moe_parallel(ep_size: int, dense_tp_size: int | None) -> None:
+    global _MOE
+    if _STATE.tp_size % ep_size:
+        raise ValueError(f"--ep-size ({ep_size}) must divide --tp-size ({_STATE.tp_size})")
+    _MOE = MoEParallel(ep_size, dense_tp_size)
+
+
+def get_moe_parallel() -> MoEParallel:
+    return _MOE
+
+
 def set_parallel_state(tp_rank: int, tp_size: int, group: object | None = None,
                        cpu_group: object | None = None) -> None:
     global _STATE
@@ -49,7 +73,8 @@ def init_tensor_parallel(tp_rank: int, tp_size: int, init_method: str, device: t
 def setup_fingerprint(args) -> dict:
     """What every node must agree on."""
     return {"model_path": args.model_path, "load_format": args.load_format, "dtype": args.dtype,
-            "tp_size": args.tp_size, "dp_size": args.dp_size, "nnodes": args.nnodes,
+            "tp_size": args.tp_size, "ep_size": args.ep_size, "moe_dense_tp_size": args.moe_dense_tp_size,
+            "dp_size": args.dp_size, "nnodes": args.nnodes,
             "page_size": args.page_size, "context_length": args.context_length}
 
 

@@ -23,9 +23,10 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's rows (outputs) split across ranks; output stays split."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 out_per_rank: int | None = None) -> None:
+                 out_per_rank: int | None = None, replicated: bool = False) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        # replicated: every rank holds the whole layer (e.g. --moe-dense-tp-size 1)
+        self.tp_rank, self.tp_size = (0, 1) if replicated else (get_tp_rank(), get_tp_size())
         self.out_per_rank = out_per_rank or _divide(out_features, self.tp_size, "output size")
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -45,8 +46,9 @@ class ColumnParallelLinear(nn.Module):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections fused into one matmul (e.g. gate_proj + up_proj)."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(out_sizes), bias)
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
+                 replicated: bool = False) -> None:
+        super().__init__(in_features, sum(out_sizes), bias, replicated=replicated)
         self.part_sizes = [_divide(s, self.tp_size, "output size") for s in out_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -109,12 +111,15 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's columns (inputs) split; partial sums are all-reduced across ranks."""
+    """y = x W^T with W's columns (inputs) split; partial sums are all-reduced across ranks, unless
+    reduce_results is False (the caller adds more partial sums first and reduces once)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 in_range: tuple[int, int] | None = None) -> None:
+                 in_range: tuple[int, int] | None = None, replicated: bool = False,
+                 reduce_results: bool = True) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp_rank, self.tp_size = (0, 1) if replicated else (get_tp_rank(), get_tp_size())
+        self.reduce_results = reduce_results and self.tp_size > 1
         if in_range is None:  # an even split
             per_rank = _divide(in_features, self.tp_size, "input size")
             in_range = (self.tp_rank * per_rank, per_rank)
@@ -134,5 +139,9 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(linear(x, self.weight))
+        y = linear(x, self.weight)
+        if self.reduce_results:
+            y = tp_all_reduce(y)
+        elif self.tp_rank != 0:  # the caller's later sum over ranks must count the bias once
+            return y
         return y if self.bias is None else y + self.bias

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 import torch
@@ -13,17 +12,18 @@ import torch
 from radixserve.attention.torch_native import TorchNativeBackend
 from radixserve.cache.memory import MemoryPools
 from radixserve.cache.pools import KVPool
-from radixserve.distributed.parallel_state import tp_min_int
+from radixserve.distributed.parallel_state import set_moe_parallel, tp_min_int
 from radixserve.layers.logits import LogitsOutput
 from radixserve.loader import config as cfgutil
 from radixserve.loader.dummy import init_dummy_weights
+from radixserve.loader.model_config import ModelConfig
 from radixserve.loader.source import ModelSource
 from radixserve.loader.weights import iter_weights
 from radixserve.model_executor.compile import make_compiled_decode
 from radixserve.model_executor.cuda_graph import CudaGraphRunner
 from radixserve.model_executor.decode_inputs import eager_decode_batch
 from radixserve.model_executor.forward_batch import ForwardBatch
-from radixserve.models.registry import model_class_for
+from radixserve.models.registry import MODEL_CLASSES, architecture_of
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -79,23 +79,25 @@ class MemoryPlan:
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    cfg: Any
+    cfg: ModelConfig
     dtype: torch.dtype
     context_len: int
 
     @property
     def kv_bytes_per_token(self) -> int:
         return KVPool.bytes_per_token_for(
-            self.cfg.num_hidden_layers, self.model.num_kv_heads_per_rank, cfgutil.head_dim(self.cfg), self.dtype
+            self.cfg.num_layers, self.model.num_kv_heads_per_rank, self.cfg.head_dim, self.dtype
         )
 
 
 def load_model(args: ServerArgs, source: ModelSource, device: torch.device, context_len: int) -> LoadedModel:
-    cfg = source.hf_config
-    dtype = resolve_dtype(args.dtype, cfg, device)
+    dtype = resolve_dtype(args.dtype, source.hf_config, device)
     if args.random_seed is not None:
         torch.manual_seed(args.random_seed)
-    cls = model_class_for(cfg)
+    architecture = architecture_of(source.hf_config)
+    cfg = ModelConfig.from_hf(source.hf_config, architecture)
+    cls = MODEL_CLASSES[architecture]
+    set_moe_parallel(args.ep_size, args.moe_dense_tp_size)
     dummy = source.kind == "dummy" or args.load_format == "dummy"
     what = "random weights (--load-format dummy)" if dummy else source.gguf_file or source.model_path
     logger.info("loading %s from %s as %s on %s ...", cls.__name__, what, str(dtype).replace("torch.", ""), device)
@@ -161,7 +163,7 @@ def plan_memory(args: ServerArgs, loaded: LoadedModel, device: torch.device) -> 
 def create_memory_pools(args: ServerArgs, loaded: LoadedModel, plan: MemoryPlan, device: torch.device) -> MemoryPools:
     return MemoryPools.create(
         plan.max_total_tokens, plan.max_running_requests, loaded.context_len, args.page_size,
-        loaded.cfg.num_hidden_layers, loaded.model.num_kv_heads_per_rank, cfgutil.head_dim(loaded.cfg),
+        loaded.cfg.num_layers, loaded.model.num_kv_heads_per_rank, loaded.cfg.head_dim,
         loaded.dtype, device,
     )
 

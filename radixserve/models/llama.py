@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,34 +16,23 @@ from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLine
 from radixserve.layers.logits import LogitsOutput, compute_logits
 from radixserve.layers.norm import RMSNorm
 from radixserve.layers.rotary import RotaryEmbedding
-from radixserve.loader import config as cfgutil
+from radixserve.loader.model_config import ModelConfig
 from radixserve.model_executor.forward_batch import ForwardBatch
 
 
-@dataclass(frozen=True)
-class ProjectionBiases:
-    """Which projections carry a bias: each family reads this from its config differently."""
-
-    qkv: bool = False
-    o: bool = False
-    mlp: bool = False
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg, layer_id: int, qk_norm: bool = False, biases: ProjectionBiases = ProjectionBiases()) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        hidden, head_dim = cfg.hidden_size, cfgutil.head_dim(cfg)
-        self.qkv_proj = QKVParallelLinear(
-            hidden, head_dim, cfg.num_attention_heads, cfgutil.num_kv_heads(cfg), bias=biases.qkv
-        )
+        hidden, head_dim = cfg.hidden_size, cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.qkv_bias)
         qkv = self.qkv_proj
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=biases.o,
+        self.o_proj = RowParallelLinear(cfg.num_heads * head_dim, hidden, bias=cfg.o_bias,
                                         in_range=(qkv.q_head_start * head_dim, qkv.q_size))
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.head_dim = head_dim
         self.num_q_heads = self.q_size // head_dim
-        self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.attn = AttentionLayerSpec(
             layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
@@ -64,10 +52,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+    """gate/up, SiLU-and-mul, down. replicated: whole on every rank (--moe-dense-tp-size 1);
+    reduce_results False: the output stays this rank's partial sum (the caller reduces)."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, replicated: bool = False,
+                 reduce_results: bool = True) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate], bias=bias)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate], bias=bias,
+                                                       replicated=replicated)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, replicated=replicated,
+                                           reduce_results=reduce_results)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,10 +73,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_id: int, qk_norm: bool, biases: ProjectionBiases) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_id, qk_norm, biases)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, biases.mlp)
+        self.self_attn = LlamaAttention(cfg, layer_id)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -100,7 +94,6 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    qk_norm = False
     # checkpoint name piece -> (our fused parameter piece, shard id)
     stacked_params = (
         ("q_proj", "qkv_proj", "q"),
@@ -110,29 +103,31 @@ class LlamaForCausalLM(nn.Module):
         ("up_proj", "gate_up_proj", 1),
     )
 
-    def __init__(self, cfg, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(
-            cfgutil.head_dim(cfg), max_positions, cfgutil.rope_theta(cfg), cfgutil.rope_scaling(cfg)
-        )
-        biases = self.projection_biases(cfg)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, self.qk_norm, biases) for i in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, i, self.make_mlp(cfg, i)) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.tied = cfg.tie_word_embeddings
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
         self.tp_size = get_tp_size()
 
-    @staticmethod
-    def projection_biases(cfg) -> ProjectionBiases:
-        # as transformers' Llama: attention_bias covers q, k, v and o; mlp_bias the three MLP ones
-        attn = bool(getattr(cfg, "attention_bias", False))
-        return ProjectionBiases(qkv=attn, o=attn, mlp=bool(getattr(cfg, "mlp_bias", False)))
+    def make_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
+        """The feed-forward of one layer (MoE models give some or all layers experts)."""
+        return LlamaMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def checkpoint_target(self, name: str) -> tuple[str, object]:
+        """(our parameter name, shard id) of a checkpoint tensor name (without its "model." prefix)."""
+        for ckpt_piece, our_piece, shard_id in self.stacked_params:
+            if f".{ckpt_piece}." in name:
+                return name.replace(ckpt_piece, our_piece), shard_id
+        return name, None
 
     @property
     def num_kv_heads_per_rank(self) -> int:
@@ -157,11 +152,7 @@ class LlamaForCausalLM(nn.Module):
                 name = name[len("model.") :]
             if name == "lm_head.weight" and self.tied:
                 continue
-            target, shard = name, None
-            for ckpt_piece, our_piece, shard_id in self.stacked_params:
-                if f".{ckpt_piece}." in name:
-                    target, shard = name.replace(ckpt_piece, our_piece), shard_id
-                    break
+            target, shard = self.checkpoint_target(name)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]

@@ -1,11 +1,9 @@
-"""Mistral: the Llama decoder (its sliding window is handled by capping the context length)."""
+"""Mistral: the Llama decoder without biases (its sliding window is handled by capping the context length)."""
 
 from __future__ import annotations
 
-from radixserve.models.llama import LlamaForCausalLM, ProjectionBiases
+from radixserve.models.llama import LlamaForCausalLM
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    @staticmethod
-    def projection_biases(cfg) -> ProjectionBiases:
-        return ProjectionBiases()  # no projection has a bias
+    """Named for the logs; its differences from Llama are in ModelConfig."""

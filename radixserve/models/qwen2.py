@@ -1,12 +1,9 @@
-"""Qwen2: the Llama decoder with biases on the q/k/v projections."""
+"""Qwen2: the Llama decoder with biases on the q/k/v projections (ModelConfig sets them)."""
 
 from __future__ import annotations
 
-from radixserve.models.llama import LlamaForCausalLM, ProjectionBiases
+from radixserve.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    @staticmethod
-    def projection_biases(cfg) -> ProjectionBiases:
-        # always q/k/v and nothing else, whatever the config says (transformers ignores the flags)
-        return ProjectionBiases(qkv=True)
+    """Named for the logs; its differences from Llama are in ModelConfig."""

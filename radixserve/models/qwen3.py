@@ -1,14 +1,9 @@
-"""Qwen3: the Llama decoder with RMSNorm over each head of q and k before rotary."""
+"""Qwen3: the Llama decoder with RMSNorm over each head of q and k before rotary (ModelConfig.qk_norm)."""
 
 from __future__ import annotations
 
-from radixserve.models.llama import LlamaForCausalLM, ProjectionBiases
+from radixserve.models.llama import LlamaForCausalLM
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    qk_norm = True
-
-    @staticmethod
-    def projection_biases(cfg) -> ProjectionBiases:
-        attn = bool(getattr(cfg, "attention_bias", False))  # q, k, v and o; the MLP never has one
-        return ProjectionBiases(qkv=attn, o=attn)
+    """Named for the logs; its differences from Llama are in ModelConfig."""
