@@ -26,7 +26,7 @@ from radixserve.loader.errors import ModelLoadError, first_line
 logger = logging.getLogger(__name__)
 
 # Bump when the layout of what we cache changes, so stale entries are ignored.
-_CACHE_FORMAT = "1"
+_CACHE_FORMAT = "2"
 
 # llama.cpp's converter permutes q/k rows only for these architectures (qwen2/qwen3 are stored as-is).
 PERMUTED_QK_ARCHS = frozenset({"llama", "mistral"})
@@ -49,7 +49,19 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Mixture of experts: the router, every expert's matrices stacked [E, rows, cols], a shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+# GGUF keys transformers' converter leaves out, and the config attribute each sets
+_MOE_CONFIG_KEYS = {"expert_feed_forward_length": "moe_intermediate_size",
+                    "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 
 # Tensors llama.cpp adds that have no HF parameter (llama 3 stores its rope frequencies as a tensor).
 _SKIPPED = frozenset({"rope_freqs"})
@@ -140,6 +152,8 @@ def iter_gguf_weights(gguf_file: str) -> Iterator[tuple[str, torch.Tensor]]:
             weight = unpermute_qk(weight, int(n_head))
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = unpermute_qk(weight, int(n_kv_head))
+        elif name.endswith("shared_expert_gate.weight"):
+            weight = weight.reshape(1, -1)  # one output: llama.cpp stores it as a vector
         yield name, weight
 
 
@@ -209,6 +223,18 @@ def cached_convert(
     return obj
 
 
+def add_moe_fields(cfg: Any, reader: Any) -> None:
+    """The expert sizes transformers' GGUF converter drops (it would build experts of its default size),
+    and llama.cpp's routing: Qwen3-MoE renormalises its top-k weights, Qwen2-MoE does not."""
+    arch = str(_field(reader, "general.architecture") or "")
+    for key, attr in _MOE_CONFIG_KEYS.items():
+        value = _field(reader, f"{arch}.{key}")
+        if value:
+            setattr(cfg, attr, int(value))
+    if _field(reader, f"{arch}.expert_count"):
+        cfg.norm_topk_prob = arch == "qwen3moe"
+
+
 def load_gguf_config(gguf_file: str, trust_remote_code: bool = False) -> Any:
     """The transformers config of a GGUF file (cached on disk: parsing the file's metadata takes seconds)."""
     from transformers import AutoConfig
@@ -217,9 +243,11 @@ def load_gguf_config(gguf_file: str, trust_remote_code: bool = False) -> Any:
 
     def convert() -> Any:
         try:
-            return AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
+            cfg = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"cannot parse GGUF file {gguf_file}: {first_line(e)}") from e
+        add_moe_fields(cfg, open_reader(gguf_file))
+        return cfg
 
     def load_cached(path: Path) -> Any:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
