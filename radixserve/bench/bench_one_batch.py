@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from radixserve.bench.batch_driver import BatchDriver, build_runner, resolve_model_path
+from radixserve.layers.moe.layer import FusedMoE
 from radixserve.server_args import CHOICES, ServerArgs, ServerArgsError
 
 WARMUP_MAX_OUTPUT = 32  # warm-up decodes this many steps at most: enough to settle allocators
@@ -49,6 +50,11 @@ class ModelCost:
     num_layers: int
     num_q_heads: int
     head_dim: int
+    # Mixture of experts: the experts' share of weight_bytes and layer_matmul_params, and the routing
+    expert_bytes: int = 0
+    expert_params: int = 0
+    num_experts: int = 0
+    top_k: int = 0
 
     @classmethod
     def of(cls, runner: Any) -> ModelCost:
@@ -63,20 +69,40 @@ class ModelCost:
         weight_bytes = total_bytes - (0 if tied else embed.numel() * embed.element_size())
         layer_params = sum(p.numel() for p in model.layers.parameters() if p.dim() >= 2)
         spec = model.layers[0].self_attn.attn
+        experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+        expert_tensors = [p for m in experts for p in (m.w13, m.w2)]
+        moe = getattr(runner.cfg, "moe", None)
         return cls(
             params=params, weight_bytes=weight_bytes, layer_matmul_params=layer_params,
             lm_head_params=lm_head.numel(), kv_bytes_per_token=runner.pools.kv.bytes_per_token(),
             num_layers=len(model.layers), num_q_heads=spec.num_heads, head_dim=spec.head_dim,
+            expert_bytes=sum(p.numel() * p.element_size() for p in expert_tensors),
+            expert_params=sum(p.numel() for p in expert_tensors),
+            num_experts=moe.num_experts if moe and experts else 0, top_k=moe.top_k if moe and experts else 0,
         )
 
+    def experts_read_share(self, batch: int) -> float:
+        """The expected share of a layer's experts a decode step reads: a batch of `batch` tokens, each
+        routed to top_k of num_experts uniformly, leaves an expert untouched with (1 - k/E)^batch. At
+        batch 1 it is exactly k/E."""
+        if not self.num_experts:
+            return 1.0
+        return 1.0 - (1.0 - self.top_k / self.num_experts) ** batch
+
     def decode_bytes(self, batch: int, context: float) -> float:
-        """One decode step: all weights once, plus the KV of `context` tokens for each request."""
-        return self.weight_bytes + self.kv_bytes_per_token * batch * context
+        """One decode step: every dense weight once, the experts the batch reaches once, plus the KV
+        of `context` tokens for each request."""
+        weights = self.weight_bytes - self.expert_bytes + self.expert_bytes * self.experts_read_share(batch)
+        return weights + self.kv_bytes_per_token * batch * context
 
     def prefill_flops(self, batch: int, input_len: int) -> float:
-        """2 FLOPs per multiply-add: layer weights per token, LM head per request, causal attention."""
+        """2 FLOPs per multiply-add: layer weights per token (of the experts, the top_k a token goes
+        through), LM head per request, causal attention."""
         tokens = batch * input_len
-        linear = 2.0 * (self.layer_matmul_params * tokens + self.lm_head_params * batch)
+        per_token = self.layer_matmul_params
+        if self.num_experts:
+            per_token -= self.expert_params * (1.0 - self.top_k / self.num_experts)
+        linear = 2.0 * (per_token * tokens + self.lm_head_params * batch)
         # QK^T and PV, each 2 * head_dim per (query, visible key) pair and head
         pairs = batch * input_len * (input_len + 1) / 2
         attention = 4.0 * self.num_layers * self.num_q_heads * self.head_dim * pairs

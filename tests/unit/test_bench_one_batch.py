@@ -101,3 +101,29 @@ def test_default_peaks_follow_the_gpu_model():
     assert default_peaks("NVIDIA H200") == (4300.0, 790.0)
     assert default_peaks("NVIDIA H100 80GB HBM3") == (3000.0, 800.0)
     assert default_peaks("NVIDIA A100-SXM4-80GB") == (3000.0, 800.0)  # not measured here: the H100's
+
+
+def test_moe_cost_counts_the_experts_a_step_reaches():
+    # 100 bytes of weights of which 80 are 8 experts, top 2: batch 1 reads exactly 2 of 8 experts
+    cost = ModelCost(params=0, weight_bytes=100, layer_matmul_params=50, lm_head_params=0, kv_bytes_per_token=0,
+                     num_layers=1, num_q_heads=1, head_dim=1, expert_bytes=80, expert_params=40, num_experts=8,
+                     top_k=2)
+    assert cost.experts_read_share(1) == pytest.approx(0.25)
+    assert cost.decode_bytes(batch=1, context=0) == pytest.approx(20 + 80 * 0.25)
+    # a large batch reaches (nearly) every expert
+    assert cost.decode_bytes(batch=64, context=0) == pytest.approx(100, rel=1e-6)
+    # a prompt token multiplies through the dense 10 params and 2/8 of the 40 expert params
+    assert cost.prefill_flops(1, 1) == pytest.approx(2 * (10 + 10) + 4)
+
+
+def test_moe_cost_of_a_real_runner(tmp_path):
+    from radixserve.bench.batch_driver import build_runner
+    from tests.helpers import make_tiny_model
+
+    make_tiny_model("qwen3_moe", str(tmp_path), tokenizer=False)
+    args = build_parser().parse_args(["--model-path", str(tmp_path), "--load-format", "dummy", "--device", "cpu",
+                                      "--dtype", "float32", "--input-len", "16", "--output-len", "4"])
+    cost = ModelCost.of(build_runner(server_args_for(args)))
+    # 2 layers x 8 experts x (2*40*64 + 64*40) fp32 parameters
+    assert cost.num_experts == 8 and cost.top_k == 2
+    assert cost.expert_params == 2 * 8 * 3 * 40 * 64 and cost.expert_bytes == 4 * cost.expert_params
