@@ -58,3 +58,17 @@ def test_runner_routes_small_decode_batches_to_the_compiled_model(monkeypatch):
     for bs in (1, 2, 3):
         runner.forward(dummy_decode_batch(runner, bs))
     assert calls == [1, 2]
+
+
+def test_compiled_decode_of_a_moe_model_matches_eager(tmp_path):
+    """The experts' torch path is one custom op, so the fullgraph compile of a MoE decode holds."""
+    from tests.helpers import make_tiny_model
+
+    make_tiny_model("qwen2_moe", str(tmp_path), seed=3, tokenizer=False)
+    common = dict(model_path=str(tmp_path), dtype="float32", device="cpu", max_total_tokens=2048)
+    with Engine(**common) as eager:
+        want = run_all(eager)
+    with Engine(**common, enable_torch_compile=True, torch_compile_max_bs=COMPILE_MAX_BS) as compiled:
+        got = run_all(compiled)
+        assert_pools_whole(compiled)
+    assert got == want

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from radixserve.distributed.parallel_state import get_moe_parallel, get_tp_rank, get_tp_size
-from radixserve.layers.moe.torch_moe import fused_experts_torch
+from radixserve.layers.moe.torch_moe import moe_experts_torch
 
 try:
     from radixserve.layers.moe.triton_moe import fused_experts_triton, takes_triton_moe
@@ -95,4 +95,4 @@ class FusedMoE(nn.Module):
         """This rank's partial sum of the experts' output (the caller all-reduces)."""
         if fused_experts_triton is not None and takes_triton_moe(x):
             return fused_experts_triton(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)
-        return fused_experts_torch(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)
+        return moe_experts_torch(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)

@@ -29,3 +29,17 @@ def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
         y = F.linear(act, w2[expert]) * topk_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(x.dtype))
     return out
+
+
+# One opaque op for torch.compile (fullgraph): the loop above decides on the host which experts run,
+# which Dynamo cannot trace; as a custom op the compiled decode graph simply calls it.
+@torch.library.custom_op("radixserve::moe_experts_torch", mutates_args=())
+def moe_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+    return fused_experts_torch(x, w13, w2, topk_weights, topk_ids, expert_map)
+
+
+@moe_experts_torch.register_fake
+def _moe_experts_torch_fake(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                            topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(x)
