@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue 20's GPU figures for one MoE architecture (dummy bf16 weights), on a machine without internet.
+#
+#   scripts/build_gpu_wheels.sh                          # here, once: fills .whl/
+#   SHAPE=mixtral PARTS="one_batch peer" scripts/run_gpu_moe_bench.sh      # there, from the repo root
+#
+# SHAPE: mixtral (radixserve/configs/mixtral-8x7b: 93 GB of weights, needs an H200) or qwen3moe
+# (radixserve/configs/qwen3-30b-a3b: 61 GB). PARTS, any of:
+#   kernel     scripts/gpu_moe_kernel_bench.py for the shape (times the fused MoE kernel against the torch
+#              loop; TUNE=1 also searches tile configs and writes them under $OUT/kernel)
+#   one_batch  bench_one_batch: batch 1 (128 in / 256 out), batch 32 (1024 in, 16 steps), prefill 32 x 1024,
+#              each beside its floor (the experts a step reaches; bench_one_batch's ModelCost)
+#   peer       benchmarks/peers/gptfast_style_mixtral.py at batch 1, 128 in / 256 out (Mixtral only)
+#   serving    a server + bench_serving, 500 random prompts (NUM_PROMPTS, INPUT_LEN=1024, OUTPUT_LEN=256,
+#              RANGE_RATIO=1.0)
+# Each part writes under $OUT/<part>/ (default OUT=/tmp/out). Exits non-zero when a part failed.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+SHAPE=${SHAPE:-qwen3moe}
+PARTS=${PARTS:-one_batch serving}
+export PYTHONUNBUFFERED=1
+case $SHAPE in  # MODEL= overrides the config folder (a CPU smoke run: a tiny MoE, DEVICE=cpu DTYPE=float32 QUICK=1)
+  mixtral) MODEL=${MODEL:-radixserve/configs/mixtral-8x7b} ;;
+  qwen3moe) MODEL=${MODEL:-radixserve/configs/qwen3-30b-a3b} ;;
+  *) echo "run_gpu_moe_bench: SHAPE is mixtral or qwen3moe, not $SHAPE" >&2; exit 2 ;;
+esac
+mkdir -p "$OUT"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || { echo "run_gpu_moe_bench: installing .whl/ failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+failed=0
+for part in $PARTS; do
+  dir="$OUT/$part"
+  mkdir -p "$dir"
+  echo "=== $part ($SHAPE) $(date -u +%H:%M:%S)"
+  case $part in
+    kernel)
+      tune=()
+      [[ ${TUNE:-0} == 1 ]] && tune=(--tune)
+      timeout "${KERNEL_TIMEOUT:-300}" python3 scripts/gpu_moe_kernel_bench.py --shape "$SHAPE" "${tune[@]}" \
+        --out "$dir" 2>&1 | tee "$dir/kernel.log"
+      rc=${PIPESTATUS[0]} ;;
+    one_batch)
+      OUT="$dir" MODEL="$MODEL" SERVING=0 OFFLINE=0 INSTALL_WHEELS=0 STEP_TIMEOUT=${STEP_TIMEOUT:-240} \
+        bash scripts/run_gpu_benchmarks.sh
+      rc=$? ;;
+    peer)
+      timeout "${PEER_TIMEOUT:-540}" python3 benchmarks/peers/gptfast_style_mixtral.py --config "$MODEL" \
+        --input-len 128 --output-len 256 --runs "${PEER_RUNS:-3}" --out "$dir/peer.json" 2>&1 | tee "$dir/peer.log"
+      rc=${PIPESTATUS[0]} ;;
+    serving)
+      OUT="$dir" MODEL="$MODEL" INSTALL_WHEELS=0 NUM_PROMPTS=${NUM_PROMPTS:-500} INPUT_LEN=${INPUT_LEN:-1024} \
+        OUTPUT_LEN=${OUTPUT_LEN:-256} RANGE_RATIO=${RANGE_RATIO:-1.0} bash scripts/run_gpu_serving_bench.sh
+      rc=$? ;;
+    *) echo "run_gpu_moe_bench: unknown part $part" >&2; rc=2 ;;
+  esac
+  [[ $rc != 0 ]] && { echo "=== $part failed (exit $rc)"; failed=1; }
+done
+exit $failed
