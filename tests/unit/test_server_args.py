@@ -160,3 +160,17 @@ def test_every_flag_is_declared_once_and_the_parser_follows_the_declaration():
 def test_declared_bounds_are_checked_with_the_flag_named(kwargs, message):
     with pytest.raises(ServerArgsError, match=message):
         ServerArgs(**kwargs)
+
+
+def test_moe_parallel_flags():
+    args = parse(["--tp-size", "4", "--ep-size", "2", "--moe-dense-tp-size", "1"])
+    assert (args.ep_size, args.moe_dense_tp_size) == (2, 1) and args.unbuilt_feature() is None
+    assert parse(["--tp-size", "2", "--expert-parallel-size", "2"]).ep_size == 2
+    assert parse(["--tp-size", "2", "--ep", "2"]).ep_size == 2
+    with pytest.raises(ServerArgsError, match="--ep-size \\(3\\) must divide --tp-size \\(4\\)"):
+        ServerArgs(tp_size=4, ep_size=3)
+    with pytest.raises(ServerArgsError, match="--moe-dense-tp-size: 1 .* got 2"):
+        ServerArgs(tp_size=4, moe_dense_tp_size=2)
+    # deepep: one line, whether or not the package is there
+    message = ServerArgs(moe_a2a_backend="deepep").unbuilt_feature()
+    assert message.startswith("--moe-a2a-backend deepep") and "\n" not in message
