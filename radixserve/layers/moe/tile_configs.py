@@ -41,13 +41,14 @@ def default_config(num_tokens: int, num_experts: int, n: int, h: int) -> dict:
     """A tile for shapes nobody tuned: BLOCK_M follows the rows an expert is expected to get (padding
     a block of 64 rows for 2 tokens wastes the tensor cores' work and the activations' reads)."""
     rows = num_tokens * ASSUMED_TOP_K / max(num_experts, 1)
+    # the winners of the first H100 tuning runs (configs/), by rows per expert
     if rows <= 16:  # decode: weight-read bound, so many narrow programs stream the weights
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if rows <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    if rows <= 512:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=3)
+    if rows <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,8 +4,8 @@
    expert's run is padded to a multiple of BLOCK_M, so every block of BLOCK_M sorted rows belongs to
    one expert. Padding rows hold the sentinel T*K. Nothing is read back to the host and every buffer
    is sized by a bound that depends on shapes alone (T*K + min(E, T*K) * (BLOCK_M - 1) rows), so
-   the layer can be captured in a CUDA graph; programs past the real padded count read it from a
-   device tensor and exit.
+   the layer can be captured in a CUDA graph; each program finds its block's expert and the real
+   padded count in a device tensor (padded_end), and programs past that count exit.
 2. A grouped GEMM over those blocks, x[token] @ w13[e].T: each program owns matching BLOCK_N columns
    of gate (rows n of w13[e]) and up (rows N + n), accumulates both from one load of x and writes
    silu(gate) * up rounded to x's dtype, so the [rows, 2N] projection never reaches memory.
@@ -32,6 +32,7 @@ from radixserve.layers.moe.tile_configs import tile_config
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # CPU installs without Triton use torch_moe.py
     triton = None
 
@@ -51,18 +52,28 @@ if triton is not None:
         return first_m + (pid % per_group) % size, (pid % per_group) // size
 
     @triton.jit
-    def _gate_up_silu_kernel(x_ptr, w_ptr, act_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs,
+    def _expert_of(padded_end_ptr, num_experts, pid_m, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr):
+        """(row block pid_m's expert: the number of padded runs that end at or before its first row,
+        whether the block lies inside the padded count at all)."""
+        start = pid_m * BLOCK_M
+        e = tl.arange(0, EXPERTS)
+        ends = tl.load(padded_end_ptr + e, mask=e < num_experts, other=0)
+        expert = tl.sum(((ends <= start) & (e < num_experts)).to(tl.int32), axis=0)
+        return expert.to(tl.int64), start < tl.load(padded_end_ptr + num_experts - 1)
+
+    @triton.jit
+    def _gate_up_silu_kernel(x_ptr, w_ptr, act_ptr, sorted_ptr, padded_end_ptr, num_experts, num_pairs,
                              n, h, num_m, up_offset, x_stride, w_stride_e, w_stride_n, act_stride,
-                             TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             TOP_K: tl.constexpr, EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
         pid_m, pid_n = _tile_of(tl.program_id(0), num_m, tl.cdiv(n, BLOCK_N), GROUP_M)
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):  # past the last padded block: nothing to do
+        expert, active = _expert_of(padded_end_ptr, num_experts, pid_m, BLOCK_M, EXPERTS)
+        if not active:  # past the last padded block: nothing to do
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pairs = tl.load(sorted_ptr + rows)
         row_valid = pairs < num_pairs
         tokens = (pairs // TOP_K).to(tl.int64)
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # columns past N are clamped, not masked, so weight loads need no mask; the store drops them
         w_cols = tl.minimum(cols, n - 1).to(tl.int64)
@@ -98,17 +109,17 @@ if triton is not None:
                  mask=cols[None, :] < n)
 
     @triton.jit
-    def _down_kernel(act_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+    def _down_kernel(act_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ptr, padded_end_ptr, num_experts,
                      num_pairs, h, n, num_m, act_stride, w_stride_e, w_stride_h, out_stride,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                     EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
         pid_m, pid_n = _tile_of(tl.program_id(0), num_m, tl.cdiv(h, BLOCK_N), GROUP_M)
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        expert, active = _expert_of(padded_end_ptr, num_experts, pid_m, BLOCK_M, EXPERTS)
+        if not active:
             return
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pairs = tl.load(sorted_ptr + rows)
         row_valid = pairs < num_pairs
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         w_cols = tl.minimum(cols, h - 1).to(tl.int64)
         ks = tl.arange(0, BLOCK_K)
@@ -141,31 +152,27 @@ def padded_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-rows // block_m) * block_m
 
 
-def align_by_expert(local_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """local_ids [T*K] (int64; -1: another rank's expert) -> (sorted_ids [bound] int32: pair index per
-    row, T*K on padding rows; block_expert [bound / block_m] int32; num_padded [1] int64).
+def align_by_expert(local_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """local_ids [T*K] (int64; -1: another rank's expert) -> (sorted_ids [bound] int64: the pair index
+    of each row, T*K on padding rows; padded_end [E + 1] int64: where each expert's padded run ends,
+    [E - 1] being the padded count). Blocks find their expert in padded_end themselves.
 
-    Device ops only, no host sync: counts by scatter_add, ranks within an expert from a stable sort.
-    Remote pairs sort behind every local expert and land past num_padded (inside the bound), where no
-    program reads them."""
+    Device ops only, no host sync, about 15 small kernels: a stable sort by expert gives each pair's
+    rank, and searching the sorted ids for each expert's first position gives the counts. Remote pairs
+    form bucket E, behind every local expert: past the padded count, inside the bound, never read."""
     num_pairs = local_ids.numel()
     device = local_ids.device
-    bound = padded_bound(num_pairs, num_experts, block_m)
-    bucket = torch.where(local_ids < 0, num_experts, local_ids)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    buckets = num_experts + 1
+    sorted_bucket, order = torch.sort(local_ids.remainder(buckets), stable=True)  # -1 -> bucket E
+    edges = torch.searchsorted(sorted_bucket, torch.arange(buckets + 1, device=device))
+    padded = edges.diff().add_(block_m - 1).div_(block_m, rounding_mode="floor").mul_(block_m)
     padded_end = padded.cumsum(0)
-    padded_start = torch.cat([padded_end.new_zeros(1), padded_end])  # [E] = total: remote pairs go there
-    count_start = counts.cumsum(0) - counts
-    sorted_bucket, order = torch.sort(bucket, stable=True)
-    rank = torch.arange(num_pairs, device=device) - count_start[sorted_bucket]
-    dest = padded_start[sorted_bucket] + rank
-    sorted_ids = torch.full((bound,), num_pairs, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    block_starts = torch.arange(0, bound, block_m, device=device)
-    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp_(max=num_experts - 1)
-    return sorted_ids, block_expert.to(torch.int32), padded_end[-1:]
+    # a pair's row: its place in the sorted order plus the padding of the experts before its own
+    shift = padded_end - padded - edges[:-1]
+    dest = shift[sorted_bucket].add_(torch.arange(num_pairs, device=device))
+    sorted_ids = torch.full((padded_bound(num_pairs, num_experts, block_m),), num_pairs, dtype=torch.int64,
+                            device=device)
+    return sorted_ids.scatter_(0, dest, order), padded_end
 
 
 @functools.lru_cache(maxsize=8)
@@ -176,6 +183,27 @@ def _device_name(device: torch.device) -> str | None:
 def _block(limit: int, size: int) -> int:
     """A tile edge no wider than the dimension needs (tl.dot wants at least 16)."""
     return min(limit, max(16, triton.next_power_of_2(size)))
+
+
+_stages_that_fit: dict[tuple, int] = {}
+
+
+def _run(kernel, grid: tuple[int], args: tuple, consts: dict, num_warps: int, num_stages: int) -> None:
+    """Launch with the tile's pipeline depth, or the deepest that fits the GPU's shared memory: fp32
+    needs twice a half-precision tile's, and a table tuned on a bigger GPU may ask for too much. The
+    depth that fitted is remembered, so only the first call (a warm-up, before any graph capture)
+    compiles the ones that did not."""
+    key = (kernel.fn.__name__, args[0].dtype, args[0].device, num_warps, num_stages, *consts.values())
+    stages = _stages_that_fit.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=stages)
+            break
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+    _stages_that_fit[key] = stages
 
 
 def fused_moe_launch(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
@@ -196,32 +224,33 @@ def fused_moe_launch(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, t
         x = x.contiguous()
     cfg = config or tile_config(num_tokens, num_experts, n, h, x.dtype, _device_name(x.device))
     block_m, group_m = cfg["BLOCK_M"], cfg["GROUP_M"]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    warps, stages = cfg["num_warps"], cfg["num_stages"]
 
     ids = topk_ids.reshape(-1).long()
     if expert_map is not None:
         ids = expert_map.index_select(0, ids).long()
     num_pairs = ids.numel()
-    sorted_ids, block_expert, num_padded = align_by_expert(ids, num_experts, block_m)
+    sorted_ids, padded_end = align_by_expert(ids, num_experts, block_m)
     bound = sorted_ids.numel()
     num_m = bound // block_m
+    experts_p2 = triton.next_power_of_2(num_experts)
 
     act = torch.empty((bound, n), dtype=x.dtype, device=x.device)
     bn, bk = _block(cfg["BLOCK_N"], n), _block(cfg["BLOCK_K"], h)
-    _gate_up_silu_kernel[(num_m * triton.cdiv(n, bn),)](
-        x, w13, act, sorted_ids, block_expert, num_padded, num_pairs, n, h, num_m, n * w13.stride(1),
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), TOP_K=top_k, BLOCK_M=block_m,
-        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, EVEN_K=h % bk == 0, **launch,
-    )
+    _run(_gate_up_silu_kernel, (num_m * triton.cdiv(n, bn),),
+         (x, w13, act, sorted_ids, padded_end, num_experts, num_pairs, n, h, num_m, n * w13.stride(1),
+          x.stride(0), w13.stride(0), w13.stride(1), act.stride(0)),
+         dict(TOP_K=top_k, EXPERTS=experts_p2, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+              EVEN_K=h % bk == 0), warps, stages)
     # a remote pair's row is never written: zero it rather than sum uninitialised memory (NaN * 0)
     alloc = torch.empty if expert_map is None else torch.zeros
     out = alloc((num_pairs, h), dtype=x.dtype, device=x.device)
     bn, bk = _block(cfg["BLOCK_N"], h), _block(cfg["BLOCK_K"], n)
-    _down_kernel[(num_m * triton.cdiv(h, bn),)](
-        act, w2, out, topk_weights.reshape(-1).float(), sorted_ids, block_expert, num_padded, num_pairs,
-        h, n, num_m, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0), BLOCK_M=block_m,
-        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, EVEN_K=n % bk == 0, **launch,
-    )
+    _run(_down_kernel, (num_m * triton.cdiv(h, bn),),
+         (act, w2, out, topk_weights.reshape(-1).float(), sorted_ids, padded_end, num_experts, num_pairs,
+          h, n, num_m, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0)),
+         dict(EXPERTS=experts_p2, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+              EVEN_K=n % bk == 0), warps, stages)
     if top_k == 1:
         return out
     return out.view(num_tokens, top_k, h).sum(dim=1)  # half-precision sums accumulate in fp32
