@@ -1,0 +1,325 @@
+"""Triton kernels for block-scaled FP8 linear layers (DeepSeek-V3's format; fp8_utils.py has the formats).
+
+1. `per_token_group_quant_fp8`: x [M, K] -> e4m3 values and one fp32 scale per (row, 128 columns),
+   bit for bit what fp8_utils.quantize_activation_per_token_group computes.
+2. `w8a8_block_fp8_matmul`: a tiled GEMM over the fp8 activation and the fp8 weight [N, K]. BLOCK_K is
+   the quant group (128), so each K step is one fp8 tl.dot (fp32 result) scaled by x_scale[m, kb] *
+   w_scale_inv[n // 128, kb] and added to an fp32 accumulator: the scales never enter the dot, and the
+   tensor cores' accumulation runs over 128 products at most before the fp32 add (on Hopper fp8 MMA
+   accumulates with fewer bits than fp32; promoting every 128 is what DeepSeek-V3 does too).
+   `block_fp8_linear` runs 1 then 2 and is the custom op radixserve::block_fp8_linear.
+3. `fp8_gemv`, batch 1: reading the weight is the whole cost, so it is a GEMV like layers/gemv.py
+   over fp8 rows (half the bytes of bf16). A program owns BLOCK_N rows inside one 128-row scale block,
+   so it scales the activation slice by that block row's factors once per step instead of every
+   weight. The activation stays in its own dtype (no fp8 round trip): the result is F.linear(x,
+   dequant(w)) up to summation order, more accurate than the w8a8 path, whose activation rounding
+   adds a relative error up to 2^-4 per element. A request decoding alone therefore gets slightly
+   different logits than in a batch; the integrator decides whether that matters.
+
+Triton's interpreter (CPU tests, triton 3.9) runs the fp8 loads, stores and tl.dot exactly, but its
+fp32 -> fp8 cast does not carry a rounding into the exponent and does not saturate (31.2 becomes 16).
+Under the interpreter the kernels therefore round to the e4m3 grid in fp32 first (EXACT_CAST), after
+which the cast is exact; on the GPU the native cast (cvt.rn.satfinite) does the same rounding.
+Written against Triton 3.6's API. RADIXSERVE_TRITON_FP8=0 turns the kernels off (the torch path).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from radixserve.layers.quantization.fp8_utils import EPS, FP8_DTYPE, FP8_MAX
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton use fp8_utils.block_fp8_linear_torch
+    triton = None
+
+ENABLED = os.environ.get("RADIXSERVE_TRITON_FP8", "1") != "0"
+# GEMM tiles by M bucket: (largest M, config). Untuned defaults sized for Hopper's shared memory
+# (a 128 x 128 fp8 tile of each operand is 16 KiB a stage); scripts/gpu_fp8_gemm_bench.py sweeps them.
+GEMM_CONFIGS: tuple[tuple[int, dict[str, int]], ...] = (
+    (16, dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)),
+    (64, dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=4)),
+    (256, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=3)),
+    (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
+)
+# GEMV: weight elements (bytes) a program reads per step, and the widest step along K
+GEMV_TILE_ELEMENTS = 8192
+GEMV_MAX_BLOCK_K = 2048
+GEMV_WARPS = 4
+# columns a quantiser program covers (several groups of one row)
+_QUANT_ELEMENTS = 1024
+
+if triton is not None:
+    _MAX = tl.constexpr(FP8_MAX)
+    _EPS = tl.constexpr(EPS)
+    _INV_MAX = tl.constexpr(1.0 / FP8_MAX)
+
+    @triton.jit
+    def _round_to_e4m3(v):
+        """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still in fp32."""
+        bits = v.to(tl.int32, bitcast=True)
+        # e4m3 keeps 3 mantissa bits; below 2^-6 it is subnormal with a fixed step of 2^-9
+        exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+        step = ((exp + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3)
+        mag = tl.abs(v) / step  # exact: a power of two; below 16
+        mag = ((mag + 12582912.0) - 12582912.0) * step  # + 1.5 * 2^23 rounds to an integer, ties to even
+        return tl.where(bits < 0, -mag, mag)  # the sign bit, so -0.0 stays -0.0
+
+    @triton.jit
+    def _to_fp8(v, EXACT_CAST: tl.constexpr):
+        v = tl.minimum(tl.maximum(v, -_MAX), _MAX)
+        if EXACT_CAST:
+            v = _round_to_e4m3(v)
+        return v.to(tl.float8e4nv)
+
+    @triton.jit
+    def _group_quant_kernel(x_ptr, q_ptr, s_ptr, k, num_groups, x_stride, q_stride, s_stride,
+                            GROUP: tl.constexpr, GROUPS: tl.constexpr, EXACT_CAST: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = cols < k  # zeros past K leave the amax alone
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        # the reference's ops exactly: a multiply by fp32(1/448), then an IEEE division (div_rn: "/"
+        # may be approximate on the GPU)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), _EPS) * _INV_MAX
+        q = _to_fp8(tl.math.div_rn(x, scale[:, None]), EXACT_CAST)
+        tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
+        tl.store(s_ptr + row * s_stride + groups, scale, mask=groups < num_groups)
+
+    @triton.jit
+    def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row block, column block) of program pid: GROUP_M row blocks walk the column blocks
+        together, so a weight tile one of them reads is still in L2 for the next."""
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % size, (pid % per_group) // size
+
+    @triton.jit
+    def _block_fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, m, n, k, a_stride, as_stride,
+                               b_stride, bs_stride, c_stride, group_n, HAS_BIAS: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+        pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # rows and columns past the end are clamped, not masked: loads need no mask, the store drops them
+        a_rows = tl.minimum(rows, m - 1).to(tl.int64)
+        b_cols = tl.minimum(cols, n - 1).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * a_stride + ks[None, :]
+        b_ptrs = b_ptr + b_cols[None, :] * b_stride + ks[:, None]  # [BLOCK_K, BLOCK_N], K contiguous
+        as_ptrs = as_ptr + a_rows * as_stride
+        bs_ptrs = bs_ptr + (b_cols // group_n) * bs_stride
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kb in range(0, tl.cdiv(k, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:  # zeros past K add nothing
+                k_valid = ks < k - kb * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_valid[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_valid[:, None], other=0.0)
+            a_s = tl.load(as_ptrs + kb)
+            b_s = tl.load(bs_ptrs + kb)
+            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + b_cols).to(tl.float32)[None, :]
+        tl.store(c_ptr + rows[:, None].to(tl.int64) * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+    @triton.jit
+    def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
+                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        start = tl.program_id(0) * BLOCK_N
+        rows = start + tl.arange(0, BLOCK_N)
+        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
+        # BLOCK_N divides GROUP_N: all of a program's rows share one row of block factors
+        s_row = ws_ptr + (start // GROUP_N) * ws_stride
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # full steps unmasked, the tail masked, in one loop body (as in layers/gemv.py: every load of
+        # a step is issued before the first multiply)
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if k0 + BLOCK_K <= k:
+                x = tl.load(x_ptr + cols)
+                s = tl.load(s_row + cols // GROUP_K)
+                w = tl.load(w_rows + cols[None, :])
+            else:
+                col_mask = cols < k
+                x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+                s = tl.load(s_row + cols // GROUP_K, mask=col_mask, other=0.0)
+                w = tl.load(w_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
+            xs = x.to(tl.float32) * s  # the block factor on the activation: BLOCK_K multiplies, not BLOCK_N x
+            acc += tl.sum(w.to(tl.float32) * xs[None, :], axis=1)
+        row_mask = rows < n
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def per_token_group_quant_fp8(x: Tensor, group: int = 128) -> tuple[Tensor, Tensor]:
+    """x [M, K] (any float dtype, last dim contiguous or not) -> (x_fp8 [M, K], scales [M, ceil(K/group)]
+    fp32), equal to fp8_utils.quantize_activation_per_token_group. `group` is a power of two."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    num_groups = _cdiv(k, group)
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scales = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scales
+    groups = min(triton.next_power_of_2(num_groups), max(1, _QUANT_ELEMENTS // group))
+    _group_quant_kernel[(m, triton.cdiv(num_groups, groups))](
+        x, q, scales, k, num_groups, x.stride(0), q.stride(0), scales.stride(0),
+        GROUP=group, GROUPS=groups, EXACT_CAST=_interpreting(),
+    )
+    return q, scales
+
+
+def gemm_config(m: int) -> dict[str, int]:
+    """The tile for M rows: the first bucket that holds M."""
+    return next(cfg for top, cfg in GEMM_CONFIGS if m <= top)
+
+
+def w8a8_block_fp8_matmul(x_fp8: Tensor, x_scales: Tensor, w_fp8: Tensor, w_scale_inv: Tensor,
+                          block: tuple[int, int] = (128, 128), out_dtype: torch.dtype = torch.bfloat16,
+                          bias: Tensor | None = None, config: dict[str, int] | None = None) -> Tensor:
+    """x_fp8 [M, K] with x_scales [M, ceil(K/bk)], w_fp8 [N, K] with w_scale_inv [ceil(N/bn), ceil(K/bk)]
+    -> [M, N] in out_dtype: sum over K blocks of dot(x, w.T) * x_scale * w_scale_inv (+ bias), fp32
+    accumulation. `config` overrides the M-bucket tile (the bench's sweeps)."""
+    m, k = x_fp8.shape
+    n = w_fp8.shape[0]
+    bn, bk = block
+    assert w_fp8.shape[1] == k and x_fp8.dtype == w_fp8.dtype == FP8_DTYPE, (x_fp8.shape, w_fp8.shape)
+    assert x_scales.shape == (m, _cdiv(k, bk)) and w_scale_inv.shape == (_cdiv(n, bn), _cdiv(k, bk)), (
+        x_scales.shape, w_scale_inv.shape, block)
+    assert x_fp8.stride(1) == 1 and w_fp8.stride(1) == 1 and bk >= 16, (x_fp8.stride(), w_fp8.stride(), block)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
+    if m == 0:
+        return out
+    cfg = config or gemm_config(m)
+    bm, bn_tile = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    # the kernel steps along a row of each scale tensor with stride 1 (no-ops when already so)
+    x_scales, w_scale_inv = x_scales.float().contiguous(), w_scale_inv.float().contiguous()
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn_tile),)
+    _block_fp8_gemm_kernel[grid](
+        x_fp8, x_scales, w_fp8, w_scale_inv, bias if bias is not None else out, out, m, n, k,
+        x_fp8.stride(0), x_scales.stride(0), w_fp8.stride(0), w_scale_inv.stride(0), out.stride(0), bn,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn_tile, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        EVEN_K=k % bk == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _launch_linear(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int],
+                   bias: Tensor | None, config: dict[str, int] | None = None) -> Tensor:
+    n, k = w_fp8.shape
+    x2 = x.reshape(-1, k)
+    x_fp8, x_scales = per_token_group_quant_fp8(x2, block[1])
+    out = w8a8_block_fp8_matmul(x_fp8, x_scales, w_fp8, w_scale_inv, block, x.dtype, bias, config)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def block_fp8_linear(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int] = (128, 128),
+                     bias: Tensor | None = None) -> Tensor:
+    """F.linear of x [..., K] by the block-quantised weight -> [..., N] in x's dtype: x quantised per
+    token group (Triton), then the block GEMM. Two launches, no host sync, shapes from x alone."""
+    if torch.compiler.is_compiling():  # one opaque node in the traced graph
+        return _block_fp8_linear_op(x, w_fp8, w_scale_inv, list(block), bias)
+    return _launch_linear(x, w_fp8, w_scale_inv, tuple(block), bias)
+
+
+def gemv_tile(k: int, block_n: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): GEMV_TILE_ELEMENTS weights per step, BLOCK_N dividing the scale block."""
+    block_k = min(GEMV_MAX_BLOCK_K, triton.next_power_of_2(k))
+    rows = max(1, GEMV_TILE_ELEMENTS // block_k)
+    while block_n % rows:
+        rows //= 2
+    return rows, block_k
+
+
+def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None,
+                 tile: tuple[int, int] | None = None, num_warps: int = GEMV_WARPS) -> Tensor:
+    """`tile` (BLOCK_N, BLOCK_K) and num_warps override the defaults (the bench's sweeps)."""
+    n, k = w_fp8.shape
+    bn, bk = block
+    assert x.numel() == k and w_fp8.stride(1) == 1 and w_fp8.dtype == FP8_DTYPE, (x.shape, w_fp8.shape)
+    assert w_scale_inv.shape == (_cdiv(n, bn), _cdiv(k, bk)), (w_scale_inv.shape, block)
+    block_rows, block_k = tile or gemv_tile(k, bn)
+    assert bn % block_rows == 0, (block_rows, block)
+    row = x.reshape(k)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    w_scale_inv = w_scale_inv.float().contiguous()
+    out = x.new_empty((*x.shape[:-1], n))
+    _fp8_gemv_kernel[(triton.cdiv(n, block_rows),)](
+        row, w_fp8, w_scale_inv, bias if bias is not None else out, out, n, k, w_fp8.stride(0),
+        w_scale_inv.stride(0), GROUP_N=bn, GROUP_K=bk, HAS_BIAS=bias is not None, BLOCK_N=block_rows,
+        BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return out
+
+
+def fp8_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int] = (128, 128),
+             bias: Tensor | None = None) -> Tensor:
+    """x [..., K] holding one row (kept in its dtype) times the block-quantised weight -> [..., N] in
+    x's dtype: F.linear(x, dequant(w)) with fp32 accumulation."""
+    if torch.compiler.is_compiling():
+        return _fp8_gemv_op(x, w_fp8, w_scale_inv, list(block), bias)
+    return _launch_gemv(x, w_fp8, w_scale_inv, tuple(block), bias)
+
+
+# The launches as custom ops for torch.compile (Dynamo cannot trace a Triton launch written this way);
+# eager calls skip the op's dispatch, as in layers/gemv.py.
+@torch.library.custom_op("radixserve::block_fp8_linear", mutates_args=())
+def _block_fp8_linear_op(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int],
+                         bias: Tensor | None) -> Tensor:
+    return _launch_linear(x, w_fp8, w_scale_inv, (block[0], block[1]), bias)
+
+
+@_block_fp8_linear_op.register_fake
+def _block_fp8_linear_fake(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int],
+                           bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w_fp8.shape[0]))
+
+
+@torch.library.custom_op("radixserve::fp8_gemv", mutates_args=())
+def _fp8_gemv_op(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int], bias: Tensor | None) -> Tensor:
+    return _launch_gemv(x, w_fp8, w_scale_inv, (block[0], block[1]), bias)
+
+
+@_fp8_gemv_op.register_fake
+def _fp8_gemv_fake(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int], bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w_fp8.shape[0]))
+
+
+_FP8_CAPABLE: dict[int, bool] = {}
+
+
+def takes_fp8_kernels(x: Tensor) -> bool:
+    """True where the Triton FP8 kernels run: x on a CUDA GPU with fp8 tensor cores (sm_89+: Ada,
+    Hopper), Triton importable, RADIXSERVE_TRITON_FP8 not "0". Else use block_fp8_linear_torch."""
+    if not (ENABLED and triton is not None and x.is_cuda):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _FP8_CAPABLE:
+        _FP8_CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return _FP8_CAPABLE[index]

@@ -1,0 +1,252 @@
+"""FP8 building blocks: the torch formats' numerics (any install) and the Triton kernels against them
+(on CPU the kernels run in Triton's interpreter).
+
+Tolerances follow from e4m3's 3 mantissa bits: rounding to nearest moves a normal value by at most
+2^-4 of itself, and a subnormal one (below 2^-6 of the scale) by at most half the step 2^-9 of the
+scale, so |dequant(quant(v)) - v| <= 2^-4 |v| + 2^-10 scale, element by element."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixserve.layers.quantization import fp8_utils
+from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REL = 2.0**-4  # e4m3 rounding, relative
+SUB = 2.0**-10  # e4m3 subnormal rounding, in units of the scale
+# an output's rounding to bf16: half an ulp on the GPU, a whole one in the interpreter (which truncates)
+BF16_RTOL = 2.0**-7
+SHAPES = [(200, 320), (256, 256), (130, 77)]  # N, K: not multiples of 128, multiples, a K below one group
+
+
+def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(DEVICE)
+
+
+def bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+@pytest.fixture
+def kernels():
+    pytest.importorskip("triton", reason="triton is not installed")
+    from radixserve.layers.quantization import fp8_kernels
+
+    return fp8_kernels
+
+
+# ---- torch formats -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_block_quant_round_trip_within_e4m3(n, k):
+    w = randn(n, k, seed=n + k, scale=0.02)
+    w[:128, 128:256] *= 1000.0  # a loud block must not cost the others precision
+    q, scale_inv = fp8_utils.quantize_weight_block(w)
+    assert q.dtype == FP8_DTYPE and q.shape == (n, k)
+    assert scale_inv.dtype == torch.float32 and scale_inv.shape == (-(-n // 128), -(-k // 128))
+    deq = fp8_utils.dequantize_block(q, scale_inv, (128, 128))
+    scale = fp8_utils.expand_block_scales(scale_inv, (n, k), (128, 128))
+    err = (deq - w).abs()
+    assert torch.all(err <= REL * w.abs() + SUB * scale)
+    rel = err / w.abs().clamp(min=1e-30)
+    assert rel[w.abs() >= 2.0**-6 * scale].mean() < 0.03  # normal range: about 2.2% on average
+    # each block's largest magnitude maps to 448 exactly
+    assert q.float().abs().amax() == FP8_MAX
+    assert fp8_utils.dequantize_block(q, scale_inv, (128, 128), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_quantisers_stay_finite_on_zeros_and_large_values():
+    w = torch.zeros(200, 320, device=DEVICE)
+    w[0, 0] = 3e38  # near fp32's max
+    w[150:, 200:] = -1e30
+    q, scale_inv = fp8_utils.quantize_weight_block(w)
+    deq = fp8_utils.dequantize_block(q, scale_inv)
+    assert torch.isfinite(deq).all() and torch.isfinite(scale_inv).all()
+    assert torch.equal(deq[1:128, 128:], torch.zeros_like(deq[1:128, 128:]))  # zero blocks stay zero
+    torch.testing.assert_close(deq[150:, 200:], w[150:, 200:], rtol=0, atol=0)  # -1e30 / scale = -448
+    x = torch.zeros(3, 320, device=DEVICE)
+    x[1] = 1e30
+    xq, xs = fp8_utils.quantize_activation_per_token_group(x)
+    assert not xq.float().isnan().any() and torch.isfinite(xs).all()
+    assert torch.equal(xq[0].float(), torch.zeros(320, device=DEVICE))
+    qc, sc = fp8_utils.quantize_weight_per_channel(w)
+    assert not qc.float().isnan().any() and sc.shape == (200, 1)
+
+
+def test_per_channel_round_trip():
+    w = randn(96, 200, seed=5) * torch.logspace(-3, 2, 96, device=DEVICE)[:, None]  # rows of every scale
+    q, scale = fp8_utils.quantize_weight_per_channel(w)
+    assert q.shape == w.shape and scale.shape == (96, 1)
+    assert torch.all((q.float() * scale - w).abs() <= REL * w.abs() + SUB * scale)
+
+
+@pytest.mark.parametrize("k", [320, 256, 77])
+def test_token_group_quant_round_trip(k):
+    x = randn(5, k, seed=k, scale=4.0).to(torch.bfloat16)
+    x[2, :128] = 0  # a zero group (all of row 2 when k < 128)
+    q, scales = fp8_utils.quantize_activation_per_token_group(x)
+    assert q.shape == (5, k) and scales.shape == (5, -(-k // 128))
+    deq = fp8_utils.dequantize_per_token_group(q, scales)
+    s = scales.repeat_interleave(128, dim=1)[:, :k]
+    assert torch.all((deq - x.float()).abs() <= REL * x.float().abs() + SUB * s)
+    assert torch.equal(deq[2, :128], torch.zeros_like(deq[2, :128]))
+    # leading dimensions are kept
+    q3, s3 = fp8_utils.quantize_activation_per_token_group(x.view(1, 5, k))
+    assert q3.shape == (1, 5, k) and s3.shape == (1, 5, scales.shape[1]) and torch.equal(bits(q3[0]), bits(q))
+
+
+def test_per_tensor_quantize_clamps_instead_of_nan():
+    x = torch.tensor([1000.0, -1000.0, 3.0, 0.1, 1e30, 0.0], device=DEVICE)
+    q = fp8_utils.per_tensor_quantize(x)
+    assert q.dtype == FP8_DTYPE and not q.float().isnan().any()
+    assert q.float().tolist()[:3] == [448.0, -448.0, 3.0]
+    for scale in (2.5, torch.tensor(0.5, device=DEVICE)):
+        y = randn(64, seed=1)
+        back = fp8_utils.per_tensor_dequantize(fp8_utils.per_tensor_quantize(y, scale), scale, torch.float32)
+        assert torch.all((back - y).abs() <= REL * y.abs() + SUB * float(scale))
+    assert fp8_utils.per_tensor_dequantize(q).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_torch_linear_matches_dequantised_weight(n, k, monkeypatch):
+    w = randn(n, k, seed=3, scale=0.05)
+    bias = randn(n, seed=4)
+    q, scale_inv = fp8_utils.quantize_weight_block(w)
+    x = randn(7, k, seed=2)
+    w_deq = fp8_utils.dequantize_block(q, scale_inv)
+    got = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, bias=bias, quantize_activations=False)
+    torch.testing.assert_close(got, F.linear(x, w_deq, bias), rtol=1e-5, atol=1e-5)
+    # dequantised 128 rows at a time: the same result
+    monkeypatch.setattr(fp8_utils, "_DEQUANT_ROWS", 128)
+    chunked = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, bias=bias, quantize_activations=False)
+    torch.testing.assert_close(chunked, got, rtol=1e-6, atol=1e-6)
+    # with the activation round trip: within its bound, in out_dtype, leading dims kept
+    y = fp8_utils.block_fp8_linear_torch(x.view(1, 7, k).to(torch.bfloat16), q, scale_inv)
+    assert y.shape == (1, 7, n) and y.dtype == torch.bfloat16
+    assert torch.all((y[0].float() - F.linear(x.bfloat16().float(), w_deq)).abs() <= _w8a8_bound(x, w_deq, y[0]))
+
+
+def _w8a8_bound(x: torch.Tensor, w_deq: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|w8a8(x) - x @ w_deq.T| per output: each activation moves by at most 2^-4 |x| + 2^-10 scale
+    when rounded to e4m3, the fp32 sum adds ~1e-6, the output's rounding to y's dtype an ulp at most."""
+    xf = x.float()
+    _, scales = fp8_utils.quantize_activation_per_token_group(xf)
+    s = scales.repeat_interleave(128, dim=1)[:, :xf.shape[1]]
+    ulp = BF16_RTOL if y.dtype == torch.bfloat16 else 2.0**-20
+    return F.linear(REL * xf.abs() + SUB * s, w_deq.abs()) + ulp * y.float().abs() + 1e-5
+
+
+# ---- Triton kernels (interpreter on CPU) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("m, k", [(3, 320), (33, 256), (4, 77), (1, 1280)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_group_quant_kernel_is_bitwise_the_reference(kernels, m, k, dtype):
+    x = randn(m, k, seed=m * k, scale=3.0)
+    x[0, : min(k, 128)] = 0  # a zero group: the eps floor
+    x[-1, -1] = 300.0
+    if m > 2:
+        x[1] *= torch.logspace(-8, 4, k, device=DEVICE)  # subnormals, ties and large values
+    x = x.to(dtype)
+    q, scales = kernels.per_token_group_quant_fp8(x)
+    q_ref, s_ref = fp8_utils.quantize_activation_per_token_group(x)
+    assert q.dtype == FP8_DTYPE and q.shape == (m, k) and scales.shape == s_ref.shape
+    assert torch.equal(bits(q), bits(q_ref))
+    torch.testing.assert_close(scales, s_ref, rtol=0, atol=0)
+    # a strided x (a slice of a wider one) gives the same
+    wide = torch.cat([x, x], dim=1)[:, :k]
+    assert torch.equal(bits(kernels.per_token_group_quant_fp8(wide)[0]), bits(q_ref))
+
+
+def test_group_quant_kernel_rounds_ties_to_even(kernels):
+    """Every midpoint between neighbouring e4m3 values (subnormals included), in groups led by 448 so
+    the scale is exactly 1: the kernel must round each tie as torch's cast does (to even)."""
+    grid = torch.arange(0x7F, dtype=torch.uint8).view(FP8_DTYPE).float()  # 0 .. 448, ascending
+    mids = (grid[:-1] + grid[1:]) / 2
+    vals = torch.cat([mids, -mids, grid, -grid])
+    vals = F.pad(vals, (0, -vals.numel() % 127)).view(-1, 127)
+    x = torch.cat([torch.full((vals.shape[0], 1), FP8_MAX), vals], dim=1).reshape(1, -1).to(DEVICE)
+    q, scales = kernels.per_token_group_quant_fp8(x)
+    assert torch.all(scales == 1.0)
+    assert torch.equal(bits(q), bits(x.to(FP8_DTYPE)))
+    assert torch.equal(bits(q), bits(fp8_utils.quantize_activation_per_token_group(x)[0]))
+
+
+@pytest.mark.parametrize("m", [1, 3, 33])
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_block_gemm_matches_torch_path(kernels, m, n, k):
+    w = randn(n, k, seed=n * k + m, scale=0.05)
+    q, scale_inv = fp8_utils.quantize_weight_block(w)
+    x = randn(m, k, seed=m).to(torch.bfloat16)
+    bias = randn(n, seed=9) if m == 3 else None
+    x_fp8, x_scales = kernels.per_token_group_quant_fp8(x)
+    # fp32 out: the same products as the torch path, summed in another order
+    got = kernels.w8a8_block_fp8_matmul(x_fp8, x_scales, q, scale_inv, out_dtype=torch.float32, bias=bias)
+    ref = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, bias=bias, out_dtype=torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the fused entry point, in x's dtype: one bf16 rounding of the same value
+    y = kernels.block_fp8_linear(x, q, scale_inv, bias=bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    torch.testing.assert_close(y.float(), ref, rtol=BF16_RTOL, atol=1e-5)
+    # against the unquantised activation: within the activation rounding bound
+    w_deq = fp8_utils.dequantize_block(q, scale_inv)
+    exact = F.linear(x.float(), w_deq, bias)
+    assert torch.all((y.float() - exact).abs() <= _w8a8_bound(x, w_deq, y))
+
+
+def test_block_gemm_tiles_and_leading_dims(kernels):
+    n, k = 200, 320
+    q, scale_inv = fp8_utils.quantize_weight_block(randn(n, k, seed=1, scale=0.05))
+    x = randn(2, 9, k, seed=2).to(torch.bfloat16)
+    y = kernels.block_fp8_linear(x, q, scale_inv)
+    assert y.shape == (2, 9, n)
+    ref = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, out_dtype=torch.float32)
+    torch.testing.assert_close(y.float(), ref, rtol=BF16_RTOL, atol=1e-5)
+    # every M bucket's tile gives the same result (GROUP_M ordering, clamped rows and columns)
+    x_fp8, x_scales = kernels.per_token_group_quant_fp8(x.view(-1, k))
+    for _, cfg in kernels.GEMM_CONFIGS:
+        got = kernels.w8a8_block_fp8_matmul(x_fp8, x_scales, q, scale_inv, out_dtype=torch.float32, config=cfg)
+        torch.testing.assert_close(got, ref.view(-1, n), rtol=1e-5, atol=1e-5)
+    assert kernels.block_fp8_linear(x[:, :0], q, scale_inv).shape == (2, 0, n)
+
+
+@pytest.mark.parametrize("n, k", SHAPES + [(64, 5000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_matches_dequantised_linear(kernels, n, k, dtype):
+    q, scale_inv = fp8_utils.quantize_weight_block(randn(n, k, seed=n + k, scale=0.05))
+    x = randn(1, k, seed=7).to(dtype)
+    bias = randn(n, seed=8).to(dtype)
+    ref = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, bias=bias, out_dtype=torch.float32,
+                                           quantize_activations=False)
+    got = kernels.fp8_gemv(x, q, scale_inv, bias=bias)
+    assert got.shape == (1, n) and got.dtype == dtype
+    rtol = BF16_RTOL if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
+    assert kernels.fp8_gemv(x.flatten(), q, scale_inv).shape == (n,)
+    # a narrow tile (several programs per scale block, several steps along K)
+    narrow = kernels._launch_gemv(x, q, scale_inv, (128, 128), None, tile=(2, 64))
+    torch.testing.assert_close(narrow.float(), ref - bias.float(), rtol=rtol, atol=1e-5)
+
+
+def test_custom_ops_fake_shapes_and_eager(kernels):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n, k = 200, 320
+    q, scale_inv = fp8_utils.quantize_weight_block(randn(n, k, seed=1, scale=0.05))
+    x = randn(2, 5, k, seed=2).to(torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = torch.ops.radixserve.block_fp8_linear(x, q, scale_inv, [128, 128], None)
+        g = torch.ops.radixserve.fp8_gemv(x[:1, :1], q, scale_inv, [128, 128], None)
+    assert y.shape == (2, 5, n) and y.dtype == torch.bfloat16
+    assert g.shape == (1, 1, n) and g.dtype == torch.bfloat16
+    # the op runs the same launch as the eager entry point
+    eager = kernels.block_fp8_linear(x, q, scale_inv)
+    assert torch.equal(torch.ops.radixserve.block_fp8_linear(x, q, scale_inv, [128, 128], None), eager)
+
+
+def test_takes_fp8_kernels_only_on_cuda(kernels):
+    assert not kernels.takes_fp8_kernels(torch.randn(2, 8))
