@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from radixserve.layers.moe.tile_configs import tile_config
+from radixserve.layers.moe.triton_moe_decode import moe_decode_one_token
 
 try:
     import triton
@@ -37,6 +38,8 @@ except ImportError:  # CPU installs without Triton use torch_moe.py
     triton = None
 
 ENABLED = os.environ.get("RADIXSERVE_TRITON_MOE", "1") != "0"
+# one token: triton_moe_decode.py's GEMVs instead of the sort + grouped GEMM (=0 for A/B runs)
+DECODE_GEMV = os.environ.get("RADIXSERVE_MOE_DECODE_GEMV", "1") != "0"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 if triton is not None:
@@ -220,6 +223,8 @@ def fused_moe_launch(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, t
     assert w13.dtype == w2.dtype == x.dtype and w13.stride(2) == 1 and w2.stride(2) == 1
     if num_tokens == 0:
         return x.new_empty((0, h))
+    if num_tokens == 1 and config is None and DECODE_GEMV:
+        return moe_decode_one_token(x, w13, w2, topk_weights, topk_ids, expert_map)
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or tile_config(num_tokens, num_experts, n, h, x.dtype, _device_name(x.device))
