@@ -178,7 +178,7 @@ def test_takes_triton_moe_only_on_cuda(monkeypatch):
 
 @pytest.mark.parametrize("e, k, h, n", [(4, 1, 48, 40), (8, 2, 64, 32), (8, 3, 3000, 40), (6, 6, 40, 2100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_one_token_gemv_path(e, k, h, n, dtype):
+def test_one_token_gemv_path(e, k, h, n, dtype, monkeypatch):
     """One token takes triton_moe_decode.py's GEMVs (no align): H and N past one 2048-wide step too."""
     from radixserve.layers.moe.triton_moe_decode import moe_decode_one_token
 
@@ -186,6 +186,7 @@ def test_one_token_gemv_path(e, k, h, n, dtype):
     want = reference(x, w13, w2, weights, ids)
     tol = TOL if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(moe_decode_one_token(x, w13, w2, weights, ids), want, **tol)
+    monkeypatch.setattr(triton_moe, "DECODE_GEMV", True)  # opt-in: the launcher routes one token here
     torch.testing.assert_close(fused_experts_triton(x, w13, w2, weights, ids.int()), want, **tol)
     # with experts on other ranks: theirs add exactly nothing
     expert_map = torch.full((e,), -1, dtype=torch.int32, device=DEVICE)
