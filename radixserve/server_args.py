@@ -30,6 +30,12 @@ class ServerArgs:
                                   MODEL)
     tokenizer_path: str | None = flag(None, "tokenizer directory (default: the model's)", MODEL)
     dtype: str = flag("auto", "weight and activation dtype", MODEL, choices=("auto", "float32", "float16", "bfloat16"))
+    quantization: str | None = flag(None, "weight quantization: fp8 quantizes a bf16/fp16 checkpoint's linear layers "
+                                    "to FP8 (e4m3, 128x128 block scales) at load; a checkpoint that is FP8 already "
+                                    "is detected from its quantization_config", MODEL, choices=("fp8",))
+    kv_cache_dtype: str = flag("auto", "KV cache dtype: auto (the model dtype) or fp8_e4m3 (half the bytes; per-layer "
+                               "scales from the checkpoint where it has them, else 1.0)", MEMORY,
+                               choices=("auto", "fp8_e4m3"))
     load_format: str = flag("auto", "weight format; 'dummy' makes random weights from config.json", MODEL,
                             choices=("auto", "safetensors", "pt", "gguf", "dummy"))
     trust_remote_code: bool = flag(False, "let the model folder's own config and tokenizer code run (the model "
