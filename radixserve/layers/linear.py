@@ -11,6 +11,40 @@ from torch import nn
 
 from radixserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from radixserve.layers.gemv import linear
+from radixserve.layers.quantization.fp8_linear import (
+    fp8_linear,
+    fp8_weight_params,
+    get_fp8_config,
+    to_scale_units,
+)
+
+
+def _make_weight(layer: nn.Module, out_features: int, in_features: int) -> None:
+    """The layer's weight: FP8 with block scales when the checkpoint is FP8; else in the model dtype,
+    marked for quantization after loading under --quantization fp8 (fp8_pending)."""
+    config = get_fp8_config()
+    layer.fp8_block = None
+    layer.fp8_pending = None
+    if config is not None and config.from_checkpoint:
+        fp8_weight_params(layer, out_features, in_features, config)
+        layer.weight_scale_inv.weight_loader = layer.weight_loader
+    else:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        layer.fp8_pending = config
+    layer.weight.weight_loader = layer.weight_loader
+
+
+def copy_slice(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, dim: int, dst: int, src: int,
+               size: int) -> None:
+    """param[dst : dst + size] = loaded[src : src + size] along dim, in weight rows (or columns); for
+    the FP8 block scales the same slice in block units."""
+    if param is getattr(layer, "weight_scale_inv", None):
+        block = layer.fp8_block[dim]
+        what = type(layer).__name__
+        src, n = to_scale_units(src, size, loaded.shape[dim], block, what)
+        dst, _ = to_scale_units(dst, size, param.shape[dim], block, what)
+        size = n
+    param.data.narrow(dim, dst, size).copy_(loaded.narrow(dim, src, size))
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -28,18 +62,23 @@ class ColumnParallelLinear(nn.Module):
         # replicated: every rank holds the whole layer (e.g. --moe-dense-tp-size 1)
         self.tp_rank, self.tp_size = (0, 1) if replicated else (get_tp_rank(), get_tp_size())
         self.out_per_rank = out_per_rank or _divide(out_features, self.tp_size, "output size")
-        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        _make_weight(self, self.out_per_rank, in_features)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        n = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.tp_rank * n, n))
+        if param is self.bias:
+            n = param.shape[0]
+            param.data.copy_(loaded.narrow(0, self.tp_rank * n, n))
+            return
+        n = self.out_per_rank
+        copy_slice(self, param, loaded, 0, 0, self.tp_rank * n, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_block is not None:
+            return fp8_linear(x, self, self.bias)
         return linear(x, self.weight, self.bias)
 
 
@@ -55,7 +94,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(shard_id, int)
         size = self.part_sizes[shard_id]
         offset = sum(self.part_sizes[:shard_id])
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+        copy_slice(self, param, loaded, 0, offset, self.tp_rank * size, size)
 
 
 def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -107,7 +146,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
             size, start = self.kv_size, self.kv_head_start * d
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+        copy_slice(self, param, loaded, 0, offset, start, size)
 
 
 class RowParallelLinear(nn.Module):
@@ -124,22 +163,21 @@ class RowParallelLinear(nn.Module):
             per_rank = _divide(in_features, self.tp_size, "input size")
             in_range = (self.tp_rank * per_rank, per_rank)
         self.in_start, self.in_per_rank = in_range
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        _make_weight(self, out_features, self.in_per_rank)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self._bias_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        param.data.copy_(loaded.narrow(1, self.in_start, self.in_per_rank))
+        copy_slice(self, param, loaded, 1, 0, self.in_start, self.in_per_rank)
 
     @staticmethod
     def _bias_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = fp8_linear(x, self) if self.fp8_block is not None else linear(x, self.weight)
         if self.reduce_results:
             y = tp_all_reduce(y)
         elif self.tp_rank != 0:  # the caller's later sum over ranks must count the bias once

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX
+
 _LOW, _HIGH = -1e-3, 1e-3
 
 
@@ -23,6 +25,9 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
         if param.dim() == 1 and param_name == "weight" and "norm" in module_name.rpartition(".")[2]:
             param.fill_(1.0)
             continue
+        if param_name == "weight_scale_inv":  # FP8 block scales: the e4m3 values below times this
+            param.fill_(_HIGH / FP8_MAX)  # span the same +-1e-3 as every other weight
+            continue
         gen = generators.get(param.device)
         if gen is None:
             gen = torch.Generator(device=param.device).manual_seed(seed)
@@ -30,6 +35,8 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
         if param.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             param.uniform_(_LOW, _HIGH, generator=gen)
         else:
-            # fp8 and other exotic dtypes have no uniform_ kernel: draw in fp32, then cast.
+            # fp8 and other exotic dtypes have no uniform_ kernel: draw in fp32, then cast. FP8 weights
+            # with block scales draw over e4m3's range (+-1e-3 would round to zero or subnormals).
             tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
-            param.copy_(tmp.uniform_(_LOW, _HIGH, generator=gen))
+            low, high = (-FP8_MAX, FP8_MAX) if param.dtype == FP8_DTYPE else (_LOW, _HIGH)
+            param.copy_(tmp.uniform_(low, high, generator=gen))

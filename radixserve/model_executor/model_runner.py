@@ -11,9 +11,10 @@ import torch
 
 from radixserve.attention.torch_native import TorchNativeBackend
 from radixserve.cache.memory import MemoryPools
-from radixserve.cache.pools import KVPool
+from radixserve.cache.pools import KVPool, resolve_kv_dtype
 from radixserve.distributed.parallel_state import set_moe_parallel, tp_min_int
 from radixserve.layers.logits import LogitsOutput
+from radixserve.layers.quantization.fp8_linear import fp8_config_for, quantize_loaded_weights, set_fp8_config
 from radixserve.loader import config as cfgutil
 from radixserve.loader.dummy import init_dummy_weights
 from radixserve.loader.model_config import ModelConfig
@@ -82,11 +83,16 @@ class LoadedModel:
     cfg: ModelConfig
     dtype: torch.dtype
     context_len: int
+    quantization: str | None = None  # "fp8" when the linear weights are FP8 (checkpoint or --quantization)
 
     @property
     def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token_as(self.dtype)
+
+    def kv_bytes_per_token_as(self, kv_dtype: torch.dtype) -> int:
+        """K and V bytes of one token, every layer, stored as kv_dtype (fp8: half of bf16's)."""
         return KVPool.bytes_per_token_for(
-            self.cfg.num_layers, self.model.num_kv_heads_per_rank, self.cfg.head_dim, self.dtype
+            self.cfg.num_layers, self.model.num_kv_heads_per_rank, self.cfg.head_dim, kv_dtype
         )
 
 
@@ -98,24 +104,34 @@ def load_model(args: ServerArgs, source: ModelSource, device: torch.device, cont
     cfg = ModelConfig.from_hf(source.hf_config, architecture)
     cls = MODEL_CLASSES[architecture]
     set_moe_parallel(args.ep_size, args.moe_dense_tp_size)
+    fp8 = fp8_config_for(source.hf_config, args.quantization)
+    if fp8 is not None and cfg.moe is not None:
+        raise ValueError(f"{architecture} with FP8 weights: FP8 experts (an FP8 fused MoE kernel) are not built "
+                         "yet; serve MoE models in bf16")
     dummy = source.kind == "dummy" or args.load_format == "dummy"
     what = "random weights (--load-format dummy)" if dummy else source.gguf_file or source.model_path
     logger.info("loading %s from %s as %s on %s ...", cls.__name__, what, str(dtype).replace("torch.", ""), device)
     started = time.perf_counter()
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    set_fp8_config(fp8)
     try:
         with torch.device(device):
             model = cls(cfg, context_len)
     finally:
         torch.set_default_dtype(old_dtype)
+        set_fp8_config(None)
     if dummy:
         init_dummy_weights(model, args.random_seed or 0)
     else:
         model.load_weights(iter_weights(source))
+    if fp8 is not None and not fp8.from_checkpoint:  # --quantization fp8
+        saved = quantize_loaded_weights(model)
+        logger.info("--quantization fp8: linear weights quantized to e4m3 with %dx%d block scales (%.2f GB saved)",
+                    *fp8.block, saved / 1e9)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info("weights loaded in %.1f s (%.2f GB)", time.perf_counter() - started, size / 1e9)
-    return LoadedModel(model.eval(), cfg, dtype, context_len)
+    return LoadedModel(model.eval(), cfg, dtype, context_len, "fp8" if fp8 is not None else None)
 
 
 def cuda_graph_reserve(args: ServerArgs, vocab_size: int) -> int:
@@ -128,7 +144,7 @@ def cuda_graph_reserve(args: ServerArgs, vocab_size: int) -> int:
 
 def plan_memory(args: ServerArgs, loaded: LoadedModel, device: torch.device) -> MemoryPlan:
     """How many tokens the KV pool holds and how many requests run at once."""
-    bytes_per_token = loaded.kv_bytes_per_token
+    bytes_per_token = loaded.kv_bytes_per_token_as(resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype, device))
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         fraction = args.mem_fraction_static if args.mem_fraction_static is not None else 0.9
@@ -164,7 +180,7 @@ def create_memory_pools(args: ServerArgs, loaded: LoadedModel, plan: MemoryPlan,
     return MemoryPools.create(
         plan.max_total_tokens, plan.max_running_requests, loaded.context_len, args.page_size,
         loaded.cfg.num_layers, loaded.model.num_kv_heads_per_rank, loaded.cfg.head_dim,
-        loaded.dtype, device,
+        resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype, device), device,
     )
 
 
@@ -180,6 +196,7 @@ class ModelRunner:
         self.dtype = loaded.dtype
         self.context_len = loaded.context_len
         self.model = loaded.model
+        self.quantization = loaded.quantization
         self.plan = plan
         self.pools = pools
         self.page_size = args.page_size

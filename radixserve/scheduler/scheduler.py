@@ -140,10 +140,13 @@ class Scheduler:
     def info(self) -> dict:
         return {
             "max_total_num_tokens": self.pools.allocator.total_tokens,
+            "kv_dtype": str(self.pools.kv.dtype).replace("torch.", ""),  # float8_e4m3fn with --kv-cache-dtype fp8_e4m3
+            "kv_bytes_per_token": self.pools.kv.bytes_per_token(),
             "max_running_requests": self.runner.plan.max_running_requests,
             "context_length": self.context_len,
             "vocab_size": self.runner.vocab_size,
             "dtype": str(self.runner.dtype).replace("torch.", ""),
+            "quantization": self.runner.quantization,
             "device": str(self.device),
             "chunked_prefill_size": self.chunked_prefill_size,
             "eos_token_ids": sorted(self.eos_ids),
