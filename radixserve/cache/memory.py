@@ -4,6 +4,7 @@ the scheduler and the prefix cache decide who holds which slots."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,13 @@ class MemoryPools:
     @classmethod
     def create(cls, max_total_tokens: int, max_running_requests: int, context_len: int, page_size: int,
                num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device) -> MemoryPools:
+               device: torch.device, kv_scales: Sequence[tuple[float, float]] | None = None) -> MemoryPools:
+        """dtype is the KV pool's element type (the model's, or float8_e4m3fn with per-layer
+        (k_scale, v_scale) in kv_scales; None: 1.0 each)."""
         return cls(
             req_to_token=ReqToTokenPool(max_running_requests, context_len, device),
             allocator=KVAllocator(max_total_tokens, page_size, device),
-            kv=KVPool(max_total_tokens, page_size, num_layers, num_kv_heads, head_dim, dtype, device),
+            kv=KVPool(max_total_tokens, page_size, num_layers, num_kv_heads, head_dim, dtype, device, kv_scales),
             last_token=torch.zeros(max_running_requests + 1, dtype=torch.int64, device=device),
         )
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, per_tensor_quantize
 
 try:  # the Triton store serves CUDA tensors; CPU keeps the indexed write
     from radixserve.layers import fused
@@ -72,11 +75,32 @@ class KVBuffer:
         return first_slot * self.bytes_per_slot, num_slots * self.bytes_per_slot
 
 
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """--kv-cache-dtype -> the pool's element type: auto keeps the model dtype."""
+    if name == "auto":
+        return model_dtype
+    if name != "fp8_e4m3":
+        raise ValueError(f"--kv-cache-dtype {name}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        # Triton has no e4m3fn (fp8e4nv) conversions before Ada/Hopper, so the kernels would not compile
+        raise ValueError("--kv-cache-dtype fp8_e4m3: needs a GPU of compute capability 8.9 or newer "
+                         "(Ada, Hopper); this one is older")
+    return FP8_DTYPE
+
+
 class KVPool:
     """Per-layer K and V buffers [num_slots + page_size, num_kv_heads, head_dim].
 
     Slots 0..page_size-1 are the dummy page: padded positions write there, so real slots are never
     clobbered. The allocator hands out slots page_size..num_slots+page_size-1 at most.
+
+    With dtype float8_e4m3fn (--kv-cache-dtype fp8_e4m3) each layer has a k_scale and a v_scale
+    (1.0 unless given, e.g. from a checkpoint's calibrated scales): writes store clamp(x / scale)
+    as e4m3, readers multiply back by the scale (`kv_scales`).
     """
 
     def __init__(
@@ -88,6 +112,7 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_scales: Sequence[tuple[float, float]] | None = None,
     ):
         self.size = num_slots
         self.page_size = page_size
@@ -96,6 +121,8 @@ class KVPool:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
+        self.is_fp8 = dtype == FP8_DTYPE
+        self.k_scales, self.v_scales = self._check_scales(kv_scales)
         shape = (num_slots + page_size, num_kv_heads, head_dim)
         self.k_buffers: list[torch.Tensor] = [
             torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
@@ -104,17 +131,41 @@ class KVPool:
             torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
         ]
 
+    def _check_scales(self, kv_scales: Sequence[tuple[float, float]] | None) -> tuple[list[float], list[float]]:
+        if kv_scales is None:
+            return [1.0] * self.num_layers, [1.0] * self.num_layers
+        if not self.is_fp8:
+            raise ValueError(f"KV scales are for an fp8 KV cache; this one stores {self.dtype}")
+        if len(kv_scales) != self.num_layers:
+            raise ValueError(f"{len(kv_scales)} (k_scale, v_scale) pairs for {self.num_layers} layers")
+        k_scales = [float(k) for k, _ in kv_scales]
+        v_scales = [float(v) for _, v in kv_scales]
+        bad = [s for s in k_scales + v_scales if not (0.0 < s < float("inf"))]
+        if bad:
+            raise ValueError(f"KV scales must be positive and finite, got {bad[0]}")
+        return k_scales, v_scales
+
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffers[layer_id], self.v_buffers[layer_id]
+
+    def kv_scales(self, layer_id: int) -> tuple[float, float]:
+        """(k_scale, v_scale) of a layer: a stored value times its scale is the real one (1.0 unless fp8)."""
+        return self.k_scales[layer_id], self.v_scales[layer_id]
 
     def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [n, kv_heads, head_dim] (a flat [n, kv_heads*head_dim] is accepted too) at slots [n]."""
         shape = (-1, self.num_kv_heads, self.head_dim)
         k, v = k.reshape(shape), v.reshape(shape)
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        k_scale, v_scale = self.k_scales[layer_id], self.v_scales[layer_id]
         if (k.is_cuda and fused is not None and not torch.compiler.is_compiling()
                 and fused.rows_are_contiguous(k) and fused.rows_are_contiguous(v)):
-            fused.store_kv(k, v, k_buf, v_buf, slots)  # one launch, whole rows (index_put goes by element)
+            # one launch, whole rows (index_put goes by element); quantises when the buffers are fp8
+            fused.store_kv(k, v, k_buf, v_buf, slots, k_scale, v_scale)
+            return
+        if self.is_fp8:
+            k_buf[slots] = per_tensor_quantize(k, k_scale)
+            v_buf[slots] = per_tensor_quantize(v, v_scale)
             return
         k_buf[slots] = k.to(self.dtype)
         v_buf[slots] = v.to(self.dtype)
@@ -134,5 +185,5 @@ class KVPool:
 
     @staticmethod
     def bytes_per_token_for(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        # K and V, every layer.
+        # K and V, every layer (fp8: 1 byte an element; the per-layer scales are Python floats).
         return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
