@@ -164,6 +164,7 @@ def server_args_for(args: argparse.Namespace) -> ServerArgs:
     needed = max(b * (i + args.output_len) for b, i in runs)
     return ServerArgs(
         model_path=resolve_model_path(args.model_path), load_format=args.load_format, dtype=args.dtype,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         device=args.device, attention_backend=args.attention_backend,
         disable_cuda_graph=args.disable_cuda_graph, mem_fraction_static=args.mem_fraction_static,
         # a pool (and request table) just big enough for the largest run: nothing wasted, no OOM
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default="auto", choices=CHOICES["load_format"],
                         help="'dummy' builds random weights from config.json alone")
     parser.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
+    parser.add_argument("--quantization", default=None, choices=CHOICES["quantization"],
+                        help="fp8: linear weights quantized to e4m3 at load (as the server's flag)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=CHOICES["kv_cache_dtype"])
     parser.add_argument("--device", default="auto", choices=CHOICES["device"])
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
