@@ -191,8 +191,8 @@ def serve(args: ServerArgs) -> int:
         state = ServerState(args=args, tm=tm, info=info, served_model_name=name, metrics=tm.metrics,
                             api_key=args.api_key, max_body_size=args.max_request_body_size)
         logger.info(
-            "model %s, dtype %s, context length %d, KV cache %d tokens, max running requests %d",
-            name, info["dtype"], info["context_length"], info["max_total_num_tokens"],
+            "model %s, dtype %s, context length %d, KV cache %d tokens (%s), max running requests %d",
+            name, info["dtype"], info["context_length"], info["max_total_num_tokens"], info["kv_dtype"],
             info["max_running_requests"],
         )
         raise_open_files_limit(args.http_max_connections)

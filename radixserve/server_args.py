@@ -184,7 +184,6 @@ class ServerArgs:
             (self.dp_size > 1 and self.nnodes > 1,
              f"--dp-size {self.dp_size} with --nnodes {self.nnodes}: multi-node data parallelism {pending}"),
             (self.enable_two_batch_overlap, f"--enable-two-batch-overlap: two-batch overlap {pending}"),
-            (self.kv_cache_dtype != "auto", f"--kv-cache-dtype {self.kv_cache_dtype}: an FP8 KV cache {pending}"),
             (self.grammar_backend != "xgrammar",
              f"--grammar-backend {self.grammar_backend}: radixserve's structured output runs on xgrammar only; "
              "use --grammar-backend xgrammar"),

@@ -4,6 +4,10 @@ Runs on CPU and CUDA. Extend attends each request's new tokens to its cached pre
 causal part of the new tokens (scaled_dot_product_attention); decode gathers every request's KV
 into one padded batch; in half precision it does grouped-query attention as two batched matmuls,
 which on CPU is several times faster than SDPA for a single query.
+
+An fp8 pool (--kv-cache-dtype fp8_e4m3) is dequantised as it is gathered (x.float() * the layer's
+scale, in q's dtype). Extend reads the new tokens back from the pool too, so every query sees the
+stored (rounded) K/V, as decode steps and later requests sharing the prefix will.
 """
 
 from __future__ import annotations
@@ -14,9 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.attention.base import AttentionBackend, AttentionLayerSpec
+from radixserve.layers.quantization.fp8_utils import per_tensor_dequantize
 
 if TYPE_CHECKING:
+    from radixserve.cache.pools import KVPool
     from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+def _gathered(pool: KVPool, rows: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered pool rows in the compute dtype: fp8 ones times their scale."""
+    return per_tensor_dequantize(rows, scale, dtype) if pool.is_fp8 else rows.to(dtype)
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -39,14 +50,15 @@ class TorchNativeBackend(AttentionBackend):
         pool = batch.kv_pool
         pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
+        k_scale, v_scale = pool.kv_scales(layer.layer_id)
         out = torch.empty_like(q)
         start = 0
         for i, slots in enumerate(self._extend_slots):
             n_new = int(batch.extend_lens_cpu[i])
             n_prefix = slots.shape[0] - n_new
             qi = q[start : start + n_new].transpose(0, 1)  # [H, n_new, D]
-            ki = k_buf[slots].transpose(0, 1).to(q.dtype)  # [Hk, L, D]
-            vi = v_buf[slots].transpose(0, 1).to(q.dtype)
+            ki = _gathered(pool, k_buf[slots], k_scale, q.dtype).transpose(0, 1)  # [Hk, L, D]
+            vi = _gathered(pool, v_buf[slots], v_scale, q.dtype).transpose(0, 1)
             # query j (absolute position n_prefix + j) sees keys 0..n_prefix + j
             mask = torch.ones(n_new, slots.shape[0], dtype=torch.bool, device=q.device).tril(n_prefix)
             oi = F.scaled_dot_product_attention(
@@ -62,13 +74,14 @@ class TorchNativeBackend(AttentionBackend):
         pool = batch.kv_pool
         pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = pool.k_buffers[layer.layer_id], pool.v_buffers[layer.layer_id]
+        k_scale, v_scale = pool.kv_scales(layer.layer_id)
         bs, max_len = self._decode_slots.shape
         kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
         group = layer.num_heads // kv_heads
         flat = self._decode_slots.reshape(-1)
         # index_select over flat slots is much cheaper than advanced indexing on CPU
-        keys = k_buf.index_select(0, flat).view(bs, max_len, kv_heads, head_dim).to(q.dtype)
-        values = v_buf.index_select(0, flat).view(bs, max_len, kv_heads, head_dim).to(q.dtype)
+        keys = _gathered(pool, k_buf.index_select(0, flat), k_scale, q.dtype).view(bs, max_len, kv_heads, head_dim)
+        values = _gathered(pool, v_buf.index_select(0, flat), v_scale, q.dtype).view(bs, max_len, kv_heads, head_dim)
         if q.dtype == torch.float32:  # fp32: torch's fused kernel wins
             out = F.scaled_dot_product_attention(
                 q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=self._decode_mask,

@@ -5,6 +5,10 @@ host-to-device copy for extend, one small device op for decode), the longest len
 taken from the CPU copies (so no layer ever syncs with the device), and the decode split plan. The
 device tensors are views into persistent buffers filled in place, which is what CUDA-graph capture
 needs: their addresses stay put once the buffers have grown to the largest batch.
+
+An fp8 pool (--kv-cache-dtype fp8_e4m3) changes only what the kernels are handed: the e4m3 buffers and
+the layer's (k_scale, v_scale), plain floats a captured graph keeps as constants. The metadata and
+the decode workspace (fp32) do not depend on the pool's dtype.
 """
 
 from __future__ import annotations
@@ -156,13 +160,15 @@ class TritonBackend(AttentionBackend):
         assert meta is not None, "init_forward_metadata was not called for this extend batch"
         pool = batch.kv_pool
         # The new tokens' K/V go into the pool for later steps; this kernel reads them from k/v directly
-        # and only the cached prefix through req_to_token.
+        # and only the cached prefix through req_to_token (an fp8 pool: the new ones from the pool too).
         pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        k_scale, v_scale = pool.kv_scales(layer.layer_id)
         out = q.new_empty(q.shape)
         return extend_attention(
             q, k, v, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices,
             meta.prefix_lens, meta.extend_lens, meta.extend_start_loc, out, layer.scaling, meta.max_extend_len,
+            k_scale=k_scale, v_scale=v_scale,
         )
 
     def forward_decode(
@@ -173,9 +179,10 @@ class TritonBackend(AttentionBackend):
         pool = batch.kv_pool
         pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        k_scale, v_scale = pool.kv_scales(layer.layer_id)
         out = q.new_empty(q.shape)
         ws = self._decode_workspace(meta, q.shape[1], q.shape[2], q.device)
         return decode_attention(
             q, k_buf, v_buf, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, out,
-            layer.scaling, meta.max_len, ws,
+            layer.scaling, meta.max_len, ws, k_scale, v_scale,
         )

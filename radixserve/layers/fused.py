@@ -9,6 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.quantization.fp8_kernels import _interpreting, _to_fp8
+from radixserve.layers.quantization.fp8_utils import FP8_DTYPE
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
@@ -114,33 +117,41 @@ def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Te
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_buf_ptr, v_buf_ptr, slots_ptr, n_tokens, k_stride, v_stride,
-                     k_buf_stride, v_buf_stride, ROW: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     k_buf_stride, v_buf_stride, k_scale, v_scale, ROW: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr, QUANT_FP8: tl.constexpr, EXACT_CAST: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_t = offs_t < n_tokens
     mask = mask_t[:, None] & (offs_c < ROW)[None, :]
     slots = tl.load(slots_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
     k = tl.load(k_ptr + offs_t[:, None].to(tl.int64) * k_stride + offs_c[None, :], mask=mask)
+    if QUANT_FP8:  # clamp(x / scale) to e4m3, as fp8_utils.per_tensor_quantize (IEEE division, like torch)
+        k = _to_fp8(tl.math.div_rn(k.to(tl.float32), k_scale), EXACT_CAST)
     tl.store(k_buf_ptr + slots[:, None] * k_buf_stride + offs_c[None, :], k.to(k_buf_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + offs_t[:, None].to(tl.int64) * v_stride + offs_c[None, :], mask=mask)
+    if QUANT_FP8:
+        v = _to_fp8(tl.math.div_rn(v.to(tl.float32), v_scale), EXACT_CAST)
     tl.store(v_buf_ptr + slots[:, None] * v_buf_stride + offs_c[None, :], v.to(v_buf_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-             slots: torch.Tensor) -> None:
+             slots: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """k_buf[slots] = k and v_buf[slots] = v in one launch, for k/v [T, H, D] whose rows are each one
     contiguous run of H*D values (as views of the fused qkv projection are). Torch's advanced-index
-    write handles one element at a time; this moves whole rows, at copy speed."""
+    write handles one element at a time; this moves whole rows, at copy speed. Into float8_e4m3fn
+    buffers (the FP8 KV cache) it stores clamp(x / scale, +-448) as e4m3, per_tensor_quantize's values."""
     tokens = slots.shape[0]
     row = k_buf.shape[1] * k_buf.shape[2]
     if tokens == 0:
         return
+    quant = k_buf.dtype == FP8_DTYPE
+    assert v_buf.dtype == k_buf.dtype
     block_c = min(1024, triton.next_power_of_2(row))
     block_t = max(1, 4096 // block_c)
     grid = (triton.cdiv(tokens, block_t), triton.cdiv(row, block_c))
     _store_kv_kernel[grid](k, v, k_buf, v_buf, slots, tokens, k.stride(0), v.stride(0), k_buf.stride(0),
-                           v_buf.stride(0), ROW=row, BLOCK_T=block_t, BLOCK_C=block_c)
+                           v_buf.stride(0), float(k_scale), float(v_scale), ROW=row, BLOCK_T=block_t,
+                           BLOCK_C=block_c, QUANT_FP8=quant, EXACT_CAST=quant and _interpreting())
 
 
 def rows_are_contiguous(x: torch.Tensor) -> bool:

@@ -34,9 +34,10 @@ def run_scheduler_process(args: ServerArgs, ports: PortArgs, ready: Connection, 
         return
     info = scheduler.info()
     logger.info(
-        "KV cache: %d tokens (page size %d), max running requests %d, context length %d, dtype %s, "
-        "device %s", info["max_total_num_tokens"], args.page_size, info["max_running_requests"],
-        info["context_length"], info["dtype"], info["device"],
+        "KV cache: %d tokens (page size %d) as %s, %d bytes a token, max running requests %d, context length %d, "
+        "dtype %s, device %s", info["max_total_num_tokens"], args.page_size, info["kv_dtype"],
+        info["kv_bytes_per_token"], info["max_running_requests"], info["context_length"], info["dtype"],
+        info["device"],
     )
     ready.send({"status": "ready", **info})
     try:

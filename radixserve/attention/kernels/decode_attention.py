@@ -10,6 +10,10 @@ workspace.
 Stage 2, grid (bs, q_heads): merges the splits of one (request, head) with softmax weights taken
 from the log-sum-exps.
 
+An fp8 pool (KV_FP8): K/V tiles are loaded as e4m3 and upcast to q's dtype for the dots; the layer's
+k_scale multiplies the scores (folded into the softmax scale) and its v_scale the split's output, so
+no dequantised tile is ever rounded back to bf16. The bf16/fp32 path compiles without either.
+
 How many splits: the grid's split dimension (`max_splits`) is planned on the host from the batch size
 and the longest sequence (`plan_max_splits`); each request then uses
 `clamp(ceil(seq_len / min_split_tokens), 1, max_splits)` splits, computed on the device
@@ -38,7 +42,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, NumSplits, Acc, Lse,
-    sm_scale_log2,
+    sm_scale_log2, k_scale, v_scale,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -47,11 +51,13 @@ def _decode_split_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if KV_FP8:  # stored k = real k / k_scale: scale the scores instead of every key
+        sm_scale_log2 = sm_scale_log2 * k_scale
 
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     n_splits = tl.load(NumSplits + b)
@@ -93,9 +99,12 @@ def _decode_split_kernel(
             m_i = m_new
 
         out_mask = mask_h[:, None] & mask_d[None, :]
+        acc = acc / l_i[:, None]
+        if KV_FP8:
+            acc = acc * v_scale
         tl.store(
             Acc + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + offs_d[None, :],
-            acc / l_i[:, None], mask=out_mask,
+            acc, mask=out_mask,
         )
         tl.store(Lse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_h)
 
@@ -190,10 +199,13 @@ def decode_attention(
     scaling: float,
     max_len_hint: int | None,
     workspace: DecodeWorkspace | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [bs, Hq, D] attends to req_to_token[req_pool_indices[i], :seq_lens[i]] slots of k/v_buf
     [slots, Hk, D]; writes out [bs, Hq, D]. max_len_hint bounds seq_lens (None: the table width)
-    and is used only when no workspace is given."""
+    and is used only when no workspace is given. float8_e4m3fn buffers hold K / k_scale and
+    V / v_scale (the FP8 KV cache)."""
     bs, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
@@ -210,10 +222,12 @@ def decode_attention(
     assert ws.acc.stride(3) == 1 and ws.lse.stride(2) == 1 and ws.num_splits.dtype == torch.int32
     block_h, block_d, block_n = _block_sizes(head_dim, group)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 must not round through tf32
+    kv_fp8 = k_buf.dtype == torch.float8_e4m3fn
+    assert v_buf.dtype == k_buf.dtype
 
     _decode_split_kernel[(bs, num_kv_heads, ws.max_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, ws.num_splits, ws.acc, ws.lse,
-        scaling * _LOG2E,
+        scaling * _LOG2E, float(k_scale), float(v_scale),
         q.stride(0), q.stride(1),
         k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1),
@@ -222,7 +236,7 @@ def decode_attention(
         ws.lse.stride(0), ws.lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        DOT_PRECISION=precision,
+        DOT_PRECISION=precision, KV_FP8=kv_fp8,
         num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(bs, num_heads)](

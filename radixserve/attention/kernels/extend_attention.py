@@ -10,6 +10,13 @@ of one request and one query head, and walks the keys in two phases:
 
 Reading the new tokens' K/V straight from the projection output rather than through the table keeps the
 bulk of a fresh prefill a plain strided stream, which the compiler can pipeline like dense attention.
+
+An fp8 pool (KV_FP8, --kv-cache-dtype fp8_e4m3) changes phase 2: the new tokens' K/V are read back
+from the pool through the table (positions prefix..prefix+extend-1; the backend stores them first),
+not from the bf16 projection output. Each query then sees exactly the rounded values decode steps and
+later requests reusing this prefix will see, so a request's output does not depend on whether its
+prefix came from the cache or was computed in the same pass (or in another chunk). The layer's
+k_scale multiplies the scores (folded into the softmax scale), its v_scale the output.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ def _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, visible, MASKED: tl.con
 @triton.jit
 def _extend_kernel(
     Q, KNew, VNew, KNewDesc, VNewDesc, KBuf, VBuf, Out, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, ExtendStart,
-    sm_scale_log2,
+    sm_scale_log2, k_scale, v_scale,
     stride_qt, stride_qh,
     stride_knt, stride_knh,
     stride_vnt, stride_vnh,
@@ -60,7 +67,7 @@ def _extend_kernel(
     stride_rt,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # A tile's BLOCK_M rows are TOK tokens x PACK query heads of one KV group (row r: token r // PACK,
     # head r % PACK), so the group's heads share each K/V block load and the causal diagonal is shorter.
@@ -69,6 +76,8 @@ def _extend_kernel(
     h0 = tl.program_id(1) * PACK
     mb = tl.num_programs(2) - 1 - tl.program_id(2)  # the longest rows (most keys) start first
 
+    if KV_FP8:  # stored k = real k / k_scale: scale the scores instead of every key
+        sm_scale_log2 = sm_scale_log2 * k_scale
     ext_len = tl.load(ExtendLens + b).to(tl.int32)
     if mb * TOK < ext_len:
         prefix = tl.load(PrefixLens + b).to(tl.int32)
@@ -117,8 +126,13 @@ def _extend_kernel(
         # Rows past T come back as zeros; rows of the next request are masked out like any future key.
         tma_row = q_start.to(tl.int32)
         tma_col = kvh * HEAD_DIM
+        new_row = slot_row + prefix  # fp8: the new tokens' slots, positions prefix.. of the table row
         for n0 in range(0, full_end, BLOCK_N):
-            if USE_TMA:
+            if KV_FP8:
+                slots = tl.load(new_row + n0 + offs_bn).to(tl.int64)
+                k = tl.load(kb_ptrs + slots[:, None] * stride_kbt, mask=mask_d[None, :], other=0.0)
+                v = tl.load(vb_ptrs + slots[:, None] * stride_vbt, mask=mask_d[None, :], other=0.0)
+            elif USE_TMA:
                 k = KNewDesc.load([tma_row + n0, tma_col])
                 v = VNewDesc.load([tma_row + n0, tma_col])
             else:
@@ -129,7 +143,12 @@ def _extend_kernel(
         for n0 in range(full_end, kv_end, BLOCK_N):
             offs_n = n0 + offs_bn
             mask_n = offs_n < kv_end
-            if USE_TMA:
+            if KV_FP8:
+                slots = tl.load(new_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(kb_ptrs + slots[:, None] * stride_kbt, mask=kv_mask, other=0.0)
+                v = tl.load(vb_ptrs + slots[:, None] * stride_vbt, mask=kv_mask, other=0.0)
+            elif USE_TMA:
                 k = KNewDesc.load([tma_row + n0, tma_col])
                 v = VNewDesc.load([tma_row + n0, tma_col])
             else:
@@ -141,6 +160,8 @@ def _extend_kernel(
             m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, visible, True, DOT_PRECISION)
 
         out = acc / l_i[:, None]
+        if KV_FP8:
+            out = out * v_scale
         row_o = (q_start + offs_m) * stride_ot + heads * stride_oh
         tl.store(Out + row_o[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
@@ -208,11 +229,17 @@ def extend_attention(
     scaling: float,
     max_extend_len: int,
     config: ExtendConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [T, Hq, D] and k_new/v_new [T, Hk, D]: request i's new tokens are rows
     extend_start_loc[i] : + extend_lens[i], at absolute positions prefix_lens[i] + j. The cached prefix
     (positions 0..prefix-1) is read from k/v_buf [slots, Hk, D] through req_to_token[req_pool_indices[i]].
-    Writes out [T, Hq, D]. `config` overrides the tile choice (for tuning)."""
+    Writes out [T, Hq, D]. `config` overrides the tile choice (for tuning).
+
+    float8_e4m3fn k/v_buf (the FP8 KV cache) hold K / k_scale and V / v_scale, and must already hold
+    the new tokens at req_to_token[req_pool_indices[i], prefix_lens[i]:][:extend_lens[i]]: the kernel
+    reads them there, and k_new/v_new only for their shapes."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
@@ -228,14 +255,16 @@ def extend_attention(
     group = num_heads // num_kv_heads
     pack = math.gcd(cfg.pack, group, cfg.block_m)
     grid = (bs, num_heads // pack, triton.cdiv(max_extend_len, cfg.block_m // pack))
+    kv_fp8 = k_buf.dtype == torch.float8_e4m3fn
+    assert v_buf.dtype == k_buf.dtype
     k_desc = v_desc = None
-    if cfg.tma and tma_usable(q, k_new, v_new):
+    if cfg.tma and not kv_fp8 and tma_usable(q, k_new, v_new):
         k_desc, v_desc = (TensorDescriptor(x, [num_tokens, num_kv_heads * head_dim], [x.stride(0), 1],
                                            [cfg.block_n, head_dim]) for x in (k_new, v_new))
     _extend_kernel[grid](
         q, k_new, v_new, k_desc, v_desc, k_buf, v_buf, out, req_to_token, req_pool_indices, prefix_lens, extend_lens,
         extend_start_loc,
-        scaling * _LOG2E,
+        scaling * _LOG2E, float(k_scale), float(v_scale),
         q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1),
@@ -245,7 +274,7 @@ def extend_attention(
         req_to_token.stride(0),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_PRECISION=precision, USE_TMA=k_desc is not None,
+        DOT_PRECISION=precision, USE_TMA=k_desc is not None, KV_FP8=kv_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
