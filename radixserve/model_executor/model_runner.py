@@ -177,10 +177,17 @@ def plan_memory(args: ServerArgs, loaded: LoadedModel, device: torch.device) -> 
 
 
 def create_memory_pools(args: ServerArgs, loaded: LoadedModel, plan: MemoryPlan, device: torch.device) -> MemoryPools:
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype, device)
+    # an FP8 cache takes the checkpoint's per-layer scales where it has them (1.0 otherwise)
+    scales = getattr(loaded.model, "checkpoint_kv_scales", None) if kv_dtype != loaded.dtype else None
+    if scales is not None:
+        logger.info("FP8 KV cache: per-layer scales from the checkpoint (k %.3g..%.3g, v %.3g..%.3g)",
+                    min(k for k, _ in scales), max(k for k, _ in scales),
+                    min(v for _, v in scales), max(v for _, v in scales))
     return MemoryPools.create(
         plan.max_total_tokens, plan.max_running_requests, loaded.context_len, args.page_size,
-        loaded.cfg.num_layers, loaded.model.num_kv_heads_per_rank, loaded.cfg.head_dim,
-        resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype, device), device,
+        loaded.cfg.num_layers, loaded.model.num_kv_heads_per_rank, loaded.cfg.head_dim, kv_dtype, device,
+        [tuple(pair) for pair in scales] if scales is not None else None,
     )
 
 

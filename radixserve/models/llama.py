@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -18,6 +19,9 @@ from radixserve.layers.norm import RMSNorm
 from radixserve.layers.rotary import RotaryEmbedding
 from radixserve.loader.model_config import ModelConfig
 from radixserve.model_executor.forward_batch import ForwardBatch
+
+# FP8 checkpoints' KV cache scales, per layer: self_attn.k_scale / v_scale (or k_proj/v_proj.output_scale)
+_KV_SCALE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:([kv])_scale|([kv])_proj\.output_scale)$")
 
 
 class LlamaAttention(nn.Module):
@@ -117,6 +121,8 @@ class LlamaForCausalLM(nn.Module):
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
         self.tp_size = get_tp_size()
+        # (k_scale, v_scale) per layer, when the checkpoint has them (for --kv-cache-dtype fp8_e4m3)
+        self.checkpoint_kv_scales: list[list[float]] | None = None
 
     def make_mlp(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
         """The feed-forward of one layer (MoE models give some or all layers experts)."""
@@ -151,6 +157,13 @@ class LlamaForCausalLM(nn.Module):
             if name.startswith("model."):
                 name = name[len("model.") :]
             if name == "lm_head.weight" and self.tied:
+                continue
+            scale = _KV_SCALE.match(name)
+            if scale:
+                if self.checkpoint_kv_scales is None:
+                    self.checkpoint_kv_scales = [[1.0, 1.0] for _ in self.layers]
+                kind = scale.group(2) or scale.group(3)
+                self.checkpoint_kv_scales[int(scale.group(1))][kind == "v"] = float(tensor.float().max())
                 continue
             target, shard = self.checkpoint_target(name)
             if target not in params:

@@ -254,3 +254,27 @@ def test_fp8_attention_is_close_to_full_precision():
     (want,) = run_both(ForwardMode.EXTEND, (exact, *case[1:]), prefix, extend)[:1]
     err = (got - want).norm() / want.norm()
     assert 0 < err < 0.05, err
+
+
+def test_checkpoint_kv_scales_reach_the_pool(tmp_path):
+    """Per-layer k_scale / v_scale tensors of a checkpoint (either spelling) become the FP8 pool's
+    scales; an unquantized cache ignores them."""
+    from safetensors.torch import load_file, save_file
+
+    from radixserve.loader.source import resolve_model_source
+    from radixserve.model_executor.model_runner import build_model_runner
+    from radixserve.server_args import ServerArgs
+    from tests.helpers import make_tiny_model
+
+    make_tiny_model("llama", str(tmp_path), seed=1, tokenizer=False)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(2.0)
+    tensors["model.layers.0.self_attn.v_scale"] = torch.tensor(0.5)
+    tensors["model.layers.1.self_attn.k_proj.output_scale"] = torch.tensor([3.0])
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    source = resolve_model_source(str(tmp_path))
+    for kv_dtype, want in (("fp8_e4m3", [(2.0, 0.5), (3.0, 1.0)]), ("auto", [(1.0, 1.0), (1.0, 1.0)])):
+        args = ServerArgs(model_path=str(tmp_path), dtype="float32", device="cpu", kv_cache_dtype=kv_dtype,
+                          max_total_tokens=256)
+        runner = build_model_runner(args, source, torch.device("cpu"), 128)
+        assert [runner.pools.kv.kv_scales(layer) for layer in range(2)] == want
