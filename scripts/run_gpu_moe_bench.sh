@@ -10,6 +10,8 @@
 #              loop; TUNE=1 also searches tile configs and writes them under $OUT/kernel)
 #   one_batch  bench_one_batch: batch 1 (128 in / 256 out), batch 32 (1024 in, 16 steps), prefill 32 x 1024,
 #              each beside its floor (the experts a step reaches; bench_one_batch's ModelCost)
+#   decode_ab  bench_one_batch batch 1 (128 in / 256 out) twice: the sort + grouped GEMM kernels, then
+#              RADIXSERVE_MOE_DECODE_GEMV=1 (layers/moe/triton_moe_decode.py's one-token GEMVs)
 #   peer       benchmarks/peers/gptfast_style_mixtral.py at batch 1, 128 in / 256 out (Mixtral only)
 #   serving    a server + bench_serving, 500 random prompts (NUM_PROMPTS, INPUT_LEN=1024, OUTPUT_LEN=256,
 #              RANGE_RATIO=1.0)
@@ -27,6 +29,12 @@ case $SHAPE in  # MODEL= overrides the config folder (a CPU smoke run: a tiny Mo
   *) echo "run_gpu_moe_bench: SHAPE is mixtral or qwen3moe, not $SHAPE" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
+if [[ -n ${LAYERS:-} ]]; then  # the same shape cut to LAYERS layers (full Mixtral does not fit an H100)
+  cut="/tmp/$(basename "$MODEL")-${LAYERS}l"
+  rm -rf "$cut" && cp -r "$MODEL" "$cut" || exit 1
+  python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=int(sys.argv[2]); json.dump(c,open(p,'w'),indent=1)" "$cut" "$LAYERS" || exit 1
+  MODEL=$cut
+fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -52,6 +60,14 @@ for part in $PARTS; do
       OUT="$dir" MODEL="$MODEL" SERVING=0 OFFLINE=0 INSTALL_WHEELS=0 STEP_TIMEOUT=${STEP_TIMEOUT:-240} \
         bash scripts/run_gpu_benchmarks.sh
       rc=$? ;;
+    decode_ab)
+      rc=0
+      for gemv in 0 1; do
+        RADIXSERVE_MOE_DECODE_GEMV=$gemv timeout "${STEP_TIMEOUT:-240}" python3 -m radixserve.bench_one_batch \
+          --model-path "$MODEL" --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 \
+          --output-len 256 --warmup 2 --run-name "gemv$gemv-bs1" --result-file "$dir/one_batch.jsonl" 2>&1 |
+          tail -4 || rc=1
+      done ;;
     peer)
       timeout "${PEER_TIMEOUT:-540}" python3 benchmarks/peers/gptfast_style_mixtral.py --config "$MODEL" \
         --input-len 128 --output-len 256 --runs "${PEER_RUNS:-3}" --out "$dir/peer.json" 2>&1 | tee "$dir/peer.log"
