@@ -5,6 +5,9 @@ causal part of the new tokens (scaled_dot_product_attention); decode gathers eve
 into one padded batch; in half precision it does grouped-query attention as two batched matmuls,
 which on CPU is several times faster than SDPA for a single query.
 
+MLA (DeepSeek) attends every head to the one shared latent row per token, in fp32: the reference the
+Triton MLA kernels are checked against.
+
 An fp8 pool (--kv-cache-dtype fp8_e4m3) is dequantised as it is gathered (x.float() * the layer's
 scale, in q's dtype). Extend reads the new tokens back from the pool too, so every query sees the
 stored (rounded) K/V, as decode steps and later requests sharing the prefix will.
@@ -17,15 +20,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from radixserve.attention.base import AttentionBackend, AttentionLayerSpec
+from radixserve.attention.base import AttentionBackend, AttentionLayerSpec, MLALayerSpec
 from radixserve.layers.quantization.fp8_utils import per_tensor_dequantize
 
 if TYPE_CHECKING:
-    from radixserve.cache.pools import KVPool
+    from radixserve.cache.pools import KVPool, MLAKVPool
     from radixserve.model_executor.forward_batch import ForwardBatch
 
 
-def _gathered(pool: KVPool, rows: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def _gathered(pool: KVPool | MLAKVPool, rows: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """Gathered pool rows in the compute dtype: fp8 ones times their scale."""
     return per_tensor_dequantize(rows, scale, dtype) if pool.is_fp8 else rows.to(dtype)
 
@@ -94,3 +97,40 @@ class TorchNativeBackend(AttentionBackend):
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [bs, Hk, group, D]
         return out.reshape(bs, layer.num_heads, head_dim)
+
+    def _latents(self, latent: torch.Tensor, layer: MLALayerSpec, batch: ForwardBatch) -> tuple[torch.Tensor, float]:
+        """Store this pass's latents, then (the layer's latent buffer [slots, D], its scale)."""
+        pool = batch.kv_pool
+        pool.set_latent(layer.layer_id, batch.out_cache_loc, latent)
+        return pool.get_latent_buffer(layer.layer_id)[:, 0], pool.latent_scale(layer.layer_id)
+
+    def forward_mla_extend(self, q: torch.Tensor, latent: torch.Tensor, layer: MLALayerSpec,
+                           batch: ForwardBatch) -> torch.Tensor:
+        buf, scale = self._latents(latent, layer, batch)
+        rank = layer.kv_lora_rank
+        out = q.new_empty(q.shape[0], layer.num_heads, rank)
+        start = 0
+        for i, slots in enumerate(self._extend_slots):
+            n_new = int(batch.extend_lens_cpu[i])
+            n_prefix = slots.shape[0] - n_new
+            keys = _gathered(batch.kv_pool, buf[slots], scale, torch.float32)  # [L, D], new tokens included
+            scores = torch.matmul(q[start : start + n_new].float().transpose(0, 1), keys.t())  # [H, n_new, L]
+            scores.mul_(layer.scaling)
+            # query j (absolute position n_prefix + j) sees keys 0..n_prefix + j
+            mask = torch.ones(n_new, slots.shape[0], dtype=torch.bool, device=q.device).tril(n_prefix)
+            scores.masked_fill_(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[start : start + n_new] = torch.matmul(probs, keys[:, :rank]).transpose(0, 1).to(q.dtype)
+            start += n_new
+        return out
+
+    def forward_mla_decode(self, q: torch.Tensor, latent: torch.Tensor, layer: MLALayerSpec,
+                           batch: ForwardBatch) -> torch.Tensor:
+        buf, scale = self._latents(latent, layer, batch)
+        bs, max_len = self._decode_slots.shape
+        keys = _gathered(batch.kv_pool, buf.index_select(0, self._decode_slots.reshape(-1)), scale, torch.float32)
+        keys = keys.view(bs, max_len, -1)
+        scores = torch.matmul(q.float(), keys.transpose(1, 2))  # [bs, H, max_len]
+        scores.mul_(layer.scaling).masked_fill_(~self._decode_mask[:, 0], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, keys[..., : layer.kv_lora_rank]).to(q.dtype)  # [bs, H, kv_lora_rank]

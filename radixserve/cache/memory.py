@@ -10,14 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.cache.allocator import KVAllocator
-from radixserve.cache.pools import KVPool, ReqToTokenPool
+from radixserve.cache.pools import KVPool, MLAKVPool, ReqToTokenPool
 
 
 @dataclass
 class MemoryPools:
     req_to_token: ReqToTokenPool
     allocator: KVAllocator
-    kv: KVPool
+    kv: KVPool | MLAKVPool  # MLAKVPool: DeepSeek's one latent per token and layer
     # newest sampled token of each request row (row 0: padding): decode batches read their inputs here
     last_token: torch.Tensor
 
@@ -31,6 +31,19 @@ class MemoryPools:
             req_to_token=ReqToTokenPool(max_running_requests, context_len, device),
             allocator=KVAllocator(max_total_tokens, page_size, device),
             kv=KVPool(max_total_tokens, page_size, num_layers, num_kv_heads, head_dim, dtype, device, kv_scales),
+            last_token=torch.zeros(max_running_requests + 1, dtype=torch.int64, device=device),
+        )
+
+    @classmethod
+    def create_mla(cls, max_total_tokens: int, max_running_requests: int, context_len: int, page_size: int,
+                   num_layers: int, kv_lora_rank: int, qk_rope_head_dim: int, dtype: torch.dtype,
+                   device: torch.device, latent_scales: Sequence[float] | None = None) -> MemoryPools:
+        """The same, over a latent pool (MLA): one kv_lora_rank + qk_rope_head_dim row per token and layer."""
+        return cls(
+            req_to_token=ReqToTokenPool(max_running_requests, context_len, device),
+            allocator=KVAllocator(max_total_tokens, page_size, device),
+            kv=MLAKVPool(max_total_tokens, page_size, num_layers, kv_lora_rank, qk_rope_head_dim, dtype, device,
+                         latent_scales),
             last_token=torch.zeros(max_running_requests + 1, dtype=torch.int64, device=device),
         )
 

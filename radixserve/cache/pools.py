@@ -59,7 +59,7 @@ class KVBuffer:
     `data_ptr + s * bytes_per_slot`. (An MLA pool has one "latent" buffer per layer.)"""
 
     layer: int
-    kind: str  # "k", "v"
+    kind: str  # "k", "v", or "latent" (MLA)
     tensor: torch.Tensor
 
     @property
@@ -102,6 +102,8 @@ class KVPool:
     (1.0 unless given, e.g. from a checkpoint's calibrated scales): writes store clamp(x / scale)
     as e4m3, readers multiply back by the scale (`kv_scales`).
     """
+
+    is_mla = False
 
     def __init__(
         self,
@@ -187,3 +189,86 @@ class KVPool:
     def bytes_per_token_for(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         # K and V, every layer (fp8: 1 byte an element; the per-layer scales are Python floats).
         return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
+
+class MLAKVPool:
+    """DeepSeek's latent KV cache: per layer one buffer [num_slots + page_size, 1, D], D =
+    kv_lora_rank + qk_rope_head_dim (the RMS-normed compressed kv, then the rotated k_pe), which every
+    attention head reads. Under TP every rank holds the whole latent.
+
+    Slots 0..page_size-1 are the dummy page, as in KVPool. With dtype float8_e4m3fn each layer has one
+    latent scale (1.0 unless given): writes store clamp(x / scale) as e4m3, readers multiply back.
+    """
+
+    is_mla = True
+    num_kv_heads = 1
+
+    def __init__(
+        self,
+        num_slots: int,
+        page_size: int,
+        num_layers: int,
+        kv_lora_rank: int,
+        qk_rope_head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        latent_scales: Sequence[float] | None = None,
+    ):
+        self.size = num_slots
+        self.page_size = page_size
+        self.num_layers = num_layers
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.head_dim = kv_lora_rank + qk_rope_head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.is_fp8 = dtype == FP8_DTYPE
+        self.latent_scales = self._check_scales(latent_scales)
+        shape = (num_slots + page_size, 1, self.head_dim)
+        self.latent_buffers: list[torch.Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+        ]
+
+    def _check_scales(self, scales: Sequence[float] | None) -> list[float]:
+        if scales is None:
+            return [1.0] * self.num_layers
+        if not self.is_fp8:
+            raise ValueError(f"latent scales are for an fp8 KV cache; this one stores {self.dtype}")
+        if len(scales) != self.num_layers:
+            raise ValueError(f"{len(scales)} latent scales for {self.num_layers} layers")
+        out = [float(s) for s in scales]
+        bad = [s for s in out if not (0.0 < s < float("inf"))]
+        if bad:
+            raise ValueError(f"latent scales must be positive and finite, got {bad[0]}")
+        return out
+
+    def get_latent_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.latent_buffers[layer_id]
+
+    def latent_scale(self, layer_id: int) -> float:
+        """A stored value times this is the real one (1.0 unless fp8)."""
+        return self.latent_scales[layer_id]
+
+    def set_latent(self, layer_id: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
+        """Write latent [n, D] (or [n, 1, D]) at slots [n]."""
+        latent = latent.reshape(-1, 1, self.head_dim)
+        buf = self.latent_buffers[layer_id]
+        if self.is_fp8:
+            buf[slots] = per_tensor_quantize(latent, self.latent_scales[layer_id])
+            return
+        buf[slots] = latent.to(self.dtype)
+
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_token_for(self.num_layers, self.kv_lora_rank, self.qk_rope_head_dim, self.dtype)
+
+    def bytes_per_page(self) -> int:
+        return self.bytes_per_token() * self.page_size
+
+    def layout(self) -> list[KVBuffer]:
+        """One "latent" buffer per layer (see KVPool.layout)."""
+        return [KVBuffer(layer, "latent", buf) for layer, buf in enumerate(self.latent_buffers)]
+
+    @staticmethod
+    def bytes_per_token_for(num_layers: int, kv_lora_rank: int, qk_rope_head_dim: int, dtype: torch.dtype) -> int:
+        # one latent row per layer, no separate V: a third of Llama's K+V at the same head width, or less
+        return num_layers * (kv_lora_rank + qk_rope_head_dim) * dtype.itemsize

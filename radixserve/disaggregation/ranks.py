@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 
 
 def kv_share(cfg: Any, tp_size: int, tp_rank: int) -> tuple[int, int, int]:
-    """(first KV head, heads, the model's KV heads) of this rank's KV pool."""
+    """(first KV head, heads, the model's KV heads) of this rank's KV pool. An MLA model (DeepSeek:
+    kv_lora_rank) caches one latent that every rank holds whole: one "head", replicated on all ranks
+    (rank 0 sends it, as for any replicated KV head)."""
+    if getattr(cfgutil.text_config(cfg), "kv_lora_rank", None):
+        return 0, 1, 1
     total = cfgutil.num_kv_heads(cfg)
     first, count = kv_heads_of_rank(total, cfgutil.num_attention_heads(cfg), tp_size, tp_rank)
     return first, count, total

@@ -40,3 +40,7 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
             tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
             low, high = (-FP8_MAX, FP8_MAX) if param.dtype == FP8_DTYPE else (_LOW, _HIGH)
             param.copy_(tmp.uniform_(low, high, generator=gen))
+    # weights derived from others once loaded (DeepSeek's absorbed attention matrices)
+    after = getattr(model, "after_weights_loaded", None)
+    if after is not None:
+        after()

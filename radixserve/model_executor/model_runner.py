@@ -11,7 +11,7 @@ import torch
 
 from radixserve.attention.torch_native import TorchNativeBackend
 from radixserve.cache.memory import MemoryPools
-from radixserve.cache.pools import KVPool, resolve_kv_dtype
+from radixserve.cache.pools import KVPool, MLAKVPool, resolve_kv_dtype
 from radixserve.distributed.parallel_state import set_moe_parallel, tp_min_int
 from radixserve.layers.logits import LogitsOutput
 from radixserve.layers.quantization.fp8_linear import fp8_config_for, quantize_loaded_weights, set_fp8_config
@@ -90,7 +90,11 @@ class LoadedModel:
         return self.kv_bytes_per_token_as(self.dtype)
 
     def kv_bytes_per_token_as(self, kv_dtype: torch.dtype) -> int:
-        """K and V bytes of one token, every layer, stored as kv_dtype (fp8: half of bf16's)."""
+        """K and V bytes of one token, every layer, stored as kv_dtype (fp8: half of bf16's); for MLA
+        the one latent row per layer, which every TP rank holds whole."""
+        mla = self.cfg.mla
+        if mla is not None:
+            return MLAKVPool.bytes_per_token_for(self.cfg.num_layers, mla.kv_lora_rank, mla.qk_rope_head_dim, kv_dtype)
         return KVPool.bytes_per_token_for(
             self.cfg.num_layers, self.model.num_kv_heads_per_rank, self.cfg.head_dim, kv_dtype
         )
@@ -178,6 +182,12 @@ def plan_memory(args: ServerArgs, loaded: LoadedModel, device: torch.device) -> 
 
 def create_memory_pools(args: ServerArgs, loaded: LoadedModel, plan: MemoryPlan, device: torch.device) -> MemoryPools:
     kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype, device)
+    mla = loaded.cfg.mla
+    if mla is not None:  # DeepSeek: a latent pool (an fp8 one with scale 1.0 per layer)
+        return MemoryPools.create_mla(
+            plan.max_total_tokens, plan.max_running_requests, loaded.context_len, args.page_size,
+            loaded.cfg.num_layers, mla.kv_lora_rank, mla.qk_rope_head_dim, kv_dtype, device,
+        )
     # an FP8 cache takes the checkpoint's per-layer scales where it has them (1.0 otherwise)
     scales = getattr(loaded.model, "checkpoint_kv_scales", None) if kv_dtype != loaded.dtype else None
     if scales is not None:
