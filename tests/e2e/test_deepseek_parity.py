@@ -167,3 +167,13 @@ def test_fp8_latent_cache(tmp_path_factory):
     assert results[0] == results[1]
     # e4m3 rounding of the latent moves few tokens of a random model: most first tokens agree
     assert sum(o[0] == e[0] for o, e in zip(results[0], expected)) >= len(expected) // 2
+
+
+def test_dummy_weights_in_bf16(tmp_path_factory):
+    """--load-format dummy (benchmarks): the absorbed matrices are derived from the random weights, and
+    bf16 runs with the router kept in fp32."""
+    _, path, _, batch, _ = built("v3", tmp_path_factory)
+    with Engine(model_path=path, load_format="dummy", dtype="bfloat16", log_level="warning", page_size=4) as engine:
+        outs = engine.generate(input_ids=batch[:3], sampling_params={"temperature": 0, "max_new_tokens": 4})
+        assert all(len(o["output_ids"]) == 4 for o in outs)
+        assert_pools_whole(engine)
