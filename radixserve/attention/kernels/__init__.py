@@ -9,6 +9,8 @@ from radixserve.attention.kernels.decode_attention import (
     plan_max_splits,
 )
 from radixserve.attention.kernels.extend_attention import _extend_kernel, extend_attention
+from radixserve.attention.kernels.mla_decode import mla_decode, plan_mla_splits
+from radixserve.attention.kernels.mla_extend import mla_extend
 
 
 def built_for_interpreter() -> bool:
@@ -22,5 +24,8 @@ __all__ = [
     "decode_attention",
     "extend_attention",
     "fill_num_splits",
+    "mla_decode",
+    "mla_extend",
     "plan_max_splits",
+    "plan_mla_splits",
 ]
