@@ -7,6 +7,8 @@
 # PARTS, any of (default: check kernels decode prefill):
 #   check    the FP8 kernels against the torch reference on the GPU (scripts/gpu_fp8_gemm_bench.py --check)
 #   kernels  time block_fp8_linear / fp8_gemv against bf16 on the 8B's projection shapes (--sweep)
+#   moe      the FP8 fused MoE against the bf16 one on Mixtral-8x7B and Qwen3-30B-A3B expert shapes,
+#            1 / 32 / 256 / 4096 tokens, after a --check against the torch reference (scripts/gpu_moe_fp8_bench.py)
 #   decode   bench_one_batch batch 1 (128 in / 256 out): bf16, then --quantization fp8
 #   prefill  bench_one_batch prefill 32 x 1024: bf16, then --quantization fp8
 #   kv       bench_one_batch batch 32 (1024 in, 16 steps): bf16 KV, then --kv-cache-dtype fp8_e4m3 (fp8 weights)
@@ -44,6 +46,7 @@ for part in $PARTS; do
   case $part in
     check) python3 scripts/gpu_fp8_gemm_bench.py --check --out "$OUT/$part" 2>&1 | tail -20 ;;
     kernels) timeout 300 python3 scripts/gpu_fp8_gemm_bench.py --sweep --out "$OUT/$part" 2>&1 | tail -40 ;;
+    moe) timeout 600 python3 scripts/gpu_moe_fp8_bench.py --check --out "$OUT/$part" 2>&1 | tail -40 ;;
     decode) one_batch bf16-bs1 1 128 256 && one_batch fp8-bs1 1 128 256 --quantization fp8 ;;
     prefill) one_batch bf16-prefill 32 1024 1 && one_batch fp8-prefill 32 1024 1 --quantization fp8 ;;
     kv) one_batch fp8w-bs32 32 1024 16 --quantization fp8 &&

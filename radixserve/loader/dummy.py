@@ -25,7 +25,8 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
         if param.dim() == 1 and param_name == "weight" and "norm" in module_name.rpartition(".")[2]:
             param.fill_(1.0)
             continue
-        if param_name == "weight_scale_inv":  # FP8 block scales: the e4m3 values below times this
+        # FP8 block scales (weight_scale_inv; MoE: w13_/w2_weight_scale_inv): the e4m3 values below times this
+        if param_name.endswith("weight_scale_inv"):
             param.fill_(_HIGH / FP8_MAX)  # span the same +-1e-3 as every other weight
             continue
         gen = generators.get(param.device)

@@ -109,9 +109,6 @@ def load_model(args: ServerArgs, source: ModelSource, device: torch.device, cont
     cls = MODEL_CLASSES[architecture]
     set_moe_parallel(args.ep_size, args.moe_dense_tp_size)
     fp8 = fp8_config_for(source.hf_config, args.quantization)
-    if fp8 is not None and cfg.moe is not None:
-        raise ValueError(f"{architecture} with FP8 weights: FP8 experts (an FP8 fused MoE kernel) are not built "
-                         "yet; serve MoE models in bf16")
     dummy = source.kind == "dummy" or args.load_format == "dummy"
     what = "random weights (--load-format dummy)" if dummy else source.gguf_file or source.model_path
     logger.info("loading %s from %s as %s on %s ...", cls.__name__, what, str(dtype).replace("torch.", ""), device)

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.distributed.parallel_state import get_moe_parallel, tp_all_reduce
-from radixserve.layers.moe.layer import EXPERT_PROJECTIONS, FusedMoE
+from radixserve.layers.moe.layer import EXPERT_PROJECTIONS, SCALE_SUFFIX, FusedMoE
 from radixserve.layers.moe.router import select_experts
 from radixserve.loader.model_config import ModelConfig, MoEConfig
 from radixserve.models.llama import LlamaForCausalLM, LlamaMLP
 
-# one expert's matrix (mlp.experts.3.w1.weight) or all experts stacked (mlp.experts.gate_up_proj)
-_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+# one expert's matrix (mlp.experts.3.w1.weight, or an FP8 checkpoint's .weight_scale_inv beside it) or all
+# experts stacked (mlp.experts.gate_up_proj)
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight(_scale_inv)?$")
 _STACKED = {"gate_up_proj": ("w13", "gate_up"), "down_proj": ("w2", "down"),
             "gate_proj": ("w13", "gate"), "up_proj": ("w13", "up")}
 _STACKED_RE = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj|gate_proj|up_proj)(?:\.weight)?$")
@@ -63,7 +64,7 @@ class MoECausalLM(LlamaForCausalLM):
         m = _PER_EXPERT.match(name)
         if m and m.group(3) in EXPERT_PROJECTIONS:
             ours, role = EXPERT_PROJECTIONS[m.group(3)]
-            return f"{m.group(1)}.{ours}", (role, int(m.group(2)))
+            return f"{m.group(1)}.{ours}{SCALE_SUFFIX if m.group(4) else ''}", (role, int(m.group(2)))
         m = _STACKED_RE.match(name)
         if m:
             ours, role = _STACKED[m.group(2)]

@@ -6,7 +6,8 @@ as DeepSeek-V3 and Qwen3-FP8 checkpoints publish them):
   the linear layers are built with FP8 weights and scales and load them as stored;
 - `--quantization fp8` on a bf16/fp16 checkpoint: the layers load as usual and each linear weight is
   quantized once after loading (`quantize_loaded_weights`), the whole per-rank matrix at a time, so a
-  fused q/k/v or gate/up weight gets blocks over the fused rows.
+  fused q/k/v or gate/up weight gets blocks over the fused rows (MoE experts: layers/moe/layer.py,
+  each expert's gate, up and down on their own).
 Embeddings, the LM head and norms stay in the model dtype (as SGLang and vLLM keep them). Activations
 are quantized per token and 128 columns on the fly (w8a8) on CUDA, except at batch 1 where an FP8
 GEMV reads the weight with the activation left in its dtype; the CPU path dequantizes the weight and
@@ -108,12 +109,15 @@ def to_scale_units(start: int, size: int, total_blocks: int, block: int, what: s
 
 @torch.no_grad()
 def quantize_loaded_weights(model: nn.Module) -> int:
-    """--quantization fp8: replace each FP8-marked linear layer's loaded weight by e4m3 values and block
-    scales. Returns the bytes saved."""
+    """--quantization fp8: replace each FP8-marked layer's loaded weight by e4m3 values and block scales
+    (a layer with its own `quantize_pending_fp8`, the MoE experts, does it itself). Returns the bytes saved."""
     saved = 0
     for module in model.modules():
         config = getattr(module, "fp8_pending", None)
         if config is None:
+            continue
+        if hasattr(module, "quantize_pending_fp8"):
+            saved += module.quantize_pending_fp8()
             continue
         w = module.weight
         w_fp8, scales = quantize_weight_block(w.data.float(), config.block)
