@@ -1,8 +1,6 @@
 """TritonBackend.forward_mla_extend / forward_mla_decode on the CPU through the Triton interpreter.
 
-The MLA pool (radixserve/cache/pools.py's MLAKVPool) and MLALayerSpec are written elsewhere at the same
-time, so this file drives the backend with stand-ins that have exactly the interface's attributes
-(notes: latent_buffers, get_latent_buffer, latent_scale, set_latent, num_kv_heads = 1, is_fp8). Each step
+The backend runs over a real MLAKVPool (junk-filled first) and MLALayerSpec. Each step
 is checked against the MLA formula over the pool's contents after the step (the reference in
 test_mla_kernels.py), and the pool is checked to hold the step's latents: together these show the
 latents were written before the kernels read them. fp32 (1e-4); an fp8 pool with scale 0.05 is
@@ -15,7 +13,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton (and the kernels) are imported
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,9 +23,11 @@ except ImportError as exc:  # pragma: no cover - triton ships with torch on Linu
     print(f"skipping MLA backend tests: triton is not importable ({exc})")
     pytest.skip(f"triton is not importable: {exc}", allow_module_level=True)
 
+from radixserve.attention.base import MLALayerSpec
 from radixserve.attention.kernels import built_for_interpreter, plan_mla_splits
 from radixserve.attention.kernels.decode_attention import num_sms
 from radixserve.attention.triton_backend import TritonBackend
+from radixserve.cache.pools import MLAKVPool
 from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, per_tensor_quantize
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from tests.unit.test_mla_kernels import mla_reference, scattered_table
@@ -42,40 +41,20 @@ HEADS, RANK, ROPE, PAGE = 3, 48, 8, 4
 WIDTH = RANK + ROPE
 
 
-class StandInMLAPool:
-    """The MLAKVPool interface the backend uses, and nothing more."""
-
-    num_kv_heads = 1
-    is_mla = True
-
-    def __init__(self, num_slots: int, page_size: int, num_layers: int, dtype: torch.dtype,
-                 latent_scales: list[float] | None = None, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.kv_lora_rank, self.qk_rope_head_dim, self.head_dim = RANK, ROPE, WIDTH
-        self.is_fp8 = dtype == FP8_DTYPE
-        self._scales = latent_scales or [1.0] * num_layers
-        # junk everywhere at first, so a latent read before it was written (or from a wrong slot) shows
-        self.latent_buffers = [
-            per_tensor_quantize(torch.randn(num_slots + page_size, 1, WIDTH, generator=gen), scale)
-            if self.is_fp8 else torch.randn(num_slots + page_size, 1, WIDTH, generator=gen).to(dtype)
-            for scale in self._scales
-        ]
-
-    def get_latent_buffer(self, layer_id: int) -> torch.Tensor:
-        return self.latent_buffers[layer_id]
-
-    def latent_scale(self, layer_id: int) -> float:
-        return self._scales[layer_id]
-
-    def set_latent(self, layer_id: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
-        buf = self.latent_buffers[layer_id]
-        buf[slots, 0] = per_tensor_quantize(latent, self._scales[layer_id]) if self.is_fp8 else latent.to(buf.dtype)
+def junk_pool(num_slots: int, dtype: torch.dtype, scale: float, seed: int) -> MLAKVPool:
+    """A real MLAKVPool (two layers) with junk everywhere at first, so a latent read before it was
+    written (or from a wrong slot) shows."""
+    fp8 = dtype == FP8_DTYPE
+    pool = MLAKVPool(num_slots, PAGE, 2, RANK, ROPE, dtype, "cpu", latent_scales=[scale, scale] if fp8 else None)
+    gen = torch.Generator().manual_seed(seed)
+    for buf in pool.latent_buffers:
+        junk = torch.randn(buf.shape, generator=gen)
+        buf.copy_(per_tensor_quantize(junk, scale) if fp8 else junk.to(dtype))
+    return pool
 
 
-def layer_spec(layer_id: int = 1) -> SimpleNamespace:
-    """MLALayerSpec's attributes (base.py's class is not in this branch yet)."""
-    return SimpleNamespace(layer_id=layer_id, num_heads=HEADS, kv_lora_rank=RANK, qk_rope_head_dim=ROPE,
-                           scaling=WIDTH**-0.5, num_kv_heads=1, head_dim=RANK)
+def layer_spec(layer_id: int = 1) -> MLALayerSpec:
+    return MLALayerSpec(layer_id, HEADS, RANK, ROPE, WIDTH**-0.5)
 
 
 class Requests:
@@ -84,7 +63,7 @@ class Requests:
     def __init__(self, final_lens: list[int], pool_dtype: torch.dtype, scale: float = 1.0, seed: int = 0):
         self.gen = torch.Generator().manual_seed(seed)
         self.table, num_slots = scattered_table(final_lens, PAGE, self.gen)
-        self.pool = StandInMLAPool(num_slots, PAGE, 2, pool_dtype, [scale, scale], seed=seed + 1)
+        self.pool = junk_pool(num_slots, pool_dtype, scale, seed=seed + 1)
         self.rows = torch.arange(1, len(final_lens) + 1)
         self.lens = [0] * len(final_lens)
 
@@ -105,7 +84,7 @@ class Requests:
             prefix_lens_cpu=None if decode else torch.tensor(prefix),
         )
 
-    def step(self, backend: TritonBackend, new_tokens: list[int], layer: SimpleNamespace, q_dtype=torch.float32):
+    def step(self, backend: TritonBackend, new_tokens: list[int], layer: MLALayerSpec, q_dtype=torch.float32):
         batch = self.batch(new_tokens, backend)
         backend.init_forward_metadata(batch)
         t = batch.out_cache_loc.shape[0]
