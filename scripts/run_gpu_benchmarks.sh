@@ -14,6 +14,7 @@
 #                           QUICK=1 smoke-tests this script on a CPU box)
 #   ATTENTION_BACKEND=      passed as --attention-backend when set (torch_native, triton)
 #   DISABLE_CUDA_GRAPH=0    1 passes --disable-cuda-graph
+#   RUNS_SPEC=              "name batch input output;..." instead of the three default runs
 #   MEM_FRACTION=           passed as --mem-fraction-static when set
 #   PEAK_GBPS= PEAK_TFLOPS=  the limits the figures are compared with (default: bench_one_batch's measured
 #                           figures for the GPU found, H100 or H200)
@@ -67,6 +68,8 @@ else
   OFFLINE_PROMPTS=${OFFLINE_PROMPTS:-64} OFFLINE_INPUT=${OFFLINE_INPUT:-512} OFFLINE_OUTPUT=${OFFLINE_OUTPUT:-128}
 fi
 
+# RUNS_SPEC="name bs in out;name bs in out" replaces the runs above
+[[ -n ${RUNS_SPEC:-} ]] && IFS=';' read -ra RUNS <<<"$RUNS_SPEC"
 EXTRA=()
 [[ -n ${ATTENTION_BACKEND:-} ]] && EXTRA+=(--attention-backend "$ATTENTION_BACKEND")
 [[ ${DISABLE_CUDA_GRAPH:-0} == 1 ]] && EXTRA+=(--disable-cuda-graph)

@@ -4,8 +4,11 @@
 #   scripts/build_gpu_wheels.sh                          # here, once: fills .whl/
 #   SHAPE=mixtral PARTS="one_batch peer" scripts/run_gpu_moe_bench.sh      # there, from the repo root
 #
-# SHAPE: mixtral (radixserve/configs/mixtral-8x7b: 93 GB of weights, needs an H200) or qwen3moe
-# (radixserve/configs/qwen3-30b-a3b: 61 GB). PARTS, any of:
+# SHAPE: mixtral (radixserve/configs/mixtral-8x7b: 93 GB of weights, needs an H200), qwen3moe
+# (radixserve/configs/qwen3-30b-a3b: 61 GB), dsv2lite (radixserve/configs/deepseek-v2-lite: 31 GB, MLA) or
+# dsv3 (radixserve/configs/deepseek-v3, FP8 block weights: 671 GB, so always with LAYERS=, e.g. 6 = three
+# dense layers and three MoE layers). RUNS_SPEC="name bs in out;..." replaces one_batch's three runs.
+# PARTS, any of:
 #   kernel     scripts/gpu_moe_kernel_bench.py for the shape (times the fused MoE kernel against the torch
 #              loop; TUNE=1 also searches tile configs and writes them under $OUT/kernel)
 #   one_batch  bench_one_batch: batch 1 (128 in / 256 out), batch 32 (1024 in, 16 steps), prefill 32 x 1024,
@@ -26,7 +29,9 @@ export PYTHONUNBUFFERED=1
 case $SHAPE in  # MODEL= overrides the config folder (a CPU smoke run: a tiny MoE, DEVICE=cpu DTYPE=float32 QUICK=1)
   mixtral) MODEL=${MODEL:-radixserve/configs/mixtral-8x7b} ;;
   qwen3moe) MODEL=${MODEL:-radixserve/configs/qwen3-30b-a3b} ;;
-  *) echo "run_gpu_moe_bench: SHAPE is mixtral or qwen3moe, not $SHAPE" >&2; exit 2 ;;
+  dsv2lite) MODEL=${MODEL:-radixserve/configs/deepseek-v2-lite} ;;
+  dsv3) MODEL=${MODEL:-radixserve/configs/deepseek-v3} ;;
+  *) echo "run_gpu_moe_bench: SHAPE is mixtral, qwen3moe, dsv2lite or dsv3, not $SHAPE" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
 if [[ -n ${LAYERS:-} ]]; then  # the same shape cut to LAYERS layers (full Mixtral does not fit an H100)
