@@ -49,7 +49,8 @@ class ModelCost:
     kv_bytes_per_token: int
     num_layers: int
     num_q_heads: int
-    head_dim: int
+    head_dim: int  # the width values (and the output) have
+    qk_head_dim: int = 0  # the width a query-key product has, when not head_dim (MLA: latent + rope dims)
     # Mixture of experts: the experts' share of weight_bytes and layer_matmul_params, and the routing
     expert_bytes: int = 0
     expert_params: int = 0
@@ -76,6 +77,7 @@ class ModelCost:
             params=params, weight_bytes=weight_bytes, layer_matmul_params=layer_params,
             lm_head_params=lm_head.numel(), kv_bytes_per_token=runner.pools.kv.bytes_per_token(),
             num_layers=len(model.layers), num_q_heads=spec.num_heads, head_dim=spec.head_dim,
+            qk_head_dim=spec.head_dim + getattr(spec, "qk_rope_head_dim", 0),
             expert_bytes=sum(p.numel() * p.element_size() for p in expert_tensors),
             expert_params=sum(p.numel() for p in expert_tensors),
             num_experts=moe.num_experts if moe and experts else 0, top_k=moe.top_k if moe and experts else 0,
@@ -103,9 +105,10 @@ class ModelCost:
         if self.num_experts:
             per_token -= self.expert_params * (1.0 - self.top_k / self.num_experts)
         linear = 2.0 * (per_token * tokens + self.lm_head_params * batch)
-        # QK^T and PV, each 2 * head_dim per (query, visible key) pair and head
+        # QK^T and PV: 2 * (qk_head_dim + head_dim) per (query, visible key) pair and head (MLA's absorbed
+        # form attends over the latent: 576 + 512 for DeepSeek)
         pairs = batch * input_len * (input_len + 1) / 2
-        attention = 4.0 * self.num_layers * self.num_q_heads * self.head_dim * pairs
+        attention = 2.0 * self.num_layers * self.num_q_heads * ((self.qk_head_dim or self.head_dim) + self.head_dim) * pairs
         return linear + attention
 
 

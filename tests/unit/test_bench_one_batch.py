@@ -127,3 +127,24 @@ def test_moe_cost_of_a_real_runner(tmp_path):
     # 2 layers x 8 experts x (2*40*64 + 64*40) fp32 parameters
     assert cost.num_experts == 8 and cost.top_k == 2
     assert cost.expert_params == 2 * 8 * 3 * 40 * 64 and cost.expert_bytes == 4 * cost.expert_params
+
+
+def test_mla_cost_of_a_real_runner(tmp_path):
+    """DeepSeek (V3 shape, tiny): the latent is the KV (one kv_lora_rank + rope row per layer), and
+    prefill attention is counted in the absorbed form (a query-key product over the latent plus the
+    rope dims, a value product over the latent)."""
+    from radixserve.bench.batch_driver import build_runner
+    from tests.e2e.test_deepseek_parity import make_deepseek
+
+    make_deepseek("v3", str(tmp_path), seed=0)
+    args = build_parser().parse_args(["--model-path", str(tmp_path), "--load-format", "dummy", "--device", "cpu",
+                                      "--dtype", "float32", "--input-len", "16", "--output-len", "4"])
+    cost = ModelCost.of(build_runner(server_args_for(args)))
+    assert cost.kv_bytes_per_token == 3 * (32 + 16) * 4  # 3 layers, kv_lora_rank 32, rope 16, fp32
+    assert (cost.head_dim, cost.qk_head_dim, cost.num_q_heads) == (32, 48, 4)
+    assert cost.num_experts == 8 and cost.top_k == 2
+    # 2 MoE layers (the first is dense) x 8 experts x 3 matrices of 24 x 64
+    assert cost.expert_params == 2 * 8 * 3 * 24 * 64
+    linear_only = ModelCost(**{**cost.__dict__, "num_layers": 0})
+    attention = cost.prefill_flops(1, 16) - linear_only.prefill_flops(1, 16)
+    assert attention == pytest.approx(2.0 * 3 * 4 * (48 + 32) * 16 * 17 / 2)
