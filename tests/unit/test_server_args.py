@@ -72,7 +72,10 @@ def test_choice_errors_list_allowed_values():
 
 @pytest.mark.parametrize(
     "kwargs, flag",
-    [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
+    [({"enable_dp_attention": True, "tp_size": 2, "nnodes": 2, "dist_init_addr": "h:1"}, "--enable-dp-attention"),
+     ({"enable_dp_attention": True, "disaggregation_mode": "prefill"}, "--enable-dp-attention"),
+     ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
+     ({"enable_two_batch_overlap": True}, "--enable-two-batch-overlap"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
 )
 def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
@@ -81,6 +84,15 @@ def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
     message = ServerArgs(**kwargs).unbuilt_feature()
     assert message and message.startswith(flag) and "\n" not in message
     assert ServerArgs().unbuilt_feature() is None
+
+
+def test_dp_attention_is_built():
+    args = parse(["--tp-size", "4", "--dp-size", "2", "--enable-dp-attention", "--enable-dp-lm-head"])
+    assert args.enable_dp_attention and args.enable_dp_lm_head and args.unbuilt_feature() is None
+    with pytest.raises(ServerArgsError, match=r"^--enable-dp-attention: --dp-size \(3\) must divide --tp-size \(4\)"):
+        ServerArgs(tp_size=4, dp_size=3, enable_dp_attention=True)
+    with pytest.raises(ServerArgsError, match="^--enable-dp-lm-head: needs --enable-dp-attention"):
+        ServerArgs(enable_dp_lm_head=True)
 
 
 def test_pd_modes_are_built_on_one_rank():
