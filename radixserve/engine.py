@@ -25,7 +25,7 @@ from radixserve.messages import GenerateReq
 from radixserve.scheduler.dp_controller import run_dp_controller_process
 from radixserve.scheduler.process import run_scheduler_process
 from radixserve.server_args import ServerArgs, ServerArgsError
-from radixserve.utils.process import kill_process_tree
+from radixserve.utils.process import kill_process_tree, kill_process_trees
 
 logger = logging.getLogger("radixserve.engine")
 
@@ -151,9 +151,7 @@ class Engine:
                 asyncio.run_coroutine_threadsafe(tm.close(), loop).result(timeout=5)
             except Exception:  # shutting down regardless
                 logger.debug("tokenizer manager did not close cleanly", exc_info=True)
-        for p in procs:
-            if p.pid is not None:
-                kill_process_tree(p.pid)
+        kill_process_trees([p.pid for p in procs])
         for p in procs:
             p.join(timeout=5)
         if loop.is_running():

@@ -3,8 +3,10 @@ two attention groups of one rank each (own requests, own KV cache), with the MoE
 --enable-dp-lm-head) the LM head split over both. Greedy tokens equal transformers' (fp32) for a batch
 that gives both groups work, for one request alone (the other group joins each forward idle), for
 prompt logprobs (the world LM head's one call per forward), chunked and paged; for Mixtral, Qwen2-MoE
-(a shared expert over the world, a dense layer over the group) and DeepSeek-V3 (MLA, a dense first
-layer); with --enable-dp-lm-head, and with EP 2 and --moe-dense-tp-size 1. Pools are whole after."""
+(a shared expert over the world, a dense layer over the group), Qwen3-MoE (tied embeddings) and
+DeepSeek-V3 (MLA, a dense first layer); with --enable-dp-lm-head, and with EP 2 (and
+--moe-dense-tp-size 1). Then --tp-size 4 --dp-size 2: attention TP 2 in each group. Dense models are
+refused in one line. Pools are whole after every scenario."""
 
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ def tiny_moe(arch: str, tmp_path_factory) -> tuple:
     """(path, transformers model, prompts, expected tokens), made once per module run."""
     if arch not in _MODELS:
         path = str(tmp_path_factory.mktemp(arch))
-        model = make_tiny_model(arch, path, seed=40 + len(_MODELS), tokenizer=False)
+        # Qwen3-MoE with tied embeddings: the LM head over the world is a separately loaded copy
+        tied = {"tie_word_embeddings": True} if arch == "qwen3_moe" else None
+        model = make_tiny_model(arch, path, seed=40 + len(_MODELS), tokenizer=False, overrides=tied)
         batch = prompts(len(_MODELS), 49152)
         _MODELS[arch] = (path, model, batch, [hf_greedy(model, p, MAX_NEW) for p in batch])
     return _MODELS[arch]
@@ -53,6 +57,7 @@ def check_parity(engine: Engine, batch: list[list[int]], expected: list[list[int
     ("mixtral", {}),
     ("mixtral", {"enable_dp_lm_head": True, "chunked_prefill_size": 16, "page_size": 4}),
     ("qwen2_moe", {"page_size": 2}),
+    ("qwen3_moe", {"ep_size": 2}),
 ])
 def test_moe_greedy_parity(arch, extra, tmp_path_factory):
     path, model, batch, expected = tiny_moe(arch, tmp_path_factory)
