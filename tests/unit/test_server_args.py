@@ -134,6 +134,17 @@ def test_each_dp_group_rendezvouses_at_its_own_port():
     assert a.startswith("tcp://127.0.0.1:") and a != b
 
 
+def test_dp_attention_runs_tp_size_processes_in_one_world():
+    """Plain --dp-size: D groups of T ranks, each its own rendezvous; DP attention: T ranks in all, one
+    rendezvous, group g being ranks g*T/D .. (g+1)*T/D - 1."""
+    from radixserve.engine import scheduler_ranks
+
+    plain = scheduler_ranks(ServerArgs(tp_size=2, dp_size=2, dist_init_addr="h:5000"))
+    assert plain == [(0, 0, "tcp://h:5000"), (0, 1, "tcp://h:5000"), (1, 0, "tcp://h:5001"), (1, 1, "tcp://h:5001")]
+    dpa = scheduler_ranks(ServerArgs(tp_size=4, dp_size=2, enable_dp_attention=True, dist_init_addr="h:5000"))
+    assert dpa == [(0, 0, "tcp://h:5000"), (0, 1, "tcp://h:5000"), (1, 2, "tcp://h:5000"), (1, 3, "tcp://h:5000")]
+
+
 @pytest.mark.parametrize("addr", ["h:", "h:port", "h:70000", "h:0"])
 def test_dist_init_addr_port_must_be_a_port(addr):
     with pytest.raises(ServerArgsError, match="--dist-init-addr"):
