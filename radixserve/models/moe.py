@@ -71,7 +71,7 @@ class MoECausalLM(LlamaForCausalLM):
     def idle_forward(self) -> None:
         """DP attention, a group with no batch while others run: take part in the world's collectives
         (every MoE layer's, the LM head's) with no tokens of its own."""
-        x = self.embed_tokens.weight.new_empty(0, self.config.hidden_size)
+        x = self.norm.weight.new_empty(0, self.config.hidden_size)  # the model dtype, on its device
         for layer in self.layers:
             if getattr(layer.mlp, "spans_world", False):
                 layer.mlp(x)
