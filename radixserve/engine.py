@@ -25,7 +25,7 @@ from radixserve.messages import GenerateReq
 from radixserve.scheduler.dp_controller import run_dp_controller_process
 from radixserve.scheduler.process import run_scheduler_process
 from radixserve.server_args import ServerArgs, ServerArgsError
-from radixserve.utils.process import kill_process_tree
+from radixserve.utils.process import kill_process_tree, kill_process_trees
 
 logger = logging.getLogger("radixserve.engine")
 
@@ -51,17 +51,15 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
     if args.dp_size > 1:
         procs.append(ctx.Process(target=run_dp_controller_process, args=(args, ports),
                                  name="radixserve-dp-controller", daemon=True))
-    for dp_rank in range(args.dp_size):
+    for dp_rank, rank, dist_init in scheduler_ranks(args):
         group_ports = ports.for_dp_group(dp_rank) if args.dp_size > 1 else ports
-        dist_init = dist_init_method(args.dist_init_addr, dp_rank)
-        for rank in args.node_ranks():
-            reader, writer = ctx.Pipe(duplex=False)
-            name = "radixserve-scheduler" + (f"-dp{dp_rank}" if args.dp_size > 1 else "") + (
-                f"-tp{rank}" if args.tp_size > 1 else "")
-            procs.append(ctx.Process(target=run_scheduler_process,
-                                     args=(args, group_ports, writer, rank, dist_init, dp_rank),
-                                     name=name, daemon=True))
-            readers.append((reader, procs[-1]))
+        reader, writer = ctx.Pipe(duplex=False)
+        name = "radixserve-scheduler" + (f"-dp{dp_rank}" if args.dp_size > 1 else "") + (
+            f"-tp{rank}" if args.tp_size > 1 else "")
+        procs.append(ctx.Process(target=run_scheduler_process,
+                                 args=(args, group_ports, writer, rank, dist_init, dp_rank),
+                                 name=name, daemon=True))
+        readers.append((reader, procs[-1]))
     if args.node_rank == 0:  # other nodes run scheduler ranks only
         procs.append(ctx.Process(target=run_detokenizer_process, args=(args, ports, source),
                                  name="radixserve-detokenizer", daemon=True))
@@ -82,6 +80,21 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
         raise EngineStartError(failed[0].get("message", "scheduler failed to start"))
     info = infos[0]
     return ports, procs, info, tokenizer, source
+
+
+def scheduler_ranks(args: ServerArgs) -> list[tuple[int, int, str]]:
+    """(DP rank, rank, rendezvous) of each scheduler process this node runs. Plain --dp-size: dp_size
+    groups of --tp-size ranks, each group a process group of its own. --enable-dp-attention: --tp-size
+    processes in all, one process group (the world the MoE layers span); DP group g is ranks
+    g * tp/dp .. (g + 1) * tp/dp - 1."""
+    if args.enable_dp_attention:
+        dist_init = dist_init_method(args.dist_init_addr, 0)
+        per_group = args.tp_size // args.dp_size
+        return [(rank // per_group, rank, dist_init) for rank in args.node_ranks()]
+    return [(dp_rank, rank, dist_init)
+            for dp_rank in range(args.dp_size)
+            for dist_init in [dist_init_method(args.dist_init_addr, dp_rank)]
+            for rank in args.node_ranks()]
 
 
 def wait_ready(reader, proc: mp.Process) -> dict[str, Any]:
@@ -138,9 +151,7 @@ class Engine:
                 asyncio.run_coroutine_threadsafe(tm.close(), loop).result(timeout=5)
             except Exception:  # shutting down regardless
                 logger.debug("tokenizer manager did not close cleanly", exc_info=True)
-        for p in procs:
-            if p.pid is not None:
-                kill_process_tree(p.pid)
+        kill_process_trees([p.pid for p in procs])
         for p in procs:
             p.join(timeout=5)
         if loop.is_running():

@@ -104,7 +104,7 @@ def serve_follower(args: ServerArgs) -> int:
 
     from radixserve.engine import EngineStartError, launch_backend, liveness_check
     from radixserve.entrypoints.errors import error_response
-    from radixserve.utils.process import kill_process_tree
+    from radixserve.utils.process import kill_process_trees
 
     try:
         _, procs, _, _, _ = launch_backend(args)
@@ -145,8 +145,7 @@ def serve_follower(args: ServerArgs) -> int:
         asyncio.run(run())
         return exit_code
     finally:
-        for p in procs:
-            kill_process_tree(p.pid)
+        kill_process_trees([p.pid for p in procs])
 
 
 def raise_open_files_limit(connections: int) -> None:
@@ -176,7 +175,7 @@ def serve(args: ServerArgs) -> int:
     from radixserve.entrypoints.http_server import ServerState, create_app
     from radixserve.entrypoints.metrics import Metrics
     from radixserve.entrypoints.tokenizer_manager import TokenizerManager
-    from radixserve.utils.process import kill_process_tree
+    from radixserve.utils.process import kill_process_trees
 
     args.chat_template = read_chat_template(args.chat_template)
     try:
@@ -217,8 +216,7 @@ def serve(args: ServerArgs) -> int:
             return 1  # could not bind the port (uvicorn logged why)
         return server.exit_code
     finally:
-        for p in procs:
-            kill_process_tree(p.pid)
+        kill_process_trees([p.pid for p in procs])
         logger.info("radixserve stopped")
 
 

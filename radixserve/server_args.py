@@ -100,8 +100,11 @@ class ServerArgs:
     dp_size: int = flag(1, "data parallel size", PARALLEL, **POSITIVE)
     load_balance_method: str = flag("round_robin", "how the DP controller spreads requests", PARALLEL,
                                     choices=("round_robin", "shortest_queue", "minimum_tokens"))
-    enable_dp_attention: bool = flag(False, "data parallel attention (MoE models)", PARALLEL)
-    enable_dp_lm_head: bool = flag(False, "data parallel LM head (with DP attention)", PARALLEL)
+    enable_dp_attention: bool = flag(False, "data parallel attention (MoE models): the --tp-size processes form "
+                                     "--dp-size attention groups, each with its own requests and KV cache, and "
+                                     "the MoE layers span all of them", PARALLEL)
+    enable_dp_lm_head: bool = flag(False, "with --enable-dp-attention: split the LM head over each attention "
+                                   "group instead of all --tp-size ranks", PARALLEL)
     moe_dense_tp_size: int | None = flag(None, "TP size for the dense MLP layers of MoE models: 1 keeps them "
                                          "whole on every rank (default: split like the rest)", PARALLEL)
     moe_a2a_backend: str = flag("none", "MoE token exchange between expert-parallel ranks: none (each rank "
@@ -161,6 +164,14 @@ class ServerArgs:
                 f"--moe-dense-tp-size: 1 (dense layers whole on every rank) or the --tp-size ({self.tp_size}); "
                 f"got {self.moe_dense_tp_size}"
             )
+        if self.enable_dp_attention and self.tp_size % self.dp_size:
+            raise ServerArgsError(
+                f"--enable-dp-attention: --dp-size ({self.dp_size}) must divide --tp-size ({self.tp_size}); the "
+                "--tp-size processes form --dp-size attention groups"
+            )
+        if self.enable_dp_lm_head and not self.enable_dp_attention:
+            raise ServerArgsError("--enable-dp-lm-head: needs --enable-dp-attention (it splits the LM head over "
+                                  "each DP attention group)")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ServerArgsError("--dist-init-addr HOST:PORT (node 0's address) is required with --nnodes > 1")
         if self.dist_init_addr is not None:
@@ -187,8 +198,11 @@ class ServerArgs:
             (self.grammar_backend != "xgrammar",
              f"--grammar-backend {self.grammar_backend}: radixserve's structured output runs on xgrammar only; "
              "use --grammar-backend xgrammar"),
-            (self.enable_dp_attention, f"--enable-dp-attention: DP attention (MoE models) {pending}"),
-            (self.enable_dp_lm_head, f"--enable-dp-lm-head: DP LM head {pending}"),
+            (self.enable_dp_attention and self.nnodes > 1,
+             f"--enable-dp-attention with --nnodes {self.nnodes}: multi-node DP attention {pending}"),
+            (self.enable_dp_attention and self.disaggregation_mode != "null",
+             f"--enable-dp-attention with --disaggregation-mode {self.disaggregation_mode}: DP attention on a "
+             f"PD server {pending}"),
             (self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None,
              "--moe-a2a-backend deepep: needs DeepEP (the deep_ep package), which is not installed; use "
              "--moe-a2a-backend none"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from radixserve.distributed.parallel_state import get_tp_rank, get_tp_size, get_world, tp_all_reduce
 from radixserve.layers.gemv import linear
 from radixserve.layers.quantization.fp8_linear import (
     fp8_linear,
@@ -47,6 +47,17 @@ def copy_slice(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, dim:
     param.data.narrow(dim, dst, size).copy_(loaded.narrow(dim, src, size))
 
 
+def shard_of(replicated: bool, over_world: bool = False) -> tuple[int, int]:
+    """(rank, ranks) a layer splits over: none (replicated), the MoE world (a MoE layer's shared
+    expert: the world under DP attention, else the TP group), or the TP group."""
+    if replicated:
+        return 0, 1
+    if over_world:
+        world = get_world()
+        return world.tp_rank, world.tp_size
+    return get_tp_rank(), get_tp_size()
+
+
 def _divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor parallel size ({d})")
@@ -57,10 +68,10 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's rows (outputs) split across ranks; output stays split."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 out_per_rank: int | None = None, replicated: bool = False) -> None:
+                 out_per_rank: int | None = None, replicated: bool = False, over_world: bool = False) -> None:
         super().__init__()
         # replicated: every rank holds the whole layer (e.g. --moe-dense-tp-size 1)
-        self.tp_rank, self.tp_size = (0, 1) if replicated else (get_tp_rank(), get_tp_size())
+        self.tp_rank, self.tp_size = shard_of(replicated, over_world)
         self.out_per_rank = out_per_rank or _divide(out_features, self.tp_size, "output size")
         _make_weight(self, self.out_per_rank, in_features)
         self.bias = None
@@ -86,8 +97,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections fused into one matmul (e.g. gate_proj + up_proj)."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
-                 replicated: bool = False) -> None:
-        super().__init__(in_features, sum(out_sizes), bias, replicated=replicated)
+                 replicated: bool = False, over_world: bool = False) -> None:
+        super().__init__(in_features, sum(out_sizes), bias, replicated=replicated, over_world=over_world)
         self.part_sizes = [_divide(s, self.tp_size, "output size") for s in out_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -155,9 +166,11 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  in_range: tuple[int, int] | None = None, replicated: bool = False,
-                 reduce_results: bool = True) -> None:
+                 reduce_results: bool = True, over_world: bool = False) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = (0, 1) if replicated else (get_tp_rank(), get_tp_size())
+        if over_world and reduce_results:
+            raise ValueError("a layer split over the MoE world leaves its reduction to the MoE layer")
+        self.tp_rank, self.tp_size = shard_of(replicated, over_world)
         self.reduce_results = reduce_results and self.tp_size > 1
         if in_range is None:  # an even split
             per_rank = _divide(in_features, self.tp_size, "input size")

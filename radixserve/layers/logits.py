@@ -34,10 +34,19 @@ def compute_logits(
     """hidden: [T, H] final-normed states."""
     if batch.is_decode:
         return LogitsOutput(lm_head.compute_logits(hidden).float())
-    last = lm_head.compute_logits(hidden[batch.logits_indices]).float()
+    spans = batch.prompt_logprob_spans
+    if getattr(lm_head, "over_world", False) and spans:
+        # an LM head over the DP-attention world runs once per forward on every rank: all rows at once
+        pieces = [hidden[batch.logits_indices]] + [hidden[a:b] for _, a, b in spans]
+        span_logits = list(lm_head.compute_logits(torch.cat(pieces)).split([len(p) for p in pieces]))
+        last = span_logits.pop(0).float()
+    else:
+        last = lm_head.compute_logits(hidden[batch.logits_indices]).float()
+        span_logits = None
     out = LogitsOutput(last)
-    for req_index, a, b in batch.prompt_logprob_spans:
-        logprobs = torch.log_softmax(lm_head.compute_logits(hidden[a:b]).float(), dim=-1)
+    for i, (req_index, a, b) in enumerate(spans):
+        logits = span_logits[i] if span_logits is not None else lm_head.compute_logits(hidden[a:b])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         next_ids = batch.prompt_next_ids[a:b]
         known = next_ids >= 0
         picked = logprobs.gather(1, next_ids.clamp(min=0)[:, None]).squeeze(1)

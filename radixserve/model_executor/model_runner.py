@@ -12,6 +12,7 @@ import torch
 from radixserve.attention.torch_native import TorchNativeBackend
 from radixserve.cache.memory import MemoryPools
 from radixserve.cache.pools import KVPool, MLAKVPool, resolve_kv_dtype
+from radixserve.distributed.dp_attention import get_dp_attention, sync_step
 from radixserve.distributed.parallel_state import set_moe_parallel, tp_min_int
 from radixserve.layers.logits import LogitsOutput
 from radixserve.layers.quantization.fp8_linear import fp8_config_for, quantize_loaded_weights, set_fp8_config
@@ -107,6 +108,9 @@ def load_model(args: ServerArgs, source: ModelSource, device: torch.device, cont
     architecture = architecture_of(source.hf_config)
     cfg = ModelConfig.from_hf(source.hf_config, architecture)
     cls = MODEL_CLASSES[architecture]
+    if args.enable_dp_attention and (cfg.moe is None or not hasattr(cls, "idle_forward")):
+        raise ValueError(f"--enable-dp-attention: built for MoE models only (Mixtral, Qwen2-MoE, Qwen3-MoE, "
+                         f"DeepSeek-V2/V3); {architecture} has no experts, so use --dp-size without it")
     set_moe_parallel(args.ep_size, args.moe_dense_tp_size)
     fp8 = fp8_config_for(source.hf_config, args.quantization)
     dummy = source.kind == "dummy" or args.load_format == "dummy"
@@ -216,7 +220,14 @@ class ModelRunner:
         self.page_size = args.page_size
         self.attn_backend = make_attention_backend(args.attention_backend, device)
         self.vocab_size = self.cfg.vocab_size
-        self.compiled_decode = make_compiled_decode(self)  # --enable-torch-compile; graphs capture it
+        # DP attention: every forward starts with the groups' step sync (sync_step), which a graph
+        # replay or a compiled decode would skip; both stay off (see use_cuda_graph)
+        self.dp_attention = get_dp_attention()
+        self.forwarded = False  # DP attention: whether this step ran a forward (else: idle_step)
+        if self.dp_attention is not None and (args.enable_torch_compile or device.type == "cuda"):
+            logger.info("--enable-dp-attention: CUDA graphs and torch.compile are off (each forward first "
+                        "syncs the DP groups' token counts, which a replayed graph would skip)")
+        self.compiled_decode = None if self.dp_attention is not None else make_compiled_decode(self)
         self.graph_runner: CudaGraphRunner | None = None
         if self.use_cuda_graph:
             self.graph_runner = CudaGraphRunner(self, self.cuda_graph_max_bs)
@@ -230,7 +241,7 @@ class ModelRunner:
     @property
     def use_cuda_graph(self) -> bool:
         return (self.device.type == "cuda" and not self.args.disable_cuda_graph
-                and hasattr(self.attn_backend, "init_cuda_graph_state"))
+                and hasattr(self.attn_backend, "init_cuda_graph_state") and self.dp_attention is None)
 
     @property
     def cuda_graph_max_bs(self) -> int:
@@ -245,12 +256,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, prompt_top_k: int = 0) -> LogitsOutput:
+        if self.dp_attention is not None:  # the MoE layers gather every group's tokens: say how many
+            sync_step(int(batch.input_ids.shape[0]))
+            self.forwarded = True
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return LogitsOutput(self.graph_runner.replay(batch))
         self.attn_backend.init_forward_metadata(batch)
         if self.compiled_decode is not None and self.compiled_decode.can_run(batch):
             return self.compiled_decode(batch)
         return self.model(batch, prompt_top_k)
+
+    def idle_step(self) -> bool:
+        """DP attention, a step in which this group runs no batch: sync with the other groups, and join
+        their forward's world collectives if any runs one. Returns whether any group ran."""
+        if not any(sync_step(0)):
+            return False
+        self.model.idle_forward()
+        return True
 
 
 def build_model_runner(args: ServerArgs, source: ModelSource, device: torch.device, context_len: int) -> ModelRunner:

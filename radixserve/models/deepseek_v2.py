@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.attention.base import MLALayerSpec
-from radixserve.distributed.parallel_state import get_moe_parallel, get_tp_size, tp_all_reduce
+from radixserve.distributed.dp_attention import gather_for_moe, own_rows
+from radixserve.distributed.parallel_state import get_moe_parallel, get_tp_size, moe_all_reduce
 from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from radixserve.layers.moe.layer import FusedMoE
@@ -113,7 +114,10 @@ class DeepseekGate(nn.Module):
 
 
 class DeepseekMoE(nn.Module):
-    """Routed experts (grouped top-k, scaled) plus a plain shared expert, added; one all-reduce."""
+    """Routed experts (grouped top-k, scaled) plus a plain shared expert, added; one all-reduce (over
+    the world, on every DP group's tokens, under DP attention)."""
+
+    spans_world = True
 
     def __init__(self, hidden: int, moe: MoEConfig, mlp_bias: bool) -> None:
         super().__init__()
@@ -123,10 +127,11 @@ class DeepseekMoE(nn.Module):
         self.shared_experts: LlamaMLP | None = None
         if moe.shared_experts_intermediate_size:
             self.shared_experts = LlamaMLP(hidden, moe.shared_experts_intermediate_size, mlp_bias,
-                                           reduce_results=False)
+                                           reduce_results=False, over_world=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moe = self.moe
+        x, own = gather_for_moe(x)
         logits = F.linear(x.float(), self.gate.weight)
         weights, ids = select_experts_grouped(
             logits, moe.top_k, scoring=moe.scoring, topk_method=moe.topk_method, n_group=moe.n_group,
@@ -136,7 +141,7 @@ class DeepseekMoE(nn.Module):
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return tp_all_reduce(out)
+        return own_rows(moe_all_reduce(out), own)
 
 
 class DeepseekV2DecoderLayer(LlamaDecoderLayer):
@@ -168,7 +173,7 @@ class DeepseekV2ForCausalLM(MoECausalLM):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tied = cfg.tie_word_embeddings
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if self.tied:
+        if self.tied and not self.lm_head.over_world:  # over the world, its slices differ: a copy is loaded
             self.lm_head.weight = self.embed_tokens.weight
         self.tp_size = get_tp_size()
         self.checkpoint_kv_scales = None  # an fp8 latent cache uses scale 1.0 per layer

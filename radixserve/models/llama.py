@@ -57,15 +57,16 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     """gate/up, SiLU-and-mul, down. replicated: whole on every rank (--moe-dense-tp-size 1);
-    reduce_results False: the output stays this rank's partial sum (the caller reduces)."""
+    reduce_results False: the output stays this rank's partial sum (the caller reduces); over_world:
+    split over the MoE layers' ranks (a shared expert; the MoE layer reduces)."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False, replicated: bool = False,
-                 reduce_results: bool = True) -> None:
+                 reduce_results: bool = True, over_world: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate], bias=bias,
-                                                       replicated=replicated)
+                                                       replicated=replicated, over_world=over_world)
         self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, replicated=replicated,
-                                           reduce_results=reduce_results)
+                                           reduce_results=reduce_results, over_world=over_world)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tied = cfg.tie_word_embeddings
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if self.tied:
+        if self.tied and not self.lm_head.over_world:  # over the world, its slices differ: a copy is loaded
             self.lm_head.weight = self.embed_tokens.weight
         self.tp_size = get_tp_size()
         # (k_scale, v_scale) per layer, when the checkpoint has them (for --kv-cache-dtype fp8_e4m3)
@@ -166,6 +167,9 @@ class LlamaForCausalLM(nn.Module):
                 self.checkpoint_kv_scales[int(scale.group(1))][kind == "v"] = float(tensor.float().max())
                 continue
             target, shard = self.checkpoint_target(name)
+            if target == "embed_tokens.weight" and self.tied and self.lm_head.over_world:
+                self.lm_head.weight_loader(self.lm_head.weight, tensor.to(self.lm_head.weight.dtype))
+                loaded.add("lm_head.weight")
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]

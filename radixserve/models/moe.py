@@ -3,6 +3,8 @@
 A sparse layer routes each token to its top-k experts (the router is a small replicated linear, so
 every TP rank picks the same experts), adds a shared expert where the model has one (Qwen2-MoE: scaled
 by sigmoid of its own one-output gate), and finishes the rank's partial sums with one all-reduce.
+Under DP attention the layer spans every rank of the world: it runs on all DP groups' tokens
+(gathered first) and hands back this group's rows (distributed/dp_attention.py).
 Layers the config marks dense keep a plain MLP, split over the TP group or, with --moe-dense-tp-size
 1, whole on every rank.
 """
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.distributed.parallel_state import get_moe_parallel, tp_all_reduce
+from radixserve.distributed.dp_attention import gather_for_moe, lm_head_spans_world, own_rows
+from radixserve.distributed.parallel_state import get_moe_parallel, moe_all_reduce
 from radixserve.layers.moe.layer import EXPERT_PROJECTIONS, SCALE_SUFFIX, FusedMoE
 from radixserve.layers.moe.router import select_experts
 from radixserve.loader.model_config import ModelConfig, MoEConfig
@@ -30,6 +33,8 @@ _STACKED_RE = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj|gate_proj|up_
 
 
 class SparseMoeBlock(nn.Module):
+    spans_world = True  # its collectives run over the world (DP attention: an idle group joins them)
+
     def __init__(self, hidden: int, moe: MoEConfig) -> None:
         super().__init__()
         self.top_k, self.renormalize = moe.top_k, moe.renormalize
@@ -38,15 +43,17 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert: LlamaMLP | None = None
         self.shared_expert_gate: nn.Linear | None = None
         if moe.shared_expert_intermediate_size:
-            self.shared_expert = LlamaMLP(hidden, moe.shared_expert_intermediate_size, reduce_results=False)
+            self.shared_expert = LlamaMLP(hidden, moe.shared_expert_intermediate_size, reduce_results=False,
+                                          over_world=True)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, own = gather_for_moe(x)
         weights, ids = select_experts(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
-        return tp_all_reduce(out)
+        return own_rows(moe_all_reduce(out), own)
 
 
 class MoECausalLM(LlamaForCausalLM):
@@ -59,6 +66,17 @@ class MoECausalLM(LlamaForCausalLM):
             return SparseMoeBlock(cfg.hidden_size, cfg.moe)
         size = cfg.intermediate_size
         return LlamaMLP(cfg.hidden_size, size, cfg.mlp_bias, replicated=get_moe_parallel().dense_tp_size == 1)
+
+    @torch.inference_mode()
+    def idle_forward(self) -> None:
+        """DP attention, a group with no batch while others run: take part in the world's collectives
+        (every MoE layer's, the LM head's) with no tokens of its own."""
+        x = self.norm.weight.new_empty(0, self.config.hidden_size)  # the model dtype, on its device
+        for layer in self.layers:
+            if getattr(layer.mlp, "spans_world", False):
+                layer.mlp(x)
+        if lm_head_spans_world():
+            self.lm_head.compute_logits(x)
 
     def checkpoint_target(self, name: str) -> tuple[str, object]:
         m = _PER_EXPERT.match(name)

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from radixserve.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger("radixserve.scheduler")
+# DP attention: how long an idle scheduler waits for requests before the groups' next step sync (a
+# request arriving at one group waits at most this for the others)
+DP_ATTENTION_IDLE_POLL_MS = 20
 
 
 def normal_loop(scheduler: Scheduler) -> None:
@@ -20,7 +23,11 @@ def normal_loop(scheduler: Scheduler) -> None:
     socket (up to a second at a time) while there is nothing to do."""
     profile_steps = int(os.environ.get("RADIXSERVE_PROFILE_STEPS", "0"))
     while True:
-        scheduler.recv_requests(block=not scheduler.has_work())
+        if scheduler.dp_attention:  # the groups step together: never sleep long while any has work
+            busy = scheduler.has_work() or scheduler.peers_busy
+            scheduler.recv_requests(timeout_ms=0 if busy else DP_ATTENTION_IDLE_POLL_MS)
+        else:
+            scheduler.recv_requests(block=not scheduler.has_work())
         if profile_steps and scheduler.has_work():
             profile(scheduler, profile_steps)
             profile_steps = 0

@@ -18,8 +18,9 @@ def run_scheduler_process(args: ServerArgs, ports: PortArgs, ready: Connection, 
     die_with_parent()
     ignore_sigterm()
     faulthandler.enable()
-    # rank 0 logs the batches; the other ranks only warnings and errors
-    level = args.log_level if tp_rank == 0 else "warning"
+    # rank 0 (of each DP attention group) logs the batches; the other ranks only warnings and errors
+    group_rank = tp_rank % (args.tp_size // args.dp_size) if args.enable_dp_attention else tp_rank
+    level = args.log_level if group_rank == 0 else "warning"
     name = "scheduler" + (f" DP{dp_rank}" if args.dp_size > 1 else "") + (f" TP{tp_rank}" if args.tp_size > 1 else "")
     configure_logging(level, name)
     logger = logging.getLogger("radixserve.scheduler")

@@ -25,7 +25,13 @@ from radixserve.disaggregation.decode_side import DecodeReceiver
 from radixserve.disaggregation.prefill_side import PrefillHandoff
 from radixserve.disaggregation.ranks import kv_share
 from radixserve.disaggregation.settings import FAKE_BOOTSTRAP_HOST
-from radixserve.distributed.parallel_state import check_same_setup, init_tensor_parallel, setup_fingerprint
+from radixserve.distributed.dp_attention import set_dp_attention
+from radixserve.distributed.parallel_state import (
+    check_same_setup,
+    init_dp_attention,
+    init_tensor_parallel,
+    setup_fingerprint,
+)
 from radixserve.ipc import PortArgs
 from radixserve.loader import config as cfgutil
 from radixserve.loader.source import resolve_model_source
@@ -77,18 +83,29 @@ class Scheduler:
     def __init__(self, args: ServerArgs, ports: PortArgs, tp_rank: int = 0,
                  dist_init_method: str | None = None, dp_rank: int = 0) -> None:
         self.args = args
-        self.tp_rank = tp_rank
         self.dp_rank = dp_rank
         self.device = resolve_device(args.device)
+        # DP attention: tp_rank is the rank in the world of --tp-size processes (one GPU each); the
+        # scheduler works as rank tp_rank % (tp_size / dp_size) of its attention group
+        self.dp_attention = args.enable_dp_attention
+        tp_size = args.tp_size // args.dp_size if self.dp_attention else args.tp_size
         if self.device.type == "cuda":
-            gpu = dp_rank * args.tp_size + tp_rank % args.ranks_per_node
+            gpu = (0 if self.dp_attention else dp_rank * args.tp_size) + tp_rank % args.ranks_per_node
             self.device = torch.device("cuda", args.base_gpu_id + gpu)
             torch.cuda.set_device(self.device)
-        if args.tp_size > 1:
-            if self.device.type == "cpu":  # ranks share the cores
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
+        if self.device.type == "cpu" and args.tp_size > 1:  # ranks share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
+        if self.dp_attention:
+            world_rank = tp_rank
+            dp_rank, tp_rank = init_dp_attention(world_rank, args.tp_size, args.dp_size, dist_init_method,
+                                                 self.device, args.dist_timeout or 600)
+            set_dp_attention(args.dp_size, dp_rank, tp_size, args.enable_dp_lm_head)
+            check_same_setup(world_rank, setup_fingerprint(args))
+        elif args.tp_size > 1:
             init_tensor_parallel(tp_rank, args.tp_size, dist_init_method, self.device, args.dist_timeout or 600)
             check_same_setup(tp_rank, setup_fingerprint(args))
+        self.tp_rank = tp_rank
+        self.peers_busy = False  # DP attention: whether another group ran a forward in the last step
         source = resolve_model_source(args.model_path, args.load_format, args.tokenizer_path,
                                       trust_remote_code=args.trust_remote_code)
         cfg = source.hf_config
@@ -117,7 +134,7 @@ class Scheduler:
         self.decode = DecodeManager(self.runner, self.cache, self.sampler, args.decode_log_interval)
         limits = RequestLimits(self.context_len, self.pools.allocator.total_tokens)
         self.intake = RequestIntake(limits, self.eos_ids, self.sampler)
-        self.transport = SchedulerTransport(ports, tp_rank, args.tp_size)
+        self.transport = SchedulerTransport(ports, tp_rank, tp_size)
         # overlap scheduling: the launched batch whose results are not processed yet
         self.overlap = not args.disable_overlap_schedule
         self.inflight: InFlightBatch | None = None
@@ -306,7 +323,10 @@ class Scheduler:
         each batch is processed right after its launch."""
         if self.inflight is not None and self.decode.needs_resolved_state():
             self.resolve()
+        self.runner.forwarded = False
         launched = self.launch_next()
+        if self.dp_attention:  # every group steps in lockstep: one that ran nothing joins the others
+            self.peers_busy = self.runner.forwarded or self.runner.idle_step()
         if launched is not None and self.inflight is not None:
             self.overlapped_launches += 1
         self.resolve()

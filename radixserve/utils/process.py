@@ -55,3 +55,24 @@ def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 5.
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=timeout)
+
+
+def kill_process_trees(pids: list[int | None], timeout: float = 5.0) -> None:
+    """SIGKILL several children and their descendants all at once, then wait up to timeout for them.
+    Killed one at a time (waiting for each), ranks still alive would see their collectives break and
+    log crashes (DP attention ranks meet in a collective every few ms)."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            proc = psutil.Process(pid)
+            procs += proc.children(recursive=True) + [proc]
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)

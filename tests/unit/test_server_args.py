@@ -72,7 +72,10 @@ def test_choice_errors_list_allowed_values():
 
 @pytest.mark.parametrize(
     "kwargs, flag",
-    [({"enable_dp_attention": True}, "--enable-dp-attention"), ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
+    [({"enable_dp_attention": True, "tp_size": 2, "nnodes": 2, "dist_init_addr": "h:1"}, "--enable-dp-attention"),
+     ({"enable_dp_attention": True, "disaggregation_mode": "prefill"}, "--enable-dp-attention"),
+     ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
+     ({"enable_two_batch_overlap": True}, "--enable-two-batch-overlap"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
 )
 def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
@@ -81,6 +84,15 @@ def test_unbuilt_features_say_so_in_one_line(kwargs, flag):
     message = ServerArgs(**kwargs).unbuilt_feature()
     assert message and message.startswith(flag) and "\n" not in message
     assert ServerArgs().unbuilt_feature() is None
+
+
+def test_dp_attention_is_built():
+    args = parse(["--tp-size", "4", "--dp-size", "2", "--enable-dp-attention", "--enable-dp-lm-head"])
+    assert args.enable_dp_attention and args.enable_dp_lm_head and args.unbuilt_feature() is None
+    with pytest.raises(ServerArgsError, match=r"^--enable-dp-attention: --dp-size \(3\) must divide --tp-size \(4\)"):
+        ServerArgs(tp_size=4, dp_size=3, enable_dp_attention=True)
+    with pytest.raises(ServerArgsError, match="^--enable-dp-lm-head: needs --enable-dp-attention"):
+        ServerArgs(enable_dp_lm_head=True)
 
 
 def test_pd_modes_are_built_on_one_rank():
@@ -120,6 +132,17 @@ def test_each_dp_group_rendezvouses_at_its_own_port():
     assert dist_init_method("[::1]:7000", 1) == "tcp://[::1]:7001"
     a, b = dist_init_method(None, 0), dist_init_method(None, 1)
     assert a.startswith("tcp://127.0.0.1:") and a != b
+
+
+def test_dp_attention_runs_tp_size_processes_in_one_world():
+    """Plain --dp-size: D groups of T ranks, each its own rendezvous; DP attention: T ranks in all, one
+    rendezvous, group g being ranks g*T/D .. (g+1)*T/D - 1."""
+    from radixserve.engine import scheduler_ranks
+
+    plain = scheduler_ranks(ServerArgs(tp_size=2, dp_size=2, dist_init_addr="h:5000"))
+    assert plain == [(0, 0, "tcp://h:5000"), (0, 1, "tcp://h:5000"), (1, 0, "tcp://h:5001"), (1, 1, "tcp://h:5001")]
+    dpa = scheduler_ranks(ServerArgs(tp_size=4, dp_size=2, enable_dp_attention=True, dist_init_addr="h:5000"))
+    assert dpa == [(0, 0, "tcp://h:5000"), (0, 1, "tcp://h:5000"), (1, 2, "tcp://h:5000"), (1, 3, "tcp://h:5000")]
 
 
 @pytest.mark.parametrize("addr", ["h:", "h:port", "h:70000", "h:0"])

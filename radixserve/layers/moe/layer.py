@@ -4,7 +4,7 @@ w13 [E_local, 2 N_local, H] holds each expert's gate rows then up rows; w2 [E_lo
 down projection. With --ep-size 1 every rank holds every expert and a 1/tp slice of each expert's
 intermediate dim (N); with --ep-size P the experts are dealt out in P contiguous runs and each run's N
 is split over the tp/P ranks that share it. Either way a rank's output is a partial sum over its
-slices and experts, and one all-reduce over the TP group finishes it (the caller's, so that a shared
+slices and experts, and one all-reduce over the TP group (the world, under DP attention) finishes it (the caller's, so that a shared
 expert's partial sum rides in the same reduction).
 
 FP8 experts (an FP8 checkpoint, or --quantization fp8): w13 and w2 in e4m3 with fp32 block factors
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixserve.distributed.parallel_state import get_moe_parallel, get_tp_rank, get_tp_size
+from radixserve.distributed.parallel_state import get_moe_parallel, get_world
 from radixserve.layers.moe.torch_moe import moe_experts_fp8_torch, moe_experts_torch
 from radixserve.layers.quantization.fp8_linear import Fp8Config, get_fp8_config, to_scale_units
 from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, quantize_weight_block
@@ -57,8 +57,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def expert_split(num_experts: int, intermediate: int) -> tuple[int, int, int, int]:
-    """(first local expert, local experts, first intermediate column, local intermediate columns)."""
-    tp_size, tp_rank, ep_size = get_tp_size(), get_tp_rank(), get_moe_parallel().ep_size
+    """(first local expert, local experts, first intermediate column, local intermediate columns), over
+    the MoE layers' ranks (the TP group; the whole world under DP attention)."""
+    world = get_world()
+    tp_size, tp_rank, ep_size = world.tp_size, world.tp_rank, get_moe_parallel().ep_size
     if num_experts % ep_size:
         raise ValueError(f"--ep-size {ep_size} does not divide the model's {num_experts} experts")
     moe_tp = tp_size // ep_size
