@@ -186,8 +186,9 @@ def test_one_token_gemv_path(e, k, h, n, dtype, monkeypatch):
     want = reference(x, w13, w2, weights, ids)
     tol = TOL if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(moe_decode_one_token(x, w13, w2, weights, ids), want, **tol)
-    monkeypatch.setattr(triton_moe, "DECODE_GEMV", True)  # opt-in: the launcher routes one token here
-    torch.testing.assert_close(fused_experts_triton(x, w13, w2, weights, ids.int()), want, **tol)
+    for gemv in (True, False):  # the launcher routes one token here by default; =0 keeps the grouped kernel
+        monkeypatch.setattr(triton_moe, "DECODE_GEMV", gemv)
+        torch.testing.assert_close(fused_experts_triton(x, w13, w2, weights, ids.int()), want, **tol)
     # with experts on other ranks: theirs add exactly nothing
     expert_map = torch.full((e,), -1, dtype=torch.int32, device=DEVICE)
     expert_map[::2] = torch.arange((e + 1) // 2, dtype=torch.int32, device=DEVICE)

@@ -7,7 +7,7 @@ an H100, more than Qwen3-30B-A3B's two GEMMs together). Here each program owns (
 BLOCK_N output rows) and walks the input dim like layers/gemv.py does: gate and up rows of w13 with
 SiLU-and-mul fused, then w2's rows times the routing weight; a sum over k finishes the token.
 Rounding follows the unfused model (each projection, silu(gate), the product, the projection before
-the weighting), as in triton_moe.py. Opt-in with RADIXSERVE_MOE_DECODE_GEMV=1 until timed on a GPU.
+the weighting), as in triton_moe.py. The default for one token; RADIXSERVE_MOE_DECODE_GEMV=0 turns it off.
 """
 
 from __future__ import annotations
