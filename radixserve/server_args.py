@@ -200,9 +200,6 @@ class ServerArgs:
              "use --grammar-backend xgrammar"),
             (self.enable_dp_attention and self.nnodes > 1,
              f"--enable-dp-attention with --nnodes {self.nnodes}: multi-node DP attention {pending}"),
-            (self.enable_dp_attention and self.disaggregation_mode != "null",
-             f"--enable-dp-attention with --disaggregation-mode {self.disaggregation_mode}: DP attention on a "
-             f"PD server {pending}"),
             (self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None,
              "--moe-a2a-backend deepep: needs DeepEP (the deep_ep package), which is not installed; use "
              "--moe-a2a-backend none"),

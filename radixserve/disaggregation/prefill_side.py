@@ -103,7 +103,7 @@ class PrefillHandoff:
             self.handoff.setsockopt(zmq.LINGER, 0)
             port = self.handoff.bind_to_random_port(f"tcp://{host}")
             info = {"handoff": f"tcp://{host}:{port}", "ranks": [[r.session_id, r.layout] for r in ranks],
-                    "num_kv_heads": total, "page_size": args.page_size, "tp_size": args.tp_size}
+                    "num_kv_heads": total, "page_size": args.page_size, "tp_size": len(ranks)}
             if dp_rank == 0:  # the server's one bootstrap endpoint; the other DP groups register there
                 self.bootstrap = BootstrapServer(args.host or "0.0.0.0", args.disaggregation_bootstrap_port,
                                                  args.dp_size)

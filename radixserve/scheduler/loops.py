@@ -57,7 +57,9 @@ def profile(scheduler: Scheduler, steps: int) -> None:
 def pd_loop(scheduler: Scheduler) -> None:
     """A PD server (prefill or decode side): the normal loop, with the peer's messages and rank 0's
     PD decisions (timeouts, claims) arriving among the requests, and (prefill) requests whose KV
-    has been written releasing it. While it only waits on its peer it polls every few ms."""
+    has been written releasing it. While it only waits on its peer it polls every few ms. Under DP
+    attention rank 0 is the group's, and an idle group polls briefly (as in normal_loop): the other
+    groups' forwards wait for its step sync."""
     side = scheduler.handoff or scheduler.receiver
     assert side is not None
     handoff = scheduler.handoff
@@ -65,8 +67,10 @@ def pd_loop(scheduler: Scheduler) -> None:
     while True:
         if rank0:
             scheduler.transport.inject(side.decide())
-        if not scheduler.has_work():
-            timeout = 1000
+        if scheduler.dp_attention and scheduler.peers_busy:
+            timeout = 0
+        elif not scheduler.has_work():
+            timeout = DP_ATTENTION_IDLE_POLL_MS if scheduler.dp_attention else 1000
         elif scheduler.prefill.waiting or scheduler.prefill.chunked or scheduler.decode.running or scheduler.inflight:
             timeout = 0
         else:

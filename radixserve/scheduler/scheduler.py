@@ -143,7 +143,8 @@ class Scheduler:
         # PD disaggregation: the side of the pair this server is, if any (disaggregation/)
         self.handoff: PrefillHandoff | None = None
         self.receiver: DecodeReceiver | None = None
-        kv_heads = kv_share(cfg, args.tp_size, tp_rank)
+        # the KV heads of this rank's pool: its share of its (attention) TP group's
+        kv_heads = kv_share(cfg, tp_size, tp_rank)
         if args.disaggregation_mode == "prefill":
             self.handoff = PrefillHandoff(args, self.pools, kv_heads, tp_rank, dp_rank)
             if self.handoff.handoff is not None:

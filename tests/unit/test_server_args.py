@@ -73,7 +73,8 @@ def test_choice_errors_list_allowed_values():
 @pytest.mark.parametrize(
     "kwargs, flag",
     [({"enable_dp_attention": True, "tp_size": 2, "nnodes": 2, "dist_init_addr": "h:1"}, "--enable-dp-attention"),
-     ({"enable_dp_attention": True, "disaggregation_mode": "prefill"}, "--enable-dp-attention"),
+     ({"enable_dp_attention": True, "tp_size": 2, "nnodes": 2, "dist_init_addr": "h:1",
+       "disaggregation_mode": "prefill"}, "--enable-dp-attention"),
      ({"dp_size": 2, "nnodes": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--dp-size"),
      ({"enable_two_batch_overlap": True}, "--enable-two-batch-overlap"),
      ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend")],
@@ -93,6 +94,15 @@ def test_dp_attention_is_built():
         ServerArgs(tp_size=4, dp_size=3, enable_dp_attention=True)
     with pytest.raises(ServerArgsError, match="^--enable-dp-lm-head: needs --enable-dp-attention"):
         ServerArgs(enable_dp_lm_head=True)
+
+
+def test_dp_attention_on_a_pd_server_is_built_on_one_node():
+    for mode in ("prefill", "decode"):
+        args = parse(["--tp-size", "16", "--dp-size", "8", "--enable-dp-attention", "--disaggregation-mode", mode])
+        assert args.enable_dp_attention and args.unbuilt_feature() is None
+        multinode = ServerArgs(tp_size=16, dp_size=8, enable_dp_attention=True, disaggregation_mode=mode,
+                               nnodes=2, dist_init_addr="h:1")
+        assert multinode.unbuilt_feature().startswith("--dp-size 8 with --nnodes 2")
 
 
 def test_pd_modes_are_built_on_one_rank():
