@@ -49,12 +49,7 @@ def kill_process_tree(pid: int, include_parent: bool = True, timeout: float = 5.
     except psutil.NoSuchProcess:
         return
     procs = [p for p in proc.children(recursive=True) if p.pid != skip_pid] + ([proc] if include_parent else [])
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=timeout)
+    _kill_and_wait(procs, timeout)
 
 
 def kill_process_trees(pids: list[int | None], timeout: float = 5.0) -> None:
@@ -70,6 +65,10 @@ def kill_process_trees(pids: list[int | None], timeout: float = 5.0) -> None:
             procs += proc.children(recursive=True) + [proc]
         except psutil.NoSuchProcess:
             continue
+    _kill_and_wait(procs, timeout)
+
+
+def _kill_and_wait(procs: list[psutil.Process], timeout: float) -> None:
     for p in procs:
         try:
             p.kill()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -85,3 +89,38 @@ def assert_pool_whole(server: ServerProcess, timeout: float = 10) -> None:
         if time.time() > deadline:
             raise AssertionError(f"pool not whole: flush={r.status_code} {r.text!r} state={state}")
         time.sleep(0.2)
+
+
+@contextmanager
+def pd_pair(path: str, prefill_flags: list[str], decode_flags: list[str], logs: Path,
+            page_size: int = 2) -> Iterator[tuple[ServerProcess, ServerProcess, int]]:
+    """(prefill server, decode server, bootstrap port) on one model over Mooncake's TCP transport,
+    started together and stopped after."""
+    os.environ["MC_FORCE_TCP"] = "1"
+    common = ["--model-path", path, "--dtype", "float32", "--host", "127.0.0.1", "--page-size", str(page_size)]
+    bootstrap = free_port()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(start_server, [*common, *prefill_flags, "--disaggregation-mode", "prefill",
+                                              "--disaggregation-bootstrap-port", str(bootstrap)],
+                               str(logs / "prefill.log")),
+                   pool.submit(start_server, [*common, *decode_flags, "--disaggregation-mode", "decode"],
+                               str(logs / "decode.log"))]
+    started = [f.result() for f in futures if f.exception() is None]
+    try:
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
+        yield started[0], started[1], bootstrap
+    finally:
+        for server in started:
+            server.stop()
+
+
+def generate_both(prefill: ServerProcess, decode: ServerProcess, body: dict, timeout: float = 120) -> dict:
+    """POST one /generate body (with its bootstrap fields) to both PD servers at once, as a PD router
+    does; the decode server's answer."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        p, d = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=timeout) for s in (prefill, decode)]
+        p, d = p.result(), d.result()
+    assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+    return d.json()

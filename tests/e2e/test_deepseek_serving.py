@@ -6,13 +6,10 @@ whole latent). Greedy tokens equal transformers' and every pool is whole afterwa
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-
 import httpx
 
 from radixserve import Engine
-from tests.e2e.server_utils import assert_pool_whole, free_port, start_server
+from tests.e2e.server_utils import assert_pool_whole, generate_both, pd_pair
 from tests.e2e.test_deepseek_parity import built
 from tests.helpers import assert_pools_whole, hf_greedy
 
@@ -34,39 +31,16 @@ def test_retraction_keeps_greedy_outputs(tmp_path_factory):
 
 
 def test_pd_transfer_of_latents_tp1_into_tp2(tmp_path_factory):
-    os.environ["MC_FORCE_TCP"] = "1"
     _, path, model, batch, _ = built("v2_lite", tmp_path_factory)
-    logs = tmp_path_factory.mktemp("pd_deepseek")
-    common = ["--model-path", path, "--dtype", "float32", "--host", "127.0.0.1", "--page-size", "4"]
-    bootstrap = free_port()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(start_server, [*common, "--disaggregation-mode", "prefill",
-                                              "--disaggregation-bootstrap-port", str(bootstrap)],
-                               str(logs / "prefill.log")),
-                   pool.submit(start_server, [*common, "--disaggregation-mode", "decode", "--tp-size", "2"],
-                               str(logs / "decode.log"))]
-    started = [f.result() for f in futures if f.exception() is None]
-    try:
-        for f in futures:
-            if f.exception() is not None:
-                raise f.exception()
-        prefill, decode = started
+    with pd_pair(path, [], ["--tp-size", "2"], tmp_path_factory.mktemp("pd_deepseek"), page_size=4) as (
+            prefill, decode, bootstrap):
         n = len(batch)
         body = {"input_ids": batch, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW},
                 "bootstrap_host": ["127.0.0.1"] * n, "bootstrap_port": [bootstrap] * n,
                 "bootstrap_room": list(range(500, 500 + n))}
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            answers = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=180) for s in started]
-            p, d = [a.result() for a in answers]
-        assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
-        got = [o["output_ids"] for o in d.json()]
+        got = [o["output_ids"] for o in generate_both(prefill, decode, body, timeout=180)]
         assert got == [hf_greedy(model, q, MAX_NEW) for q in batch]
-        for server in started:  # every request's latents went through the transfer engine
+        for server in (prefill, decode):  # every request's latents went through the transfer engine
             pd = httpx.get(server.url + "/get_server_info", timeout=30).json()["internal_states"][0]["pd"]
             assert pd["transfers"] == n, pd
-        for server in started:
             assert_pool_whole(server)
-    finally:
-        for server in started:
-            server.stop()
-

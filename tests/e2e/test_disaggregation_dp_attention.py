@@ -9,53 +9,18 @@ group moved its rooms' KV, and every pool is whole."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 
-from tests.e2e.server_utils import ServerProcess, assert_pool_whole, free_port, start_server
+from tests.e2e.server_utils import ServerProcess, assert_pool_whole, generate_both, pd_pair
 from tests.e2e.test_deepseek_parity import VOCAB as DEEPSEEK_VOCAB
 from tests.e2e.test_deepseek_parity import make_deepseek
 from tests.helpers import hf_greedy, make_tiny_model
 
 MAX_NEW = 8
 DP_ATTENTION = ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"]
-
-
-@contextmanager
-def pd_pair(path: str, prefill_flags: list[str], decode_flags: list[str], logs) -> Iterator[tuple]:
-    """(prefill server, decode server, bootstrap port), started together and stopped after."""
-    os.environ["MC_FORCE_TCP"] = "1"
-    common = ["--model-path", path, "--dtype", "float32", "--host", "127.0.0.1", "--page-size", "2"]
-    bootstrap = free_port()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(start_server, [*common, *prefill_flags, "--disaggregation-mode", "prefill",
-                                              "--disaggregation-bootstrap-port", str(bootstrap)],
-                               str(logs / "prefill.log")),
-                   pool.submit(start_server, [*common, *decode_flags, "--disaggregation-mode", "decode"],
-                               str(logs / "decode.log"))]
-    started = [f.result() for f in futures if f.exception() is None]
-    try:
-        for f in futures:
-            if f.exception() is not None:
-                raise f.exception()
-        yield started[0], started[1], bootstrap
-    finally:
-        for server in started:
-            server.stop()
-
-
-def generate_both(prefill: ServerProcess, decode: ServerProcess, body: dict):
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        p, d = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=120) for s in (prefill, decode)]
-        p, d = p.result(), d.result()
-    assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
-    return d.json()
 
 
 def batch_body(prompts: list[list[int]], bootstrap: int, rooms: list[int]) -> dict:

@@ -16,7 +16,14 @@ import sys
 import httpx
 import pytest
 
-from tests.e2e.server_utils import REPO, ServerProcess, assert_pool_whole, free_port, start_server
+from tests.e2e.server_utils import (
+    REPO,
+    ServerProcess,
+    assert_pool_whole,
+    free_port,
+    generate_both,
+    start_server,
+)
 from tests.helpers import hf_greedy, make_tiny_model
 
 
@@ -25,14 +32,6 @@ def model(tmp_path_factory):
     os.environ["MC_FORCE_TCP"] = "1"
     path = str(tmp_path_factory.mktemp("qwen3"))
     return path, make_tiny_model("qwen3", path, seed=11)
-
-
-def generate_both(prefill, decode, body: dict) -> dict:
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        p, d = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=120) for s in (prefill, decode)]
-        p, d = p.result(), d.result()
-    assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
-    return d.json()
 
 
 @pytest.fixture(scope="module")
