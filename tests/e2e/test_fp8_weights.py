@@ -76,20 +76,24 @@ def rounding_activations_like_w8a8(twin):
 
 
 def assert_equals_twin(twin, batch: list[list[int]], outs: list[dict]) -> None:
-    """Same greedy tokens as the twin rounding its activations like w8a8, and the same logprobs: most
-    to 1e-3; summation order differs, so now and then an activation lands on the other side of an
-    e4m3 rounding boundary (a 1/16 step of that element), never far off."""
     hooks = rounding_activations_like_w8a8(twin)
-    diffs = []
     try:
-        for p, out in zip(batch, outs):
-            assert out["output_ids"] == hf_greedy(twin, p, GREEDY["max_new_tokens"])
-            _, want = hf_logprobs(twin, p, out["output_ids"])
-            got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
-            diffs += [abs(a - b) for a, b in zip(got, want)]
+        assert_matches_rounding_twin(twin, batch, outs, GREEDY["max_new_tokens"])
     finally:
         for h in hooks:
             h.remove()
+
+
+def assert_matches_rounding_twin(twin, batch: list[list[int]], outs: list[dict], max_new: int) -> None:
+    """Same greedy tokens as the twin (already rounding its activations like w8a8), and the same
+    logprobs: most to 1e-3; summation order differs, so now and then an activation lands on the other
+    side of an e4m3 rounding boundary (a 1/16 step of that element), never far off."""
+    diffs = []
+    for p, out in zip(batch, outs):
+        assert out["output_ids"] == hf_greedy(twin, p, max_new)
+        _, want = hf_logprobs(twin, p, out["output_ids"])
+        got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+        diffs += [abs(a - b) for a, b in zip(got, want, strict=True)]
     diffs.sort()
     assert diffs[len(diffs) // 2] < 1e-3 and diffs[-1] < 0.1, diffs[-5:]
 
