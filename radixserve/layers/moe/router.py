@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from radixserve.layers.moe.triton_router import fused_topk_softmax, takes_fused_topk
+
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, K] fp32, expert ids [T, K] int32) from the router's logits [T, E].
 
     Softmax over all experts in fp32, the k largest, rescaled to sum to 1 when the model says so
-    (Mixtral always; Qwen-MoE with norm_topk_prob), as transformers computes them."""
+    (Mixtral always; Qwen-MoE with norm_topk_prob), as transformers computes them. On CUDA one Triton
+    kernel computes the same (triton_router.py)."""
+    if takes_fused_topk(router_logits):
+        return fused_topk_softmax(router_logits, top_k, renormalize)
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
