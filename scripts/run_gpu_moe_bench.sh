@@ -13,8 +13,10 @@
 #              loop; TUNE=1 also searches tile configs and writes them under $OUT/kernel)
 #   one_batch  bench_one_batch: batch 1 (128 in / 256 out), batch 32 (1024 in, 16 steps), prefill 32 x 1024,
 #              each beside its floor (the experts a step reaches; bench_one_batch's ModelCost)
-#   decode_ab  bench_one_batch batch 1 (128 in / 256 out) twice: the sort + grouped GEMM kernels, then
-#              RADIXSERVE_MOE_DECODE_GEMV=1 (layers/moe/triton_moe_decode.py's one-token GEMVs)
+#   decode_ab  bench_one_batch batch 1 (128 in / 256 out) twice: RADIXSERVE_MOE_DECODE_GEMV=0 (the sort +
+#              grouped GEMM kernels), then =1 (layers/moe/triton_moe_decode.py's one-token GEMVs, the default)
+#   router_ab  bench_one_batch batch 1 (128 in / 256 out) with RADIXSERVE_TRITON_ROUTER=0 (torch's six routing
+#              kernels) and =1 (layers/moe/triton_router.py's one)
 #   peer       benchmarks/peers/gptfast_style_mixtral.py at batch 1, 128 in / 256 out (Mixtral only)
 #   serving    a server + bench_serving, 500 random prompts (NUM_PROMPTS, INPUT_LEN=1024, OUTPUT_LEN=256,
 #              RANGE_RATIO=1.0)
@@ -71,6 +73,14 @@ for part in $PARTS; do
         RADIXSERVE_MOE_DECODE_GEMV=$gemv timeout "${STEP_TIMEOUT:-240}" python3 -m radixserve.bench_one_batch \
           --model-path "$MODEL" --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 \
           --output-len 256 --warmup 2 --run-name "gemv$gemv-bs1" --result-file "$dir/one_batch.jsonl" 2>&1 |
+          tail -4 || rc=1
+      done ;;
+    router_ab)
+      rc=0
+      for fused in 0 1; do
+        RADIXSERVE_TRITON_ROUTER=$fused timeout "${STEP_TIMEOUT:-240}" python3 -m radixserve.bench_one_batch \
+          --model-path "$MODEL" --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 \
+          --output-len 256 --warmup 2 --run-name "router$fused-bs1" --result-file "$dir/one_batch.jsonl" 2>&1 |
           tail -4 || rc=1
       done ;;
     peer)
