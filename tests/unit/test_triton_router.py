@@ -74,3 +74,20 @@ def test_select_experts_uses_the_kernel_on_cuda_only(triton_router):
     w, i = router.select_experts(logits, 2, True)
     ref_w, ref_i = torch_routing(logits, 2, True)
     assert torch.equal(i, ref_i) and torch.equal(w, ref_w)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.5])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_deepseek_greedy_routing_through_the_kernel(triton_router, monkeypatch, scaling, renormalize):
+    """select_experts_grouped's greedy softmax (DeepSeek-V2-Lite) takes the kernel where it runs: same ids,
+    same weights as the torch path."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.stack([torch.randperm(64, generator=gen) for _ in range(3)]).float() / 8.0).to(DEVICE)
+    kwargs = dict(scoring="softmax", topk_method="greedy", n_group=1, topk_group=1, renormalize=renormalize,
+                  routed_scaling_factor=scaling)
+    monkeypatch.setattr(router, "takes_fused_topk", lambda _: False)
+    ref_w, ref_i = router.select_experts_grouped(logits, 6, **kwargs)
+    monkeypatch.setattr(router, "takes_fused_topk", lambda _: True)
+    w, i = router.select_experts_grouped(logits, 6, **kwargs)
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)

@@ -33,6 +33,9 @@ def select_experts_grouped(
     best in them; noaux_tc (V3) adds the correction bias for choosing only, ranks groups by the sum of
     their two best biased scores, and weights the chosen experts by their unbiased scores. Weights are
     rescaled to sum to 1 when renormalize, then multiplied by routed_scaling_factor."""
+    if topk_method == "greedy" and scoring == "softmax" and takes_fused_topk(router_logits):
+        weights, ids = fused_topk_softmax(router_logits, top_k, renormalize)  # V2-Lite's routing, one kernel
+        return (weights * routed_scaling_factor if routed_scaling_factor != 1.0 else weights), ids
     scores = router_logits.float()
     scores = torch.softmax(scores, dim=-1) if scoring == "softmax" else scores.sigmoid()
     if topk_method == "greedy":
