@@ -91,3 +91,13 @@ def test_deepseek_greedy_routing_through_the_kernel(triton_router, monkeypatch, 
     w, i = router.select_experts_grouped(logits, 6, **kwargs)
     assert torch.equal(i, ref_i)
     torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_is_one_opaque_op_under_torch_compile(triton_router):
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    compiled = torch.compile(lambda x: triton_router.fused_topk_softmax(x, 2, True), backend="aot_eager",
+                             fullgraph=True)
+    w, i = compiled(logits)
+    ref_w, ref_i = torch_routing(logits, 2, True)
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(w, ref_w)
