@@ -20,7 +20,7 @@ from radixserve.layers.quantization.fp8_utils import (
     quantize_activation_per_token_group,
     quantize_weight_block,
 )
-from tests.helpers import assert_pools_whole, hf_greedy, hf_logprobs, make_tiny_model
+from tests.helpers import assert_pools_whole, make_tiny_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # every projection a whole number of 128-blocks per rank at TP 2: q/k/v 4 heads x 64, MLP 512
@@ -84,18 +84,37 @@ def assert_equals_twin(twin, batch: list[list[int]], outs: list[dict]) -> None:
             h.remove()
 
 
+def twin_best_and_picked(twin, prompt: list[int], output_ids: list[int]) -> tuple[list[float], list[float]]:
+    """For each output position, teacher-forced on output_ids: the twin's largest logprob and its
+    logprob of the token radixserve picked."""
+    seq = prompt + output_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(twin(torch.tensor([seq])).logits[0].float(), dim=-1)[len(prompt) - 1:-1]
+    picked = lp.gather(1, torch.tensor(output_ids)[:, None]).squeeze(1)
+    return lp.amax(dim=-1).tolist(), picked.tolist()
+
+
 def assert_matches_rounding_twin(twin, batch: list[list[int]], outs: list[dict], max_new: int) -> None:
-    """Same greedy tokens as the twin (already rounding its activations like w8a8), and the same
-    logprobs: most to 1e-3; summation order differs, so now and then an activation lands on the other
-    side of an e4m3 rounding boundary (a 1/16 step of that element), never far off."""
-    diffs = []
+    """radixserve's greedy tokens against the twin (already rounding its activations like w8a8),
+    teacher-forced on radixserve's own tokens: nearly every one is the twin's argmax and none is more
+    than 0.1 below it, and the logprobs agree: most to 1e-3, all to 0.1.
+
+    Why not the twin's own greedy sequence: summation order differs, so now and then an activation
+    lands on the other side of an e4m3 rounding boundary (a 1/16 step of that element), and with random
+    weights the two best logits are often within 0.01 of each other; there the twin's full forward and
+    its cached decode already pick different tokens, and a sequence that forks once differs from then on.
+    A wrong computation shows up as tokens far below the argmax and logprobs far off."""
+    diffs, gaps = [], []
     for p, out in zip(batch, outs):
-        assert out["output_ids"] == hf_greedy(twin, p, max_new)
-        _, want = hf_logprobs(twin, p, out["output_ids"])
+        assert len(out["output_ids"]) == max_new
+        best, want = twin_best_and_picked(twin, p, out["output_ids"])
         got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
         diffs += [abs(a - b) for a, b in zip(got, want, strict=True)]
+        gaps += [b - w for b, w in zip(best, want, strict=True)]
     diffs.sort()
     assert diffs[len(diffs) // 2] < 1e-3 and diffs[-1] < 0.1, diffs[-5:]
+    assert max(gaps) < 0.1, sorted(gaps)[-5:]
+    assert sum(g == 0 for g in gaps) >= 0.9 * len(gaps), sorted(gaps)[-10:]
 
 
 def test_fp8_checkpoint_equals_its_twin(fp8_checkpoint):
@@ -105,10 +124,12 @@ def test_fp8_checkpoint_equals_its_twin(fp8_checkpoint):
         outs = engine.generate(input_ids=batch, sampling_params=GREEDY, return_logprob=True)
         assert_pools_whole(engine)
     assert_equals_twin(twin, batch, outs)
+    # TP 2 splits every sum differently: held to the same twin, not to TP 1's exact tokens (a near tie
+    # may go the other way)
     with Engine(model_path=str(path), dtype="float32", tp_size=2, log_level="warning") as tp2:
-        got = [o["output_ids"] for o in tp2.generate(input_ids=batch, sampling_params=GREEDY)]
-        assert got == [o["output_ids"] for o in outs]
+        tp2_outs = tp2.generate(input_ids=batch, sampling_params=GREEDY, return_logprob=True)
         assert_pools_whole(tp2)
+    assert_equals_twin(twin, batch, tp2_outs)
 
 
 def test_unaligned_tp_split_of_fp8_blocks_is_refused(tmp_path, fp8_checkpoint):
