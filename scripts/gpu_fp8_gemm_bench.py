@@ -44,9 +44,9 @@ BLOCK = (128, 128)
 GEMM_SWEEP = ((16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (32, 64, 1, 4, 4), (32, 128, 4, 4, 4),
               (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (64, 256, 8, 8, 3),
               (128, 128, 8, 8, 3), (128, 128, 8, 4, 4), (128, 256, 8, 8, 3), (128, 64, 8, 4, 4))
-# (BLOCK_N, GROUPS, num_warps) of the GEMV: BLOCK_N rows x GROUPS 128-column quant groups a step
-GEMV_SWEEP = ((2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4), (8, 4, 4), (16, 4, 4), (16, 2, 4), (32, 2, 4),
-              (8, 16, 8), (16, 8, 8), (4, 32, 8), (32, 4, 8))
+# (BLOCK_N, BLOCK_K, num_warps) of the GEMV
+GEMV_SWEEP = ((1, 4096, 4), (2, 2048, 4), (4, 2048, 4), (8, 1024, 4), (4, 1024, 4), (16, 512, 4), (2, 4096, 8),
+              (4, 2048, 8), (8, 2048, 8))
 WEIGHT_BYTES = 512 << 20  # bf16 copies per shape: far beyond L2 (50-60 MB)
 
 
@@ -147,21 +147,12 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
                 row(m, "sweep gemm " + "x".join(map(str, tile)), us, fp8_bytes, out, ref, config=cfg)
         if m == 1:
             row(m, "fp8 gemv", graph_time_us([lambda q=q, s=s: K.fp8_gemv(x, q, s, BLOCK) for q, s in fp8], reps),
-                fp8_bytes, K.fp8_gemv(x, *fp8[0], BLOCK), ref, tile=K.gemv_tile(k, BLOCK))
-            if name == "gate_up_proj":  # the fused gate/up + SiLU-and-mul kernel the MLP runs at batch 1
-                inter = n // 2
-                act = F.silu(ref[..., :inter]) * ref[..., inter:]
-                row(m, "fp8 gemv silu_mul", graph_time_us([lambda q=q, s=s: K.fp8_gemv_silu_mul(x, q, s, BLOCK)
-                                                           for q, s in fp8], reps),
-                    fp8_bytes, K.fp8_gemv_silu_mul(x, *fp8[0], BLOCK), act)
-            for bn, groups, warps in GEMV_SWEEP if sweep else ():
-                if groups * BLOCK[1] > 2 * k:
-                    continue
-                tile = (bn, groups)
-                us = try_time([lambda q=q, s=s, t=tile, w=warps: K._launch_gemv(x, q, s, BLOCK, None, t, w)
+                fp8_bytes, K.fp8_gemv(x, *fp8[0], BLOCK), ref, tile=K.gemv_tile(k, BLOCK[0]))
+            for bn, bk, warps in GEMV_SWEEP if sweep else ():
+                us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps: K._launch_gemv(x, q, s, BLOCK, None, t, w)
                                for q, s in fp8], reps)
-                out = K._launch_gemv(x, *fp8[0], BLOCK, None, tile, warps) if us == us else None
-                row(m, f"sweep gemv {bn}x{groups}g w{warps}", us, fp8_bytes, out, ref, tile=(bn, groups, warps))
+                out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps) if us == us else None
+                row(m, f"sweep gemv {bn}x{bk} w{warps}", us, fp8_bytes, out, ref, tile=(bn, bk, warps))
 
     for m in ms:
         one_m(m)

@@ -29,7 +29,6 @@ import os
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from radixserve.layers.quantization.fp8_utils import EPS, FP8_DTYPE, FP8_MAX
 
@@ -48,7 +47,7 @@ GEMM_CONFIGS: tuple[tuple[int, dict[str, int]], ...] = (
     (256, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=3)),
     (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
 )
-# GEMV: weight elements (bytes) a program reads per step, and the widest step along K (whole quant groups)
+# GEMV: weight elements (bytes) a program reads per step, and the widest step along K
 GEMV_TILE_ELEMENTS = 8192
 GEMV_MAX_BLOCK_K = 2048
 GEMV_WARPS = 4
@@ -140,61 +139,32 @@ if triton is not None:
     @triton.jit
     def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
                          GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SILU_MUL: tl.constexpr):
-        """A step is a [BLOCK_N, GROUPS, GROUP_K] tile: each K group's factor is one load, broadcast over
-        the group (a per-column gather of factors cost more than the weight loads), and the products
-        pile up in a tile-shaped accumulator, summed once after the loop instead of every step.
-        SILU_MUL: the weight is a fused gate/up [2n, K] (n a multiple of GROUP_N) and the program also
-        reads the matching up rows, writing silu(gate) * up."""
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         start = tl.program_id(0) * BLOCK_N
         rows = start + tl.arange(0, BLOCK_N)
-        groups = tl.arange(0, GROUPS)
-        step_cols = groups[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]  # [GROUPS, GROUP_K]
-        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None, None].to(tl.int64) * w_stride
+        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
         # BLOCK_N divides GROUP_N: all of a program's rows share one row of block factors
         s_row = ws_ptr + (start // GROUP_N) * ws_stride
-        acc = tl.zeros([BLOCK_N, GROUPS, GROUP_K], dtype=tl.float32)
-        if SILU_MUL:
-            up_rows = w_rows + n.to(tl.int64) * w_stride
-            up_s_row = s_row + (n // GROUP_N) * ws_stride
-            up_acc = tl.zeros([BLOCK_N, GROUPS, GROUP_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         # full steps unmasked, the tail masked, in one loop body (as in layers/gemv.py: every load of
         # a step is issued before the first multiply)
-        for k0 in range(0, k, GROUPS * GROUP_K):
-            cols = k0 + step_cols
-            step_groups = k0 // GROUP_K + groups
-            if k0 + GROUPS * GROUP_K <= k:
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if k0 + BLOCK_K <= k:
                 x = tl.load(x_ptr + cols)
-                s = tl.load(s_row + step_groups)
-                w = tl.load(w_rows + cols[None, :, :])
-                if SILU_MUL:
-                    up_s = tl.load(up_s_row + step_groups)
-                    up_w = tl.load(up_rows + cols[None, :, :])
+                s = tl.load(s_row + cols // GROUP_K)
+                w = tl.load(w_rows + cols[None, :])
             else:
                 col_mask = cols < k
-                group_mask = step_groups * GROUP_K < k
                 x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-                s = tl.load(s_row + step_groups, mask=group_mask, other=0.0)
-                w = tl.load(w_rows + cols[None, :, :], mask=col_mask[None, :, :], other=0.0)
-                if SILU_MUL:
-                    up_s = tl.load(up_s_row + step_groups, mask=group_mask, other=0.0)
-                    up_w = tl.load(up_rows + cols[None, :, :], mask=col_mask[None, :, :], other=0.0)
-            x = x.to(tl.float32)
-            # the block factor on the activation, shared by the rows
-            acc += w.to(tl.float32) * (x * s[:, None])[None, :, :]
-            if SILU_MUL:
-                up_acc += up_w.to(tl.float32) * (x * up_s[:, None])[None, :, :]
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+                s = tl.load(s_row + cols // GROUP_K, mask=col_mask, other=0.0)
+                w = tl.load(w_rows + cols[None, :], mask=col_mask[None, :], other=0.0)
+            xs = x.to(tl.float32) * s  # the block factor on the activation: BLOCK_K multiplies, not BLOCK_N x
+            acc += tl.sum(w.to(tl.float32) * xs[None, :], axis=1)
         row_mask = rows < n
-        dtype = out_ptr.dtype.element_ty
         if HAS_BIAS:
-            out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        if SILU_MUL:
-            # round where the unfused path does: the projection's outputs, silu(gate), then the product
-            gate = out.to(dtype).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-            out = act * tl.sum(tl.sum(up_acc, axis=2), axis=1).to(dtype).to(tl.float32)
-        tl.store(out_ptr + rows, out.to(dtype), mask=row_mask)
+            acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def _interpreting() -> bool:
@@ -277,40 +247,33 @@ def block_fp8_linear(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple
     return _launch_linear(x, w_fp8, w_scale_inv, tuple(block), bias)
 
 
-def gemv_tile(k: int, block: tuple[int, int]) -> tuple[int, int]:
-    """(BLOCK_N, GROUPS): a step reads BLOCK_N rows x GROUPS quant groups of K, GEMV_TILE_ELEMENTS
-    weights at most, with BLOCK_N dividing the scale block's rows."""
-    bn, bk = block
-    groups = max(1, min(GEMV_MAX_BLOCK_K // bk, triton.next_power_of_2(_cdiv(k, bk))))
-    rows = max(1, GEMV_TILE_ELEMENTS // (groups * bk))
-    while bn % rows:
+def gemv_tile(k: int, block_n: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): GEMV_TILE_ELEMENTS weights per step, BLOCK_N dividing the scale block."""
+    block_k = min(GEMV_MAX_BLOCK_K, triton.next_power_of_2(k))
+    rows = max(1, GEMV_TILE_ELEMENTS // block_k)
+    while block_n % rows:
         rows //= 2
-    return rows, groups
+    return rows, block_k
 
 
 def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None,
-                 tile: tuple[int, int] | None = None, num_warps: int = GEMV_WARPS, silu_mul: bool = False) -> Tensor:
-    """`tile` (BLOCK_N, GROUPS) and num_warps override the defaults (the bench's sweeps). silu_mul:
-    w_fp8 is a fused gate/up [2n, K] and the result is silu(gate) * up [..., n]."""
+                 tile: tuple[int, int] | None = None, num_warps: int = GEMV_WARPS) -> Tensor:
+    """`tile` (BLOCK_N, BLOCK_K) and num_warps override the defaults (the bench's sweeps)."""
     n, k = w_fp8.shape
     bn, bk = block
-    if silu_mul:
-        assert bias is None and n % (2 * bn) == 0, ("gate and up must each be whole scale blocks", n, block)
     assert x.numel() == k and w_fp8.stride(1) == 1 and w_fp8.dtype == FP8_DTYPE, (x.shape, w_fp8.shape)
     assert w_scale_inv.shape == (_cdiv(n, bn), _cdiv(k, bk)), (w_scale_inv.shape, block)
-    assert bk & (bk - 1) == 0, f"the GEMV steps over whole quant groups: {bk} columns is not a power of two"
-    block_rows, groups = tile or gemv_tile(k, block)
+    block_rows, block_k = tile or gemv_tile(k, bn)
     assert bn % block_rows == 0, (block_rows, block)
     row = x.reshape(k)
     if row.stride(0) != 1:
         row = row.contiguous()
     w_scale_inv = w_scale_inv.float().contiguous()
-    n_out = n // 2 if silu_mul else n
-    out = x.new_empty((*x.shape[:-1], n_out))
-    _fp8_gemv_kernel[(triton.cdiv(n_out, block_rows),)](
-        row, w_fp8, w_scale_inv, bias if bias is not None else out, out, n_out, k, w_fp8.stride(0),
+    out = x.new_empty((*x.shape[:-1], n))
+    _fp8_gemv_kernel[(triton.cdiv(n, block_rows),)](
+        row, w_fp8, w_scale_inv, bias if bias is not None else out, out, n, k, w_fp8.stride(0),
         w_scale_inv.stride(0), GROUP_N=bn, GROUP_K=bk, HAS_BIAS=bias is not None, BLOCK_N=block_rows,
-        GROUPS=groups, SILU_MUL=silu_mul, num_warps=num_warps,
+        BLOCK_K=block_k, num_warps=num_warps,
     )
     return out
 
@@ -322,21 +285,6 @@ def fp8_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, in
     if torch.compiler.is_compiling():
         return _fp8_gemv_op(x, w_fp8, w_scale_inv, list(block), bias)
     return _launch_gemv(x, w_fp8, w_scale_inv, tuple(block), bias)
-
-
-def fp8_gemv_silu_mul(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int] = (128, 128)) -> Tensor:
-    """silu(gate) * up for one row x [..., K] and a block-quantised fused gate/up weight [2I, K] (gate
-    rows first, I a multiple of the scale block's rows) -> [..., I]: projection and activation in one
-    kernel, rounded as fp8_gemv followed by SiluAndMul would be."""
-    if torch.compiler.is_compiling():
-        return _fp8_gemv_silu_mul_op(x, w_fp8, w_scale_inv, list(block))
-    return _launch_gemv(x, w_fp8, w_scale_inv, tuple(block), None, silu_mul=True)
-
-
-def takes_fp8_gemv_silu_mul(x: Tensor, w_fp8: Tensor, block: tuple[int, int]) -> bool:
-    """fp8_gemv_silu_mul can run: one row on an FP8-capable GPU, gate and up each whole scale blocks."""
-    return (w_fp8.dtype == FP8_DTYPE and w_fp8.shape[0] % (2 * block[0]) == 0 and block[1] & (block[1] - 1) == 0
-            and statically_known_true(x.numel() == w_fp8.shape[1]) and takes_fp8_kernels(x))
 
 
 # The launches as custom ops for torch.compile (Dynamo cannot trace a Triton launch written this way);
@@ -361,16 +309,6 @@ def _fp8_gemv_op(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int]
 @_fp8_gemv_op.register_fake
 def _fp8_gemv_fake(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int], bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_fp8.shape[0]))
-
-
-@torch.library.custom_op("radixserve::fp8_gemv_silu_mul", mutates_args=())
-def _fp8_gemv_silu_mul_op(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int]) -> Tensor:
-    return _launch_gemv(x, w_fp8, w_scale_inv, (block[0], block[1]), None, silu_mul=True)
-
-
-@_fp8_gemv_silu_mul_op.register_fake
-def _fp8_gemv_silu_mul_fake(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int]) -> Tensor:
-    return x.new_empty((*x.shape[:-1], w_fp8.shape[0] // 2))
 
 
 _FP8_CAPABLE: dict[int, bool] = {}

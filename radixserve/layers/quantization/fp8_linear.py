@@ -25,15 +25,9 @@ from torch import nn
 from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, block_fp8_linear_torch, quantize_weight_block
 
 try:
-    from radixserve.layers.quantization.fp8_kernels import (
-        block_fp8_linear,
-        fp8_gemv,
-        fp8_gemv_silu_mul,
-        takes_fp8_gemv_silu_mul,
-        takes_fp8_kernels,
-    )
+    from radixserve.layers.quantization.fp8_kernels import block_fp8_linear, fp8_gemv, takes_fp8_kernels
 except ImportError:  # no Triton: the torch path only
-    block_fp8_linear = fp8_gemv = fp8_gemv_silu_mul = None
+    block_fp8_linear = fp8_gemv = None
 
     def takes_fp8_kernels(x: torch.Tensor) -> bool:
         return False
@@ -98,17 +92,6 @@ def fp8_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = No
             return fp8_gemv(x, w, scales, block, bias)
         return block_fp8_linear(x, w, scales, block, bias)
     return block_fp8_linear_torch(x, w, scales, block, bias, out_dtype=x.dtype)
-
-
-def fp8_gate_up_silu_mul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor | None:
-    """silu(gate) * up of one row through a fused FP8 gate/up layer in one kernel, or None where that
-    kernel does not apply (not FP8, a bias, several rows, no FP8-capable GPU)."""
-    block = getattr(layer, "fp8_block", None)
-    if block is None or fp8_gemv_silu_mul is None or layer.bias is not None:
-        return None
-    if not takes_fp8_gemv_silu_mul(x, layer.weight, block):
-        return None
-    return fp8_gemv_silu_mul(x, layer.weight, layer.weight_scale_inv, block)
 
 
 def to_scale_units(start: int, size: int, total_blocks: int, block: int, what: str) -> tuple[int, int]:
