@@ -16,7 +16,7 @@ from radixserve.layers.quantization.fp8_utils import FP8_DTYPE
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
                     eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 in long prefills
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -61,7 +61,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    # int64: row * stride passes 2^31 in long prefills (131,072 tokens x 2 x 10,944 did, on a GPU)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -85,10 +86,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, n_heads, x_stride_t, x_stride_h, cache_stride,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    tok = tl.program_id(0)
+    tok = tl.program_id(0).to(tl.int64)  # int64: tok * stride passes 2^31 in long prefills
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
-    pos = tl.load(pos_ptr + tok)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
     dmask = dims < HALF
     cos = tl.load(cos_ptr + pos * cache_stride + dims, mask=dmask, other=0.0)
     sin = tl.load(sin_ptr + pos * cache_stride + dims, mask=dmask, other=0.0)
