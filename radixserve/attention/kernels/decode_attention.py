@@ -53,7 +53,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # int64: b * stride_ab passes 2^31 at a few hundred requests
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     if KV_FP8:  # stored k = real k / k_scale: scale the scores instead of every key
@@ -75,7 +75,7 @@ def _decode_split_kernel(
             Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=mask_h[:, None] & mask_d[None, :], other=0.0,
         )
-        row = tl.load(ReqPoolIdx + b)
+        row = tl.load(ReqPoolIdx + b).to(tl.int64)
         slot_row = ReqToToken + row * stride_rt
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -84,7 +84,7 @@ def _decode_split_kernel(
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            slots = tl.load(slot_row + offs_n, mask=mask_n, other=0)
+            slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * sm_scale_log2
@@ -117,7 +117,7 @@ def _decode_merge_kernel(
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     n_splits = tl.load(NumSplits + b)

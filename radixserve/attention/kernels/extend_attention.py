@@ -98,7 +98,7 @@ def _extend_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         # Phase 1: the cached prefix, through the table. Full blocks need no mask at all.
-        slot_row = ReqToToken + tl.load(ReqPoolIdx + b) * stride_rt
+        slot_row = ReqToToken + tl.load(ReqPoolIdx + b).to(tl.int64) * stride_rt
         kb_ptrs = KBuf + kvh * stride_kbh + offs_d[None, :]
         vb_ptrs = VBuf + kvh * stride_vbh + offs_d[None, :]
         prefix_full = prefix // BLOCK_N * BLOCK_N
@@ -136,8 +136,9 @@ def _extend_kernel(
                 k = KNewDesc.load([tma_row + n0, tma_col])
                 v = VNewDesc.load([tma_row + n0, tma_col])
             else:
-                k = tl.load(kn_ptrs + n0 * stride_knt, mask=mask_d[None, :], other=0.0)
-                v = tl.load(vn_ptrs + n0 * stride_vnt, mask=mask_d[None, :], other=0.0)
+                # int64: n0 * stride passes 2^31 at long prefills (tl.cast: n0 is a Python int when interpreted)
+                k = tl.load(kn_ptrs + tl.cast(n0, tl.int64) * stride_knt, mask=mask_d[None, :], other=0.0)
+                v = tl.load(vn_ptrs + tl.cast(n0, tl.int64) * stride_vnt, mask=mask_d[None, :], other=0.0)
             m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, None, False, DOT_PRECISION)
         kv_end = tl.minimum(ext_len, (mb + 1) * TOK)
         for n0 in range(full_end, kv_end, BLOCK_N):
@@ -153,8 +154,8 @@ def _extend_kernel(
                 v = VNewDesc.load([tma_row + n0, tma_col])
             else:
                 kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(kn_ptrs + n0 * stride_knt, mask=kv_mask, other=0.0)
-                v = tl.load(vn_ptrs + n0 * stride_vnt, mask=kv_mask, other=0.0)
+                k = tl.load(kn_ptrs + tl.cast(n0, tl.int64) * stride_knt, mask=kv_mask, other=0.0)
+                v = tl.load(vn_ptrs + tl.cast(n0, tl.int64) * stride_vnt, mask=kv_mask, other=0.0)
             # New key 0 is visible to every query, so no row is left at -inf when it is divided.
             visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
             m_i, l_i, acc = _attend_block(q, k, v, m_i, l_i, acc, sm_scale_log2, visible, True, DOT_PRECISION)

@@ -57,7 +57,7 @@ def _mla_decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DPE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LATENT_FP8: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # int64: b * stride_ab passes 2^31 at a few hundred requests
     hb = tl.program_id(1)
     split = tl.program_id(2)
     if LATENT_FP8:  # stored L = real L / scale: scale the scores instead of every key
@@ -80,7 +80,7 @@ def _mla_decode_split_kernel(
         q_nope = tl.load(q_rows + offs_dv[None, :], mask=mask_h[:, None] & mask_dv[None, :], other=0.0)
         q_pe = tl.load(q_rows + KV_LORA_RANK + offs_dpe[None, :], mask=mask_h[:, None] & mask_dpe[None, :],
                        other=0.0)
-        slot_row = ReqToToken + tl.load(ReqPoolIdx + b) * stride_rt
+        slot_row = ReqToToken + tl.load(ReqPoolIdx + b).to(tl.int64) * stride_rt
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -121,7 +121,7 @@ def _mla_decode_merge_kernel(
     stride_ob, stride_oh,
     KV_LORA_RANK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     n_splits = tl.load(NumSplits + b)

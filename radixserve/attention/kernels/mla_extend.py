@@ -87,7 +87,7 @@ def _mla_extend_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        slot_row = ReqToToken + tl.load(ReqPoolIdx + b) * stride_rt
+        slot_row = ReqToToken + tl.load(ReqPoolIdx + b).to(tl.int64) * stride_rt
 
         # Keys before this tile's first query position are visible to every row: whole blocks unmasked.
         full_end = (prefix + mb * TOK) // BLOCK_N * BLOCK_N
