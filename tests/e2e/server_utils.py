@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,13 +50,19 @@ class ServerProcess:
         return self.proc.returncode
 
 
+_SPAWN_LOCK = threading.Lock()
+
+
 def start_server(args: list[str], log_path: str, api_key: str | None = None, timeout: float = 180) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "radixserve.launch_server", "--port", str(port), *args]
     if api_key:
         cmd += ["--api-key", api_key]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    # one spawn at a time: two threads spawning at once (servers started in parallel) once had exec
+    # fail with EFAULT ("Bad address") in CI; the servers still start up in parallel
+    with _SPAWN_LOCK:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     server = ServerProcess(proc, port, log_path, api_key)
     deadline = time.time() + timeout
     while time.time() < deadline:
