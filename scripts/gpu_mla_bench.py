@@ -22,7 +22,12 @@ import torch
 import triton
 
 from radixserve.attention.kernels.decode_attention import make_workspace, num_sms
-from radixserve.attention.kernels.mla_decode import MLADecodeConfig, mla_decode, plan_mla_splits
+from radixserve.attention.kernels.mla_decode import (
+    MLADecodeConfig,
+    mla_decode,
+    mla_decode_config,
+    plan_mla_splits,
+)
 from radixserve.attention.kernels.mla_extend import mla_extend
 from radixserve.layers.quantization.fp8_utils import per_tensor_quantize
 
@@ -78,8 +83,8 @@ def run_shape(heads: int, name: str, bs: int, ctx: int, args: argparse.Namespace
     """Check (with --check) and time one decode shape; prints a row, returns whether the check failed."""
     q, buf, scale, table, rows = make_case(bs, ctx, heads, args.fp8, dev)
     seq_lens = torch.full((bs,), ctx, device=dev)
-    block_h = {"block_h": config.block_h} if config else {}
-    max_splits, min_split = plan_mla_splits(ctx, bs, heads, num_sms(dev), **block_h)  # as TritonBackend plans
+    block_h = (config or mla_decode_config(RANK)).block_h  # the tile mla_decode will run
+    max_splits, min_split = plan_mla_splits(ctx, bs, heads, num_sms(dev), block_h=block_h)  # as TritonBackend plans
     ws = make_workspace(bs, heads, RANK, max_splits, seq_lens, min_split)
     out = torch.empty(bs, heads, RANK, device=dev, dtype=torch.bfloat16)
 

@@ -51,6 +51,16 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+bs1_ab() {  # env var, run-name prefix, result folder: batch 1 (128 in / 256 out) with the var at 0, then 1
+  local var=$1 prefix=$2 dir=$3 value rc=0
+  for value in 0 1; do
+    env "$var=$value" timeout "${STEP_TIMEOUT:-240}" python3 -m radixserve.bench_one_batch --model-path "$MODEL" \
+      --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 256 --warmup 2 \
+      --run-name "$prefix$value-bs1" --result-file "$dir/one_batch.jsonl" 2>&1 | tail -4 || rc=1
+  done
+  return $rc
+}
+
 failed=0
 for part in $PARTS; do
   dir="$OUT/$part"
@@ -68,21 +78,11 @@ for part in $PARTS; do
         bash scripts/run_gpu_benchmarks.sh
       rc=$? ;;
     decode_ab)
-      rc=0
-      for gemv in 0 1; do
-        RADIXSERVE_MOE_DECODE_GEMV=$gemv timeout "${STEP_TIMEOUT:-240}" python3 -m radixserve.bench_one_batch \
-          --model-path "$MODEL" --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 \
-          --output-len 256 --warmup 2 --run-name "gemv$gemv-bs1" --result-file "$dir/one_batch.jsonl" 2>&1 |
-          tail -4 || rc=1
-      done ;;
+      bs1_ab RADIXSERVE_MOE_DECODE_GEMV gemv "$dir"
+      rc=$? ;;
     router_ab)
-      rc=0
-      for fused in 0 1; do
-        RADIXSERVE_TRITON_ROUTER=$fused timeout "${STEP_TIMEOUT:-240}" python3 -m radixserve.bench_one_batch \
-          --model-path "$MODEL" --load-format dummy --dtype bfloat16 --batch-size 1 --input-len 128 \
-          --output-len 256 --warmup 2 --run-name "router$fused-bs1" --result-file "$dir/one_batch.jsonl" 2>&1 |
-          tail -4 || rc=1
-      done ;;
+      bs1_ab RADIXSERVE_TRITON_ROUTER router "$dir"
+      rc=$? ;;
     peer)
       timeout "${PEER_TIMEOUT:-540}" python3 benchmarks/peers/gptfast_style_mixtral.py --config "$MODEL" \
         --input-len 128 --output-len 256 --runs "${PEER_RUNS:-3}" --out "$dir/peer.json" 2>&1 | tee "$dir/peer.log"
