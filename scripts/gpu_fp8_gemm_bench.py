@@ -52,8 +52,8 @@ GEMM_SWEEP = ((16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (32, 64,
 GEMV_SWEEP = ((1, 4096, 4), (2, 2048, 4), (4, 2048, 4), (8, 1024, 4), (4, 1024, 4), (16, 512, 4), (2, 4096, 8),
               (4, 2048, 8), (8, 2048, 8))
 # (BLOCK_N, GROUPS, num_warps, num_stages) of the tensor-core GEMV
-MMA_SWEEP = ((16, 8, 4, 3), (16, 16, 4, 3), (32, 4, 4, 4), (32, 16, 4, 2), (64, 8, 4, 3), (64, 8, 8, 3),
-             (128, 4, 8, 3), (16, 8, 2, 4))
+MMA_SWEEP = ((16, 8, 4, 3), (16, 16, 4, 3), (16, 4, 4, 4), (32, 4, 4, 4), (32, 8, 4, 3), (32, 16, 4, 2),
+             (64, 4, 4, 3), (64, 8, 4, 3), (64, 8, 8, 3), (128, 4, 8, 3), (16, 8, 2, 4), (32, 8, 8, 3))
 WEIGHT_BYTES = 512 << 20  # bf16 copies per shape: far beyond L2 (50-60 MB)
 
 
@@ -102,7 +102,7 @@ def try_time(calls: list[Callable[[], object]], reps: int) -> float:
         return float("nan")
 
 
-def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep: set[str]) -> list[dict]:
+def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep: bool) -> list[dict]:
     from radixserve.layers import gemv as bf16_gemv
 
     dev = torch.device("cuda")
@@ -143,7 +143,7 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
         row(m, "fp8 w8a8 gemm only",
             graph_time_us([lambda q=q, s=s: K.w8a8_block_fp8_matmul(xq, xs, q, s, BLOCK) for q, s in fp8], reps),
             fp8_bytes, gemm_out, ref)
-        if "gemm" in sweep:
+        if sweep:
             for tile in GEMM_SWEEP:
                 if tile[0] > max(16, 2 * m):
                     continue
@@ -155,7 +155,7 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
         if m == 1:
             row(m, "fp8 gemv", graph_time_us([lambda q=q, s=s: K.fp8_gemv(x, q, s, BLOCK) for q, s in fp8], reps),
                 fp8_bytes, K.fp8_gemv(x, *fp8[0], BLOCK), ref, tile=K.gemv_tile(k, BLOCK[0]))
-            for bn, bk, warps in GEMV_SWEEP if "gemv" in sweep else ():
+            for bn, bk, warps in GEMV_SWEEP if sweep else ():
                 us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps: K._launch_gemv(x, q, s, BLOCK, None, t, w)
                                for q, s in fp8], reps)
                 out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps) if us == us else None
@@ -165,7 +165,7 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
                     [lambda q=q, s=s, kd=kind: MMA.fp8_gemv_mma(x, q, s, BLOCK, None, kd) for q, s in fp8], reps),
                     fp8_bytes, MMA.fp8_gemv_mma(x, *fp8[0], BLOCK, None, kind), ref,
                     tile=MMA.mma_gemv_tile(BLOCK, k))
-                for tile in MMA_SWEEP if "mma" in sweep else ():
+                for tile in MMA_SWEEP if sweep else ():
                     us = try_time([lambda q=q, s=s, kd=kind, t=tile: MMA.fp8_gemv_mma(x, q, s, BLOCK, None, kd, t)
                                    for q, s in fp8], reps)
                     out = MMA.fp8_gemv_mma(x, *fp8[0], BLOCK, None, kind, tile) if us == us else None
@@ -226,8 +226,6 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES], help="projections to run")
     parser.add_argument("--reps", type=int, default=20, help="graph replays per timing")
     parser.add_argument("--sweep", action="store_true", help="also time every tile of the sweeps")
-    parser.add_argument("--sweep-kinds", nargs="+", default=["gemm", "gemv", "mma"], choices=["gemm", "gemv", "mma"],
-                        help="which sweeps --sweep runs")
     parser.add_argument("--check", action="store_true", help="correctness on small shapes only")
     args = parser.parse_args()
     if args.check:
@@ -238,7 +236,7 @@ def main() -> None:
     rows = []
     for name, n, k in SHAPES:
         if name in args.shapes:
-            rows += bench_shape(name, n, k, tuple(args.m), args.reps, set(args.sweep_kinds) if args.sweep else set())
+            rows += bench_shape(name, n, k, tuple(args.m), args.reps, args.sweep)
             torch.cuda.empty_cache()
     best = best_tiles(rows)
     os.makedirs(args.out, exist_ok=True)

@@ -7,8 +7,7 @@
 # PARTS, any of (default: check kernels decode prefill):
 #   check    the FP8 kernels against the torch reference on the GPU (scripts/gpu_fp8_gemm_bench.py --check)
 #   kernels  time block_fp8_linear / fp8_gemv against bf16 on the 8B's projection shapes (--sweep;
-#            KERNEL_M="1" limits the batch sizes, default 1 8 32 128 1024 4096; SWEEP_KINDS="mma" the sweeps,
-#            default "gemm gemv mma")
+#            KERNEL_M="1" limits the batch sizes, default 1 8 32 128 1024 4096)
 #   moe      the FP8 fused MoE against the bf16 one on Mixtral-8x7B and Qwen3-30B-A3B expert shapes,
 #            1 / 32 / 256 / 4096 tokens, after a --check against the torch reference (scripts/gpu_moe_fp8_bench.py)
 #   decode   bench_one_batch batch 1 (128 in / 256 out): bf16, then --quantization fp8
@@ -51,7 +50,6 @@ for part in $PARTS; do
     check) python3 scripts/gpu_fp8_gemm_bench.py --check --out "$OUT/$part" 2>&1 | tail -20 ;;
     kernels) # shellcheck disable=SC2086 # KERNEL_M is a list
       timeout "${KERNEL_TIMEOUT:-300}" python3 scripts/gpu_fp8_gemm_bench.py --sweep --m ${KERNEL_M:-1 8 32 128 1024 4096} \
-        --sweep-kinds ${SWEEP_KINDS:-gemm gemv mma} \
         --out "$OUT/$part" 2>&1 | tail -60 ;;
     moe) timeout 600 python3 scripts/gpu_moe_fp8_bench.py --check --out "$OUT/$part" 2>&1 | tail -40 ;;
     decode) one_batch bf16-bs1 1 128 256 && one_batch fp8-bs1 1 128 256 --quantization fp8 ;;
