@@ -11,8 +11,7 @@
 #   moe      the FP8 fused MoE against the bf16 one on Mixtral-8x7B and Qwen3-30B-A3B expert shapes,
 #            1 / 32 / 256 / 4096 tokens, after a --check against the torch reference (scripts/gpu_moe_fp8_bench.py)
 #   decode   bench_one_batch batch 1 (128 in / 256 out): bf16, then --quantization fp8
-#   gemv_ab  the same, bf16 then --quantization fp8 under each RADIXSERVE_FP8_GEMV (GEMV_KINDS, default
-#            "fma mma16 mma8"; RADIXSERVE_FP8_GEMV_TILE passes through)
+#   gemv_ab  the same, bf16 then --quantization fp8 under each RADIXSERVE_FP8_GEMV (fma, mma16, mma8)
 #   prefill  bench_one_batch prefill 32 x 1024: bf16, then --quantization fp8
 #   kv       bench_one_batch batch 32 (1024 in, 16 steps): bf16 KV, then --kv-cache-dtype fp8_e4m3 (fp8 weights)
 #   serving  bench_serving, 500 random prompts (1024 in / 256 out), server with --quantization fp8
@@ -55,7 +54,7 @@ for part in $PARTS; do
     decode) one_batch bf16-bs1 1 128 256 && one_batch fp8-bs1 1 128 256 --quantization fp8 ;;
     gemv_ab) ab_failed=0
       one_batch bf16-bs1 1 128 256 || ab_failed=1
-      for kind in ${GEMV_KINDS:-fma mma16 mma8}; do
+      for kind in fma mma16 mma8; do
         RADIXSERVE_FP8_GEMV=$kind one_batch "fp8-$kind-bs1" 1 128 256 --quantization fp8 || ab_failed=1
       done
       ((ab_failed == 0)) ;;

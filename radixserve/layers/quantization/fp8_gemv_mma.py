@@ -27,8 +27,6 @@ rows (GROUP_N), so a program's rows share one row of block factors, as in the CU
 
 from __future__ import annotations
 
-import os
-
 from torch import Tensor
 
 from radixserve.layers.quantization.fp8_utils import FP8_DTYPE
@@ -39,13 +37,8 @@ try:
 except ImportError:  # CPU installs without Triton never reach these kernels
     triton = None
 
-# (BLOCK_N, GROUPS, num_warps, num_stages): the default tile; scripts/gpu_fp8_gemm_bench.py --sweep times
-# others, and RADIXSERVE_FP8_GEMV_TILE="16,8,4,3" replaces it for a whole-model A/B
-MMA_GEMV_TILE: tuple[int, int, int, int] = tuple(
-    int(v) for v in os.environ.get("RADIXSERVE_FP8_GEMV_TILE", "32,8,4,3").split(",")
-)
-if len(MMA_GEMV_TILE) != 4:
-    raise ValueError(f"RADIXSERVE_FP8_GEMV_TILE is four integers, BLOCK_N,GROUPS,warps,stages: {MMA_GEMV_TILE}")
+# (BLOCK_N, GROUPS, num_warps, num_stages): the default tile; scripts/gpu_fp8_gemm_bench.py --sweep times others
+MMA_GEMV_TILE = (32, 8, 4, 3)
 X_SHIFT = 2.0**-8  # mma16: the activation's power-of-two scale into fp16
 KINDS = ("mma16", "mma8")
 
