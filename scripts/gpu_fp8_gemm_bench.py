@@ -9,16 +9,13 @@ For each projection (tensor parallel 1) and M, the weight is quantised to 128 x 
 - `bf16 triton gemv` (M = 1): radixserve/layers/gemv.py on the same bf16 weight;
 - `fp8 block_fp8_linear`: the Triton activation quantiser then the block GEMM (what a layer runs);
 - `fp8 w8a8 gemm only`: the GEMM on an activation quantised beforehand;
-- `fp8 gemv` (M = 1): the batch-1 CUDA-core kernel (RADIXSERVE_FP8_GEMV=fma), bf16 activation;
-- `fp8 gemv mma16` / `fp8 gemv mma8` (M = 1): the tensor-core forms of fp8_gemv_mma.py (weight-only
-  fp16 MMA; w8a8 with the activation quantizer's launch included).
+- `fp8 gemv` (M = 1): the batch-1 kernel, bf16 activation.
 Every call is captured in one CUDA graph over distinct weight copies (several hundred MB, beyond L2),
 as a decode step issues them; the time is the median over replays of (replay time / calls). GB/s
 counts the weight bytes read (fp8 values and block scales, or bf16), TFLOP/s 2*M*N*K. The error is
 the largest |out - F.linear(x, dequant(w)) in fp32| over the outputs, absolute and relative to the
 largest |reference|: the fp8 GEMM's includes the activation's rounding, the GEMV's does not.
---sweep also times every GEMM tile of GEMM_SWEEP (M buckets), GEMV tile of GEMV_SWEEP and tensor-core
-GEMV tile of MMA_SWEEP (both forms) and reports
+--sweep also times every GEMM tile of GEMM_SWEEP (M buckets) and GEMV tile of GEMV_SWEEP and reports
 the fastest, to fill GEMM_CONFIGS / GEMV defaults in radixserve/layers/quantization/fp8_kernels.py.
 Writes fp8_gemm_bench.json and fp8_gemm_bench.md into --out.
 """
@@ -35,7 +32,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from radixserve.layers.quantization import fp8_gemv_mma as MMA
 from radixserve.layers.quantization import fp8_kernels as K
 from radixserve.layers.quantization import fp8_utils as U
 
@@ -51,9 +47,6 @@ GEMM_SWEEP = ((16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (32, 64,
 # (BLOCK_N, BLOCK_K, num_warps) of the GEMV
 GEMV_SWEEP = ((1, 4096, 4), (2, 2048, 4), (4, 2048, 4), (8, 1024, 4), (4, 1024, 4), (16, 512, 4), (2, 4096, 8),
               (4, 2048, 8), (8, 2048, 8))
-# (BLOCK_N, GROUPS, num_warps, num_stages) of the tensor-core GEMV
-MMA_SWEEP = ((16, 8, 4, 3), (16, 16, 4, 3), (16, 4, 4, 4), (32, 4, 4, 4), (32, 8, 4, 3), (32, 16, 4, 2),
-             (64, 4, 4, 3), (64, 8, 4, 3), (64, 8, 8, 3), (128, 4, 8, 3), (16, 8, 2, 4), (32, 8, 8, 3))
 WEIGHT_BYTES = 512 << 20  # bf16 copies per shape: far beyond L2 (50-60 MB)
 
 
@@ -160,16 +153,6 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
                                for q, s in fp8], reps)
                 out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps) if us == us else None
                 row(m, f"sweep gemv {bn}x{bk} w{warps}", us, fp8_bytes, out, ref, tile=(bn, bk, warps))
-            for kind in MMA.KINDS:
-                row(m, f"fp8 gemv {kind}", graph_time_us(
-                    [lambda q=q, s=s, kd=kind: MMA.fp8_gemv_mma(x, q, s, BLOCK, None, kd) for q, s in fp8], reps),
-                    fp8_bytes, MMA.fp8_gemv_mma(x, *fp8[0], BLOCK, None, kind), ref,
-                    tile=MMA.mma_gemv_tile(BLOCK, k))
-                for tile in MMA_SWEEP if sweep else ():
-                    us = try_time([lambda q=q, s=s, kd=kind, t=tile: MMA.fp8_gemv_mma(x, q, s, BLOCK, None, kd, t)
-                                   for q, s in fp8], reps)
-                    out = MMA.fp8_gemv_mma(x, *fp8[0], BLOCK, None, kind, tile) if us == us else None
-                    row(m, f"sweep {kind} " + "x".join(map(str, tile)), us, fp8_bytes, out, ref, tile=tile)
 
     for m in ms:
         one_m(m)
@@ -182,7 +165,7 @@ def best_tiles(rows: list[dict]) -> dict[str, str]:
     for key in sorted({(r["shape"], r["m"]) for r in rows}):
         swept = [r for r in rows if (r["shape"], r["m"]) == key and r["method"].startswith("sweep")
                  and r["us"] == r["us"]]
-        for kind in ("sweep gemm", "sweep gemv", "sweep mma16", "sweep mma8"):
+        for kind in ("sweep gemm", "sweep gemv"):
             cands = [r for r in swept if r["method"].startswith(kind)]
             if cands:
                 top = min(cands, key=lambda r: r["us"])
@@ -214,9 +197,6 @@ def check() -> None:
             if m == 1:
                 ref1 = U.block_fp8_linear_torch(x, q, s, out_dtype=torch.float32, quantize_activations=False)
                 print(f"N={n} K={k} M=1: fp8_gemv rel err {errors(K.fp8_gemv(x, q, s), ref1)[1]:.2e}")
-                print(f"N={n} K={k} M=1: mma16 rel err "
-                      f"{errors(MMA.fp8_gemv_mma(x, q, s, BLOCK, None, 'mma16'), ref1)[1]:.2e}, mma8 rel err "
-                      f"{errors(MMA.fp8_gemv_mma(x, q, s, BLOCK, None, 'mma8'), ref)[1]:.2e}")
 
 
 def main() -> None:

@@ -6,12 +6,10 @@
 #
 # PARTS, any of (default: check kernels decode prefill):
 #   check    the FP8 kernels against the torch reference on the GPU (scripts/gpu_fp8_gemm_bench.py --check)
-#   kernels  time block_fp8_linear / fp8_gemv against bf16 on the 8B's projection shapes (--sweep;
-#            KERNEL_M="1" limits the batch sizes, default 1 8 32 128 1024 4096)
+#   kernels  time block_fp8_linear / fp8_gemv against bf16 on the 8B's projection shapes (--sweep)
 #   moe      the FP8 fused MoE against the bf16 one on Mixtral-8x7B and Qwen3-30B-A3B expert shapes,
 #            1 / 32 / 256 / 4096 tokens, after a --check against the torch reference (scripts/gpu_moe_fp8_bench.py)
 #   decode   bench_one_batch batch 1 (128 in / 256 out): bf16, then --quantization fp8
-#   gemv_ab  the same, bf16 then --quantization fp8 under each RADIXSERVE_FP8_GEMV (fma, mma16, mma8)
 #   prefill  bench_one_batch prefill 32 x 1024: bf16, then --quantization fp8
 #   kv       bench_one_batch batch 32 (1024 in, 16 steps): bf16 KV, then --kv-cache-dtype fp8_e4m3 (fp8 weights)
 #   serving  bench_serving, 500 random prompts (1024 in / 256 out), server with --quantization fp8
@@ -47,17 +45,9 @@ for part in $PARTS; do
   echo "=== $part $(date -u +%H:%M:%S)"
   case $part in
     check) python3 scripts/gpu_fp8_gemm_bench.py --check --out "$OUT/$part" 2>&1 | tail -20 ;;
-    kernels) # shellcheck disable=SC2086 # KERNEL_M is a list
-      timeout "${KERNEL_TIMEOUT:-300}" python3 scripts/gpu_fp8_gemm_bench.py --sweep --m ${KERNEL_M:-1 8 32 128 1024 4096} \
-        --out "$OUT/$part" 2>&1 | tail -60 ;;
+    kernels) timeout 300 python3 scripts/gpu_fp8_gemm_bench.py --sweep --out "$OUT/$part" 2>&1 | tail -40 ;;
     moe) timeout 600 python3 scripts/gpu_moe_fp8_bench.py --check --out "$OUT/$part" 2>&1 | tail -40 ;;
     decode) one_batch bf16-bs1 1 128 256 && one_batch fp8-bs1 1 128 256 --quantization fp8 ;;
-    gemv_ab) ab_failed=0
-      one_batch bf16-bs1 1 128 256 || ab_failed=1
-      for kind in fma mma16 mma8; do
-        RADIXSERVE_FP8_GEMV=$kind one_batch "fp8-$kind-bs1" 1 128 256 --quantization fp8 || ab_failed=1
-      done
-      ((ab_failed == 0)) ;;
     prefill) one_batch bf16-prefill 32 1024 1 && one_batch fp8-prefill 32 1024 1 --quantization fp8 ;;
     kv) one_batch fp8w-bs32 32 1024 16 --quantization fp8 &&
         one_batch fp8w-fp8kv-bs32 32 1024 16 --quantization fp8 --kv-cache-dtype fp8_e4m3 ;;

@@ -232,56 +232,6 @@ def test_gemv_matches_dequantised_linear(kernels, n, k, dtype):
     torch.testing.assert_close(narrow.float(), ref - bias.float(), rtol=rtol, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, k, block", [(200, 320, (128, 128)), (130, 77, (128, 128)), (64, 5000, (128, 128)),
-                                         (48, 96, (16, 16)), (96, 200, (32, 64))])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_tensor_core_gemv_forms(kernels, n, k, block, dtype):
-    """mma16 has the CUDA-core GEMV's numerics (activation unquantised; fp32 x passes through fp16, 2^-11
-    relative), mma8 a batch of one through the w8a8 path's: the block-diagonal activation operand, the
-    per-group factors, K tails and partial row blocks all land where they should."""
-    from radixserve.layers.quantization.fp8_gemv_mma import fp8_gemv_mma, mma_gemv_tile
-
-    q, scale_inv = fp8_utils.quantize_weight_block(randn(n, k, seed=n + k, scale=0.05), block)
-    x = randn(1, k, seed=3).to(dtype)
-    bias = randn(n, seed=4).to(dtype)
-    exact = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, block, bias, out_dtype=torch.float32,
-                                             quantize_activations=False)
-    w8a8 = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, block, bias, out_dtype=torch.float32)
-    w_deq = fp8_utils.dequantize_block(q, scale_inv, block)
-    # an fp32 activation rounds to fp16 in mma16 (2^-11 relative): within 2^-11 of sum |w x| per output
-    fp16_bound = 2.0**-11 * (x.float().abs() @ w_deq.abs().T) + 1e-5
-    assert mma_gemv_tile(block, k) is not None
-    for tile in (None, (16, 1, 4, 2), (16, 16, 4, 3)):  # the default, one group a step, sixteen
-        got = fp8_gemv_mma(x, q, scale_inv, block, bias, "mma16", tile)
-        assert got.shape == (1, n) and got.dtype == dtype
-        if dtype == torch.bfloat16:  # exact in fp16: one rounding of the output
-            torch.testing.assert_close(got.float(), exact, rtol=BF16_RTOL, atol=1e-4 * exact.abs().max().item())
-        else:
-            assert torch.all((got - exact).abs() <= fp16_bound)
-        got8 = fp8_gemv_mma(x.flatten(), q, scale_inv, block, bias, "mma8", tile)
-        assert got8.shape == (n,)
-        torch.testing.assert_close(got8.float(), w8a8[0], rtol=BF16_RTOL if dtype == torch.bfloat16 else 1e-5,
-                                   atol=1e-5)
-    # a large activation stays finite through mma16's fp16 operand (scaled by 2^-8 on the way in)
-    loud = x * 3e5
-    big = fp8_gemv_mma(loud.float(), q, scale_inv, block, None, "mma16")
-    ref = fp8_utils.block_fp8_linear_torch(loud.float(), q, scale_inv, block, out_dtype=torch.float32,
-                                           quantize_activations=False)
-    assert torch.isfinite(big).all()
-    assert torch.all((big - ref).abs() <= 2.0**-11 * (loud.float().abs() @ w_deq.abs().T) + 1e-3)
-
-
-def test_tensor_core_gemv_refuses_blocks_it_cannot_tile():
-    pytest.importorskip("triton", reason="triton is not installed")
-    from radixserve.layers.quantization.fp8_gemv_mma import mma_gemv_tile
-
-    assert mma_gemv_tile((100, 128), 4096) is None  # rows not a multiple of 16
-    assert mma_gemv_tile((128, 96), 4096) is None  # columns not a power of two
-    assert mma_gemv_tile((128, 128), 4096)[:2] == (32, 8)
-    assert mma_gemv_tile((16, 16), 10)[:2] == (16, 2)  # an e4m3 MMA needs K >= 32 a step
-    assert mma_gemv_tile((128, 128), 300)[:2] == (32, 4)  # no wider a step than K needs
-
-
 def test_custom_ops_fake_shapes_and_eager(kernels):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -30,7 +30,6 @@ import os
 import torch
 from torch import Tensor
 
-from radixserve.layers.quantization.fp8_gemv_mma import fp8_gemv_mma, mma_gemv_tile
 from radixserve.layers.quantization.fp8_utils import EPS, FP8_DTYPE, FP8_MAX
 
 try:
@@ -40,11 +39,6 @@ except ImportError:  # CPU installs without Triton use fp8_utils.block_fp8_linea
     triton = None
 
 ENABLED = os.environ.get("RADIXSERVE_TRITON_FP8", "1") != "0"
-# The batch-1 kernel: "fma" (the CUDA-core GEMV below), or the tensor-core forms of fp8_gemv_mma.py,
-# "mma16" (weight-only, fp16 MMA) and "mma8" (w8a8, e4m3 MMA)
-GEMV_KIND = os.environ.get("RADIXSERVE_FP8_GEMV", "fma")
-if GEMV_KIND not in ("fma", "mma16", "mma8"):
-    raise ValueError(f"RADIXSERVE_FP8_GEMV is fma, mma16 or mma8, not {GEMV_KIND!r}")
 # GEMM tiles by M bucket: (largest M, config). Untuned defaults sized for Hopper's shared memory
 # (a 128 x 128 fp8 tile of each operand is 16 KiB a stage); scripts/gpu_fp8_gemm_bench.py sweeps them.
 GEMM_CONFIGS: tuple[tuple[int, dict[str, int]], ...] = (
@@ -290,14 +284,7 @@ def fp8_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, in
     x's dtype: F.linear(x, dequant(w)) with fp32 accumulation."""
     if torch.compiler.is_compiling():
         return _fp8_gemv_op(x, w_fp8, w_scale_inv, list(block), bias)
-    return _gemv(x, w_fp8, w_scale_inv, tuple(block), bias)
-
-
-def _gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None) -> Tensor:
-    """The GEMV_KIND kernel; the CUDA-core one where a tensor-core tile does not fit the block."""
-    if GEMV_KIND != "fma" and mma_gemv_tile(block, w_fp8.shape[1]) is not None:
-        return fp8_gemv_mma(x, w_fp8, w_scale_inv, block, bias, GEMV_KIND)
-    return _launch_gemv(x, w_fp8, w_scale_inv, block, bias)
+    return _launch_gemv(x, w_fp8, w_scale_inv, tuple(block), bias)
 
 
 # The launches as custom ops for torch.compile (Dynamo cannot trace a Triton launch written this way);
@@ -316,7 +303,7 @@ def _block_fp8_linear_fake(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block:
 
 @torch.library.custom_op("radixserve::fp8_gemv", mutates_args=())
 def _fp8_gemv_op(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int], bias: Tensor | None) -> Tensor:
-    return _gemv(x, w_fp8, w_scale_inv, (block[0], block[1]), bias)
+    return _launch_gemv(x, w_fp8, w_scale_inv, (block[0], block[1]), bias)
 
 
 @_fp8_gemv_op.register_fake
