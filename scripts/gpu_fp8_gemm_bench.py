@@ -44,9 +44,11 @@ BLOCK = (128, 128)
 GEMM_SWEEP = ((16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (32, 64, 1, 4, 4), (32, 128, 4, 4, 4),
               (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (64, 256, 8, 8, 3),
               (128, 128, 8, 8, 3), (128, 128, 8, 4, 4), (128, 256, 8, 8, 3), (128, 64, 8, 4, 4))
-# (BLOCK_N, BLOCK_K, num_warps) of the GEMV
-GEMV_SWEEP = ((1, 4096, 4), (2, 2048, 4), (4, 2048, 4), (8, 1024, 4), (4, 1024, 4), (16, 512, 4), (2, 4096, 8),
-              (4, 2048, 8), (8, 2048, 8))
+# (BLOCK_N, BLOCK_K, num_warps, kernel) of the GEMV: the word kernel (integer decode) and the byte
+# kernel (Triton's fp8 cast; the default before 2026-12-07 was its 4 x 2048 w4)
+GEMV_SWEEP = ((2, 2048, 4, "words"), (4, 2048, 4, "words"), (4, 1024, 4, "words"), (8, 512, 4, "words"),
+              (8, 1024, 4, "words"), (8, 1024, 8, "words"), (8, 2048, 8, "words"), (16, 512, 4, "words"),
+              (16, 1024, 8, "words"), (4, 2048, 4, "bytes"), (8, 1024, 4, "bytes"))
 WEIGHT_BYTES = 512 << 20  # bf16 copies per shape: far beyond L2 (50-60 MB)
 
 
@@ -148,11 +150,12 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
         if m == 1:
             row(m, "fp8 gemv", graph_time_us([lambda q=q, s=s: K.fp8_gemv(x, q, s, BLOCK) for q, s in fp8], reps),
                 fp8_bytes, K.fp8_gemv(x, *fp8[0], BLOCK), ref, tile=K.gemv_tile(k, BLOCK[0]))
-            for bn, bk, warps in GEMV_SWEEP if sweep else ():
-                us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps: K._launch_gemv(x, q, s, BLOCK, None, t, w)
+            for bn, bk, warps, form in GEMV_SWEEP if sweep else ():
+                words = form == "words"
+                us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps, f=words: K._launch_gemv(x, q, s, BLOCK, None, t, w, f)
                                for q, s in fp8], reps)
-                out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps) if us == us else None
-                row(m, f"sweep gemv {bn}x{bk} w{warps}", us, fp8_bytes, out, ref, tile=(bn, bk, warps))
+                out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps, words) if us == us else None
+                row(m, f"sweep gemv {form} {bn}x{bk} w{warps}", us, fp8_bytes, out, ref, tile=(bn, bk, warps))
 
     for m in ms:
         one_m(m)

@@ -227,9 +227,30 @@ def test_gemv_matches_dequantised_linear(kernels, n, k, dtype):
     rtol = BF16_RTOL if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
     assert kernels.fp8_gemv(x.flatten(), q, scale_inv).shape == (n,)
-    # a narrow tile (several programs per scale block, several steps along K)
-    narrow = kernels._launch_gemv(x, q, scale_inv, (128, 128), None, tile=(2, 64))
-    torch.testing.assert_close(narrow.float(), ref - bias.float(), rtol=rtol, atol=1e-5)
+    # both kernels (the word one only where K is whole words), each with a narrow tile too (several
+    # programs per scale block, several steps along K)
+    for words in (True, False) if k % 4 == 0 else (False,):
+        for tile in (None, (2, 64)):
+            got = kernels._launch_gemv(x, q, scale_inv, (128, 128), bias, tile=tile, words=words)
+            torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
+
+
+def test_gemv_word_kernel_decodes_every_e4m3_value(kernels):
+    """Each of the 254 finite e4m3 codes (subnormals, both zeros, the largest) once per column, against
+    the dequantised weight in fp32, with factors far from 1 and an activation that spans the range."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    n, k = 8, 256  # two K groups with their own factors
+    w = codes.repeat(n * k // codes.numel() + 1)[: n * k].view(n, k)
+    w = torch.stack([row.roll(3 * i) for i, row in enumerate(w)]).view(FP8_DTYPE).to(DEVICE)
+    scale_inv = torch.tensor([[2.0**-9, 3.0e3]], device=DEVICE)
+    x = (torch.linspace(-8, 8, k) * 10.0 ** torch.linspace(-3, 3, k)).view(1, k).to(DEVICE)
+    ref = fp8_utils.block_fp8_linear_torch(x, w, scale_inv, out_dtype=torch.float32, quantize_activations=False)
+    for words in (True, False):
+        got = kernels._launch_gemv(x, w, scale_inv, (128, 128), None, words=words)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # the word kernel takes rows that are not whole words through the byte kernel
+    odd = w[:, :255]
+    assert not kernels.gemv_reads_words(odd) and kernels.gemv_reads_words(w)
 
 
 def test_custom_ops_fake_shapes_and_eager(kernels):

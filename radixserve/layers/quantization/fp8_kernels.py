@@ -47,10 +47,15 @@ GEMM_CONFIGS: tuple[tuple[int, dict[str, int]], ...] = (
     (256, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=3)),
     (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
 )
-# GEMV: weight elements (bytes) a program reads per step, and the widest step along K
+# GEMV: weight elements (bytes) a program reads per step, the widest step along K, warps; the word
+# kernel keeps a step's partial sums in registers (BLOCK_N x BLOCK_K / threads of them), the byte
+# kernel does not. Untuned until scripts/gpu_fp8_gemm_bench.py --m 1 --sweep has run on the word kernel.
 GEMV_TILE_ELEMENTS = 8192
-GEMV_MAX_BLOCK_K = 2048
+GEMV_MAX_BLOCK_K = 1024
 GEMV_WARPS = 4
+GEMV_BYTES_TILE_ELEMENTS = 8192
+GEMV_BYTES_MAX_BLOCK_K = 2048
+GEMV_BYTES_WARPS = 4
 # columns a quantiser program covers (several groups of one row)
 _QUANT_ELEMENTS = 1024
 
@@ -58,6 +63,9 @@ if triton is not None:
     _MAX = tl.constexpr(FP8_MAX)
     _EPS = tl.constexpr(EPS)
     _INV_MAX = tl.constexpr(1.0 / FP8_MAX)
+    _E4M3_IN_FP32 = tl.constexpr(-0x78100000)  # 0x87F00000 as int32: bit 31 and bits 20..26
+    _X_UNSCALE = tl.constexpr(2.0**96)
+    _OUT_UNSCALE = tl.constexpr(2.0**24)
 
     @triton.jit
     def _round_to_e4m3(v):
@@ -140,6 +148,54 @@ if triton is not None:
     def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
                          GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """w_ptr is the fp8 weight read as int32 words of four columns (k % 4 == 0, w_stride in words).
+        Each e4m3 byte s.eeee.mmm becomes an fp32 by integer ops alone: the sign to bit 31 and eeee.mmm
+        to bits 20..26 gives the value times 2^-120, subnormals included (fp32's exponent bias exceeds
+        e4m3's by 120). Triton's own fp8 -> fp32 cast runs two conversion instructions per weight, which
+        held the kernel to ~2.7 TB/s on an H200; these are ~3 integer ops and one FMA."""
+        BLOCK_W: tl.constexpr = BLOCK_K // 4
+        start = tl.program_id(0) * BLOCK_N
+        rows = start + tl.arange(0, BLOCK_N)
+        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
+        # BLOCK_N divides GROUP_N: all of a program's rows share one row of block factors
+        s_row = ws_ptr + (start // GROUP_N) * ws_stride
+        # per-column partial sums, reduced once after the loop: one FMA a weight and no per-step
+        # reduction across the warps
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        k_words = k // 4
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+            words = k0 // 4 + tl.arange(0, BLOCK_W)[None, :]
+            if k0 + BLOCK_K <= k:  # full steps unmasked, the tail masked (see layers/gemv.py)
+                x = tl.load(x_ptr + cols)
+                s = tl.load(s_row + cols // GROUP_K)
+                q = tl.load(w_rows + words)
+            else:
+                x = tl.load(x_ptr + cols, mask=cols < k, other=0.0)
+                s = tl.load(s_row + cols // GROUP_K, mask=cols < k, other=0.0)
+                q = tl.load(w_rows + words, mask=words < k_words, other=0)
+            # byte j moved to the top (<< 24 - 8j), then an arithmetic >> 4 leaves its sign at bit 31 and
+            # its eeee.mmm at 20..26; the mask clears the sign copies at 27..30 and the bytes below
+            w0 = (((q << 24) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+            w1 = (((q << 16) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+            w2 = (((q << 8) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+            w3 = ((q >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+            # join appends the new axis last: [.., i, j] holds w(2i + j) when the outer join takes (w0, w2), (w1, w3)
+            w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
+            # the block factor and 2^96 of the 2^120 on the activation (BLOCK_K multiplies, not
+            # BLOCK_N x); the other 2^24 after the loop keeps both inside fp32's range
+            acc += w * (x.to(tl.float32) * (s * _X_UNSCALE))
+        out = tl.sum(acc, axis=1) * _OUT_UNSCALE
+        row_mask = rows < n
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _fp8_gemv_bytes_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
+                               GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The GEMV over fp8 bytes with Triton's cast, for weights whose rows are not whole int32 words."""
         start = tl.program_id(0) * BLOCK_N
         rows = start + tl.arange(0, BLOCK_N)
         w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
@@ -247,33 +303,49 @@ def block_fp8_linear(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple
     return _launch_linear(x, w_fp8, w_scale_inv, tuple(block), bias)
 
 
-def gemv_tile(k: int, block_n: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): GEMV_TILE_ELEMENTS weights per step, BLOCK_N dividing the scale block."""
-    block_k = min(GEMV_MAX_BLOCK_K, triton.next_power_of_2(k))
-    rows = max(1, GEMV_TILE_ELEMENTS // block_k)
+def gemv_tile(k: int, block_n: int, words: bool = True) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the word kernel (or, words=False, the byte kernel): a fixed number of
+    weights a step, at most a maximum width along K, BLOCK_N dividing the scale block."""
+    elements, widest = (GEMV_TILE_ELEMENTS, GEMV_MAX_BLOCK_K) if words else (
+        GEMV_BYTES_TILE_ELEMENTS, GEMV_BYTES_MAX_BLOCK_K)
+    block_k = min(widest, max(16, triton.next_power_of_2(k)))
+    rows = max(1, elements // block_k)
     while block_n % rows:
         rows //= 2
     return rows, block_k
 
 
+def gemv_reads_words(w_fp8: Tensor) -> bool:
+    """True where the weight's rows are whole int32 words (K and the row stride multiples of 4, the
+    start 4-byte aligned): the word kernel reads it; else the byte kernel."""
+    return w_fp8.shape[1] % 4 == 0 and w_fp8.stride(0) % 4 == 0 and w_fp8.data_ptr() % 4 == 0
+
+
 def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None,
-                 tile: tuple[int, int] | None = None, num_warps: int = GEMV_WARPS) -> Tensor:
-    """`tile` (BLOCK_N, BLOCK_K) and num_warps override the defaults (the bench's sweeps)."""
+                 tile: tuple[int, int] | None = None, num_warps: int | None = None,
+                 words: bool | None = None) -> Tensor:
+    """`tile` (BLOCK_N, BLOCK_K), num_warps and words (the kernel) override the defaults (the bench)."""
     n, k = w_fp8.shape
     bn, bk = block
     assert x.numel() == k and w_fp8.stride(1) == 1 and w_fp8.dtype == FP8_DTYPE, (x.shape, w_fp8.shape)
     assert w_scale_inv.shape == (_cdiv(n, bn), _cdiv(k, bk)), (w_scale_inv.shape, block)
-    block_rows, block_k = tile or gemv_tile(k, bn)
+    if words is None:
+        words = gemv_reads_words(w_fp8)
+    block_rows, block_k = tile or gemv_tile(k, bn, words)
     assert bn % block_rows == 0, (block_rows, block)
     row = x.reshape(k)
     if row.stride(0) != 1:
         row = row.contiguous()
     w_scale_inv = w_scale_inv.float().contiguous()
     out = x.new_empty((*x.shape[:-1], n))
-    _fp8_gemv_kernel[(triton.cdiv(n, block_rows),)](
-        row, w_fp8, w_scale_inv, bias if bias is not None else out, out, n, k, w_fp8.stride(0),
+    if words:
+        kernel, weight, w_stride = _fp8_gemv_kernel, w_fp8.view(torch.int32), w_fp8.stride(0) // 4
+    else:
+        kernel, weight, w_stride = _fp8_gemv_bytes_kernel, w_fp8, w_fp8.stride(0)
+    kernel[(triton.cdiv(n, block_rows),)](
+        row, weight, w_scale_inv, bias if bias is not None else out, out, n, k, w_stride,
         w_scale_inv.stride(0), GROUP_N=bn, GROUP_K=bk, HAS_BIAS=bias is not None, BLOCK_N=block_rows,
-        BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_K=block_k, num_warps=num_warps or (GEMV_WARPS if words else GEMV_BYTES_WARPS),
     )
     return out
 
