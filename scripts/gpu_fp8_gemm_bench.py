@@ -44,11 +44,13 @@ BLOCK = (128, 128)
 GEMM_SWEEP = ((16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (32, 64, 1, 4, 4), (32, 128, 4, 4, 4),
               (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (64, 256, 8, 8, 3),
               (128, 128, 8, 8, 3), (128, 128, 8, 4, 4), (128, 256, 8, 8, 3), (128, 64, 8, 4, 4))
-# (BLOCK_N, BLOCK_K, num_warps, kernel) of the GEMV: the word kernel (integer decode) and the byte
-# kernel (Triton's fp8 cast; the default before 2026-12-07 was its 4 x 2048 w4)
-GEMV_SWEEP = ((2, 2048, 4, "words"), (4, 2048, 4, "words"), (4, 1024, 4, "words"), (8, 512, 4, "words"),
-              (8, 1024, 4, "words"), (8, 1024, 8, "words"), (8, 2048, 8, "words"), (16, 512, 4, "words"),
-              (16, 1024, 8, "words"), (4, 2048, 4, "bytes"), (8, 1024, 4, "bytes"))
+# (BLOCK_N, BLOCK_K, num_warps, kernel) of the GEMV: the word kernel (integer decode) with its loads one
+# step ahead ("words") or not ("words-np"), and the byte kernel (Triton's fp8 cast; the default before
+# 2026-12-07 was its 4 x 2048 w4)
+GEMV_SWEEP = ((4, 1024, 4, "words"), (8, 512, 4, "words"), (8, 1024, 4, "words"), (8, 1024, 8, "words"),
+              (16, 512, 4, "words"), (16, 512, 8, "words"), (16, 256, 4, "words"), (32, 256, 8, "words"),
+              (4, 512, 4, "words"), (8, 256, 4, "words"), (8, 512, 4, "words-np"), (8, 1024, 4, "words-np"),
+              (4, 2048, 4, "bytes"))
 WEIGHT_BYTES = 512 << 20  # bf16 copies per shape: far beyond L2 (50-60 MB)
 
 
@@ -151,10 +153,10 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
             row(m, "fp8 gemv", graph_time_us([lambda q=q, s=s: K.fp8_gemv(x, q, s, BLOCK) for q, s in fp8], reps),
                 fp8_bytes, K.fp8_gemv(x, *fp8[0], BLOCK), ref, tile=K.gemv_tile(k, BLOCK[0]))
             for bn, bk, warps, form in GEMV_SWEEP if sweep else ():
-                words = form == "words"
-                us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps, f=words: K._launch_gemv(x, q, s, BLOCK, None, t, w, f)
-                               for q, s in fp8], reps)
-                out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps, words) if us == us else None
+                words, ahead = form.startswith("words"), form == "words"
+                us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps, f=words, a=ahead:
+                               K._launch_gemv(x, q, s, BLOCK, None, t, w, f, a) for q, s in fp8], reps)
+                out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps, words, ahead) if us == us else None
                 row(m, f"sweep gemv {form} {bn}x{bk} w{warps}", us, fp8_bytes, out, ref, tile=(bn, bk, warps))
 
     for m in ms:
@@ -174,6 +176,21 @@ def best_tiles(rows: list[dict]) -> dict[str, str]:
                 top = min(cands, key=lambda r: r["us"])
                 best[f"{key[0]} M={key[1]} {kind[6:]}"] = f"{top['method'][len(kind) + 1:]} ({top['us']:.2f} us)"
     return best
+
+
+def best_gemv_overall(rows: list[dict]) -> str | None:
+    """The swept GEMV form with the least total time over the projections timed at M = 1, as
+    "BLOCK_N BLOCK_K num_warps form" (one default for fp8_kernels.py), or None without a GEMV sweep."""
+    totals: dict[str, float] = {}
+    for r in rows:
+        if r["m"] == 1 and r["method"].startswith("sweep gemv "):
+            totals[r["method"]] = totals.get(r["method"], 0.0) + r["us"]  # NaN (a failed form) stays NaN
+    timed = {k: v for k, v in totals.items() if v == v}
+    if not timed:
+        return None
+    form, tile, warps = min(timed, key=timed.get)[len("sweep gemv "):].split()
+    bn, bk = tile.split("x")
+    return f"{bn} {bk} {warps[1:]} {form}"
 
 
 def markdown(rows: list[dict], device: str, best: dict[str, str]) -> str:
@@ -228,6 +245,8 @@ def main() -> None:
     with open(os.path.join(args.out, "fp8_gemm_bench.md"), "w") as f:
         f.write(markdown(rows, device, best))
     print(f"wrote {args.out}/fp8_gemm_bench.json and .md")
+    if (overall := best_gemv_overall(rows)) is not None:
+        print(f"GEMV_BEST {overall}")
 
 
 if __name__ == "__main__":

@@ -227,11 +227,12 @@ def test_gemv_matches_dequantised_linear(kernels, n, k, dtype):
     rtol = BF16_RTOL if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
     assert kernels.fp8_gemv(x.flatten(), q, scale_inv).shape == (n,)
-    # both kernels (the word one only where K is whole words), each with a narrow tile too (several
-    # programs per scale block, several steps along K)
-    for words in (True, False) if k % 4 == 0 else (False,):
+    # both kernels (the word one only where K is whole words, with and without its loads one step
+    # ahead), each with a narrow tile too (several programs per scale block, several steps along K)
+    forms = [(True, True), (True, False), (False, False)] if k % 4 == 0 else [(False, False)]
+    for words, prefetch in forms:
         for tile in (None, (2, 64)):
-            got = kernels._launch_gemv(x, q, scale_inv, (128, 128), bias, tile=tile, words=words)
+            got = kernels._launch_gemv(x, q, scale_inv, (128, 128), bias, tile=tile, words=words, prefetch=prefetch)
             torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
 
 

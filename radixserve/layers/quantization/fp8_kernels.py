@@ -53,6 +53,7 @@ GEMM_CONFIGS: tuple[tuple[int, dict[str, int]], ...] = (
 GEMV_TILE_ELEMENTS = 8192
 GEMV_MAX_BLOCK_K = 1024
 GEMV_WARPS = 4
+GEMV_PREFETCH = True
 GEMV_BYTES_TILE_ELEMENTS = 8192
 GEMV_BYTES_MAX_BLOCK_K = 2048
 GEMV_BYTES_WARPS = 4
@@ -145,9 +146,25 @@ if triton is not None:
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
 
     @triton.jit
+    def _gemv_word_step(x_ptr, s_row, w_rows, cols, words, k0, k, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The activation slice, its block factors and the weight words of the step at column k0: unmasked
+        for a full step, masked for the tail, nothing read past the end (see layers/gemv.py)."""
+        cols = k0 + cols
+        words = k0 // 4 + words
+        if k0 + BLOCK_K <= k:
+            x = tl.load(x_ptr + cols)
+            s = tl.load(s_row + cols // GROUP_K)
+            q = tl.load(w_rows + words)
+        else:
+            x = tl.load(x_ptr + cols, mask=cols < k, other=0.0)
+            s = tl.load(s_row + cols // GROUP_K, mask=cols < k, other=0.0)
+            q = tl.load(w_rows + words, mask=words < k // 4, other=0)
+        return x, s, q
+
+    @triton.jit
     def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
                          GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
         """w_ptr is the fp8 weight read as int32 words of four columns (k % 4 == 0, w_stride in words).
         Each e4m3 byte s.eeee.mmm becomes an fp32 by integer ops alone: the sign to bit 31 and eeee.mmm
         to bits 20..26 gives the value times 2^-120, subnormals included (fp32's exponent bias exceeds
@@ -162,18 +179,13 @@ if triton is not None:
         # per-column partial sums, reduced once after the loop: one FMA a weight and no per-step
         # reduction across the warps
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        k_words = k // 4
+        cols = tl.arange(0, BLOCK_K)[None, :]
+        words = tl.arange(0, BLOCK_W)[None, :]
+        x, s, q = _gemv_word_step(x_ptr, s_row, w_rows, cols, words, 0, k, GROUP_K, BLOCK_K)
         for k0 in range(0, k, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)[None, :]
-            words = k0 // 4 + tl.arange(0, BLOCK_W)[None, :]
-            if k0 + BLOCK_K <= k:  # full steps unmasked, the tail masked (see layers/gemv.py)
-                x = tl.load(x_ptr + cols)
-                s = tl.load(s_row + cols // GROUP_K)
-                q = tl.load(w_rows + words)
-            else:
-                x = tl.load(x_ptr + cols, mask=cols < k, other=0.0)
-                s = tl.load(s_row + cols // GROUP_K, mask=cols < k, other=0.0)
-                q = tl.load(w_rows + words, mask=words < k_words, other=0)
+            if PREFETCH:  # the next step's loads in flight while this one is decoded
+                x_next, s_next, q_next = _gemv_word_step(x_ptr, s_row, w_rows, cols, words, k0 + BLOCK_K, k,
+                                                         GROUP_K, BLOCK_K)
             # byte j moved to the top (<< 24 - 8j), then an arithmetic >> 4 leaves its sign at bit 31 and
             # its eeee.mmm at 20..26; the mask clears the sign copies at 27..30 and the bytes below
             w0 = (((q << 24) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
@@ -185,6 +197,10 @@ if triton is not None:
             # the block factor and 2^96 of the 2^120 on the activation (BLOCK_K multiplies, not
             # BLOCK_N x); the other 2^24 after the loop keeps both inside fp32's range
             acc += w * (x.to(tl.float32) * (s * _X_UNSCALE))
+            if PREFETCH:
+                x, s, q = x_next, s_next, q_next
+            else:
+                x, s, q = _gemv_word_step(x_ptr, s_row, w_rows, cols, words, k0 + BLOCK_K, k, GROUP_K, BLOCK_K)
         out = tl.sum(acc, axis=1) * _OUT_UNSCALE
         row_mask = rows < n
         if HAS_BIAS:
@@ -323,8 +339,9 @@ def gemv_reads_words(w_fp8: Tensor) -> bool:
 
 def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None,
                  tile: tuple[int, int] | None = None, num_warps: int | None = None,
-                 words: bool | None = None) -> Tensor:
-    """`tile` (BLOCK_N, BLOCK_K), num_warps and words (the kernel) override the defaults (the bench)."""
+                 words: bool | None = None, prefetch: bool = GEMV_PREFETCH) -> Tensor:
+    """`tile` (BLOCK_N, BLOCK_K), num_warps, words (the kernel) and prefetch (the word kernel's loads one
+    step ahead) override the defaults (the bench's sweeps)."""
     n, k = w_fp8.shape
     bn, bk = block
     assert x.numel() == k and w_fp8.stride(1) == 1 and w_fp8.dtype == FP8_DTYPE, (x.shape, w_fp8.shape)
@@ -340,12 +357,13 @@ def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int
     out = x.new_empty((*x.shape[:-1], n))
     if words:
         kernel, weight, w_stride = _fp8_gemv_kernel, w_fp8.view(torch.int32), w_fp8.stride(0) // 4
+        extra = dict(PREFETCH=prefetch)
     else:
-        kernel, weight, w_stride = _fp8_gemv_bytes_kernel, w_fp8, w_fp8.stride(0)
+        kernel, weight, w_stride, extra = _fp8_gemv_bytes_kernel, w_fp8, w_fp8.stride(0), {}
     kernel[(triton.cdiv(n, block_rows),)](
         row, weight, w_scale_inv, bias if bias is not None else out, out, n, k, w_stride,
         w_scale_inv.stride(0), GROUP_N=bn, GROUP_K=bk, HAS_BIAS=bias is not None, BLOCK_N=block_rows,
-        BLOCK_K=block_k, num_warps=num_warps or (GEMV_WARPS if words else GEMV_BYTES_WARPS),
+        BLOCK_K=block_k, num_warps=num_warps or (GEMV_WARPS if words else GEMV_BYTES_WARPS), **extra,
     )
     return out
 
