@@ -7,6 +7,9 @@ import torch
 from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX
 
 _LOW, _HIGH = -1e-3, 1e-3
+# elements drawn at a time for dtypes drawn through an fp32 buffer: one buffer the size of a large FP8
+# expert stack (DeepSeek-V3's w2 is 3.8 G elements) would need 4x its bytes on top of the model
+_CHUNK = 1 << 24
 
 
 @torch.no_grad()
@@ -38,9 +41,14 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
         else:
             # fp8 and other exotic dtypes have no uniform_ kernel: draw in fp32, then cast. FP8 weights
             # with block scales draw over e4m3's range (+-1e-3 would round to zero or subnormals).
-            tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
             low, high = (-FP8_MAX, FP8_MAX) if param.dtype == FP8_DTYPE else (_LOW, _HIGH)
-            param.copy_(tmp.uniform_(low, high, generator=gen))
+            flat = param.view(-1) if param.is_contiguous() else None
+            if flat is None:
+                param.copy_(torch.empty(param.shape, device=param.device).uniform_(low, high, generator=gen))
+                continue
+            for start in range(0, flat.numel(), _CHUNK):
+                part = flat[start:start + _CHUNK]
+                part.copy_(torch.empty(part.shape, device=param.device).uniform_(low, high, generator=gen))
     # weights derived from others once loaded (DeepSeek's absorbed attention matrices)
     after = getattr(model, "after_weights_loaded", None)
     if after is not None:

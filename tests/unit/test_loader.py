@@ -593,3 +593,24 @@ def test_dummy_weights_cpu(dtype: torch.dtype) -> None:
 def test_dummy_weights_cuda() -> None:
     _dummy_check("cuda", torch.bfloat16)
 
+
+
+def test_dummy_fp8_weights_drawn_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP8 parameters are drawn through an fp32 buffer a chunk at a time (a whole DeepSeek-V3 expert stack
+    at once would need 4x its bytes): every chunk is filled over e4m3's range, reproducibly by seed."""
+    from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX
+    from radixserve.loader import dummy
+
+    monkeypatch.setattr(dummy, "_CHUNK", 1000)
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.zeros(7, 1001, dtype=FP8_DTYPE), requires_grad=False)
+    module.w_t = torch.nn.Parameter(torch.zeros(64, 40, dtype=FP8_DTYPE).t(), requires_grad=False)  # not contiguous
+    init_dummy_weights(module, seed=3)
+    values = module.w.float()
+    assert values.abs().max().item() <= FP8_MAX and values.abs().max().item() > FP8_MAX / 2
+    for start in range(0, values.numel(), 1000):  # each chunk drawn, not left at zero
+        assert values.view(-1)[start:start + 1000].std().item() > FP8_MAX / 4
+    assert module.w_t.float().std().item() > FP8_MAX / 4
+    first = values.clone()
+    init_dummy_weights(module, seed=3)
+    assert torch.equal(module.w.float(), first)
