@@ -49,11 +49,12 @@ GEMM_CONFIGS: tuple[tuple[int, dict[str, int]], ...] = (
 )
 # GEMV: weight elements (bytes) a program reads per step, the widest step along K, warps; the word
 # kernel keeps a step's partial sums in registers (BLOCK_N x BLOCK_K / threads of them), the byte
-# kernel does not. Untuned until scripts/gpu_fp8_gemm_bench.py --m 1 --sweep has run on the word kernel.
+# kernel does not. The word tile has the least total of the word tiles in an H100 sweep (docs/fp8.md);
+# PREFETCH is untimed.
 GEMV_TILE_ELEMENTS = 8192
 GEMV_MAX_BLOCK_K = 1024
 GEMV_WARPS = 4
-GEMV_PREFETCH = True
+GEMV_PREFETCH = False
 GEMV_BYTES_TILE_ELEMENTS = 8192
 GEMV_BYTES_MAX_BLOCK_K = 2048
 GEMV_BYTES_WARPS = 4
