@@ -234,6 +234,13 @@ def test_gemv_matches_dequantised_linear(kernels, n, k, dtype):
         for tile in (None, (2, 64)):
             got = kernels._launch_gemv(x, q, scale_inv, (128, 128), bias, tile=tile, words=words, prefetch=prefetch)
             torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
+    # rows inside a wider buffer (a row stride beyond K): words where the stride is whole words too
+    for pad in (4, 3):
+        wide = torch.zeros(n, k + pad, dtype=FP8_DTYPE, device=DEVICE)
+        wide[:, :k] = q
+        assert kernels.gemv_reads_words(wide[:, :k]) == (k % 4 == 0 and pad == 4)
+        got = kernels.fp8_gemv(x, wide[:, :k], scale_inv, bias=bias)
+        torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
 
 
 def test_gemv_word_kernel_decodes_every_e4m3_value(kernels):
