@@ -55,6 +55,7 @@ GEMV_TILE_ELEMENTS = 8192
 GEMV_MAX_BLOCK_K = 1024
 GEMV_WARPS = 4
 GEMV_PREFETCH = False
+GEMV_WORDS = True  # the word kernel wherever the rows are whole words; False keeps the byte kernel (A/B)
 GEMV_BYTES_TILE_ELEMENTS = 8192
 GEMV_BYTES_MAX_BLOCK_K = 2048
 GEMV_BYTES_WARPS = 4
@@ -348,7 +349,7 @@ def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int
     assert x.numel() == k and w_fp8.stride(1) == 1 and w_fp8.dtype == FP8_DTYPE, (x.shape, w_fp8.shape)
     assert w_scale_inv.shape == (_cdiv(n, bn), _cdiv(k, bk)), (w_scale_inv.shape, block)
     if words is None:
-        words = gemv_reads_words(w_fp8)
+        words = GEMV_WORDS and gemv_reads_words(w_fp8)
     block_rows, block_k = tile or gemv_tile(k, bn, words)
     assert bn % block_rows == 0, (block_rows, block)
     row = x.reshape(k)
