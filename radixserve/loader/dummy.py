@@ -42,13 +42,10 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
             # fp8 and other exotic dtypes have no uniform_ kernel: draw in fp32, then cast. FP8 weights
             # with block scales draw over e4m3's range (+-1e-3 would round to zero or subnormals).
             low, high = (-FP8_MAX, FP8_MAX) if param.dtype == FP8_DTYPE else (_LOW, _HIGH)
-            flat = param.view(-1) if param.is_contiguous() else None
-            if flat is None:
-                param.copy_(torch.empty(param.shape, device=param.device).uniform_(low, high, generator=gen))
-                continue
-            for start in range(0, flat.numel(), _CHUNK):
-                part = flat[start:start + _CHUNK]
-                part.copy_(torch.empty(part.shape, device=param.device).uniform_(low, high, generator=gen))
+            parts = [param] if not param.is_contiguous() else param.view(-1).split(_CHUNK)
+            for part in parts:
+                drawn = torch.empty(part.shape, dtype=torch.float32, device=param.device)
+                part.copy_(drawn.uniform_(low, high, generator=gen))
     # weights derived from others once loaded (DeepSeek's absorbed attention matrices)
     after = getattr(model, "after_weights_loaded", None)
     if after is not None:

@@ -170,8 +170,9 @@ if triton is not None:
         """w_ptr is the fp8 weight read as int32 words of four columns (k % 4 == 0, w_stride in words).
         Each e4m3 byte s.eeee.mmm becomes an fp32 by integer ops alone: the sign to bit 31 and eeee.mmm
         to bits 20..26 gives the value times 2^-120, subnormals included (fp32's exponent bias exceeds
-        e4m3's by 120). Triton's own fp8 -> fp32 cast runs two conversion instructions per weight, which
-        held the kernel to ~2.7 TB/s on an H200; these are ~3 integer ops and one FMA."""
+        e4m3's by 120). Triton's own fp8 -> fp32 cast runs two conversion instructions per weight plus
+        byte shuffles (the byte kernel's loop: ~9.6 instructions a byte on sm_90, docs/fp8.md); these are
+        ~3 integer ops and one FMA."""
         BLOCK_W: tl.constexpr = BLOCK_K // 4
         start = tl.program_id(0) * BLOCK_N
         rows = start + tl.arange(0, BLOCK_N)
