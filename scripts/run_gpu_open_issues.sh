@@ -7,12 +7,13 @@
 #   2. issue 22: DeepSeek-V3 cut to 6 layers (3 dense, 3 MoE), FP8 block weights: batch 1, batch 32, prefill
 #   3. issue 20 (an H200 only: the full model needs 93 GB): Mixtral-8x7B bench_serving, 500 prompts
 #   4. issue 20: Qwen3-30B-A3B batch 32, prefill 32 x 1024 and serving, on the H200 (H100 figures exist)
+#   5. issue 21: the block-FP8 GEMM tiles swept at M = 4096 (prefill-sized), for the FP8 prefill gap
 # STAGES picks them (default "fp8 v3 mixtral qwen3"); all four outlast one 10-minute device call, so
 # run "fp8 v3" in one call and "mixtral qwen3" in the next. Stages 3 and 4 are skipped off an H200.
 # Earlier contents of this script (the first figures, 2026-12-06) are at commit 66ad76e.
 #
 #   scripts/build_gpu_wheels.sh                          # here, once: fills .whl/
-#   STAGES="fp8 v3" scripts/run_gpu_open_issues.sh       # there, from the repo root; results in $OUT (/tmp/out)
+#   STAGES="fp8 v3 gemm" scripts/run_gpu_open_issues.sh  # there, from the repo root; results in $OUT (/tmp/out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -70,5 +71,11 @@ if want qwen3; then
     RUNS_SPEC="bs32-in1024 32 1024 16;prefill-32x1024 32 1024 1" bash scripts/run_gpu_moe_bench.sh 2>&1 |
     grep -E "^ +32 \||throughput|Successful|done in|failed"
   cat "$WORK/q3/one_batch/one_batch.jsonl" "$WORK/q3/serving/serving.jsonl" > "$OUT/qwen3.jsonl"
+fi
+if want gemm; then
+  echo "=== fp8 gemm sweep at M = 4096 $(date -u +%T)"
+  timeout 200 python3 scripts/gpu_fp8_gemm_bench.py --m 4096 --sweep --out "$WORK/gemm" 2>&1 |
+    grep -E "M=4096" > "$OUT/fp8_gemm_sweep.txt"
+  grep -A8 "Fastest" "$WORK/gemm/fp8_gemm_bench.md"
 fi
 echo "=== done $(date -u +%T)"
