@@ -9,6 +9,7 @@ For each projection (tensor parallel 1) and M, the weight is quantised to 128 x 
 - `bf16 triton gemv` (M = 1): radixserve/layers/gemv.py on the same bf16 weight;
 - `fp8 block_fp8_linear`: the Triton activation quantiser then the block GEMM (what a layer runs);
 - `fp8 w8a8 gemm only`: the GEMM on an activation quantised beforehand;
+- `fp8 cublas gemm only`: the same by cuBLAS (F.scaled_mm, 1x128 / 128x128 scales) where it fits;
 - `fp8 gemv` (M = 1): the batch-1 kernel, bf16 activation.
 Every call is captured in one CUDA graph over distinct weight copies (several hundred MB, beyond L2),
 as a decode step issues them; the time is the median over replays of (replay time / calls). GB/s
@@ -17,6 +18,8 @@ the largest |out - F.linear(x, dequant(w)) in fp32| over the outputs, absolute a
 largest |reference|: the fp8 GEMM's includes the activation's rounding, the GEMV's does not.
 --sweep also times every GEMM tile of GEMM_SWEEP (M buckets) and GEMV tile of GEMV_SWEEP and reports
 the fastest, to fill GEMM_CONFIGS / GEMV defaults in radixserve/layers/quantization/fp8_kernels.py.
+It prints `GEMM_CUBLAS_MIN_M m`: the least timed M from which cuBLAS's total over the projections beats
+the Triton GEMM's at every timed M (0: nowhere), the value for fp8_kernels.GEMM_CUBLAS_MIN_M.
 Writes fp8_gemm_bench.json and fp8_gemm_bench.md into --out.
 """
 
@@ -140,6 +143,10 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
         row(m, "fp8 w8a8 gemm only",
             graph_time_us([lambda q=q, s=s: K.w8a8_block_fp8_matmul(xq, xs, q, s, BLOCK) for q, s in fp8], reps),
             fp8_bytes, gemm_out, ref)
+        if K.cublas_block_fp8_fits(fp8[0][0], BLOCK):
+            us = try_time([lambda q=q, s=s: K.cublas_block_fp8_matmul(xq, xs, q, s) for q, s in fp8], reps)
+            out = K.cublas_block_fp8_matmul(xq, xs, *fp8[0]) if us == us else None
+            row(m, "fp8 cublas gemm only", us, fp8_bytes, out, ref)
         if sweep:
             for tile in GEMM_SWEEP:
                 if tile[0] > max(16, 2 * m):
@@ -191,6 +198,23 @@ def best_gemv_overall(rows: list[dict]) -> str | None:
     form, tile, warps = min(timed, key=timed.get)[len("sweep gemv "):].split()
     bn, bk = tile.split("x")
     return f"{bn} {bk} {warps[1:]} {form}"
+
+
+def cublas_min_m(rows: list[dict]) -> int:
+    """The least timed M from which cuBLAS's block GEMM, summed over the projections, beats the Triton
+    GEMM at that M and every larger one timed; 0 where it never does (or was not timed)."""
+    totals: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r["method"] in ("fp8 w8a8 gemm only", "fp8 cublas gemm only"):
+            by = totals.setdefault(r["m"], {})
+            by[r["method"]] = by.get(r["method"], 0.0) + r["us"]
+    best = 0
+    for m in sorted(totals, reverse=True):
+        cublas, triton_us = totals[m].get("fp8 cublas gemm only", float("nan")), totals[m]["fp8 w8a8 gemm only"]
+        if not cublas < triton_us:  # NaN (failed) counts as slower
+            break
+        best = m
+    return best
 
 
 def markdown(rows: list[dict], device: str, best: dict[str, str]) -> str:
@@ -245,6 +269,7 @@ def main() -> None:
     with open(os.path.join(args.out, "fp8_gemm_bench.md"), "w") as f:
         f.write(markdown(rows, device, best))
     print(f"wrote {args.out}/fp8_gemm_bench.json and .md")
+    print(f"GEMM_CUBLAS_MIN_M {cublas_min_m(rows)}")
     if (overall := best_gemv_overall(rows)) is not None:
         print(f"GEMV_BEST {overall}")
 

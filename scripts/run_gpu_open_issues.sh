@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# One device call with the open issues' remaining GPU runs, most wanted first, each under its own timeout,
-# results copied flat into $OUT (the device tool brings back at most 8 files):
-#   1. issue 21: the FP8 batch-1 GEMV sweep (scripts/gpu_fp8_gemm_bench.py --m 1 --sweep); its best form
-#      overall (GEMV_BEST) is written into fp8_kernels.py's defaults on the machine, then Llama-3.1-8B
-#      batch 1, bf16 against --quantization fp8 (PARTS=decode of run_gpu_fp8_bench.sh)
-#   2. issue 22: DeepSeek-V3 cut to 6 layers (3 dense, 3 MoE), FP8 block weights: batch 1, batch 32, prefill
-#   3. issue 20 (an H200 only: the full model needs 93 GB): Mixtral-8x7B bench_serving, 500 prompts
-#   4. issue 20: Qwen3-30B-A3B batch 32, prefill 32 x 1024 and serving, on the H200 (H100 figures exist)
-#   5. issue 21: the block-FP8 GEMM tiles swept at M = 4096 (prefill-sized), for the FP8 prefill gap
-# STAGES picks them (default "fp8 v3 mixtral qwen3"); all four outlast one 10-minute device call, so
-# run "fp8 v3" in one call and "mixtral qwen3" in the next. Stages 3 and 4 are skipped off an H200.
+# The open issues' remaining GPU runs in stages, most wanted first, each under its own timeout, results
+# copied flat into $OUT (the device tool brings back at most 8 files):
+#   fp8     issue 21: the FP8 batch-1 GEMV sweep (scripts/gpu_fp8_gemm_bench.py --m 1 --sweep); its best form
+#           overall (GEMV_BEST) is written into fp8_kernels.py's defaults on the machine, then Llama-3.1-8B
+#           batch 1, bf16 against --quantization fp8 (PARTS=decode of run_gpu_fp8_bench.sh)
+#   gemm    issue 21's prefill gap: the block-FP8 GEMM's Triton tiles and cuBLAS's block-scaled GEMM timed
+#           at M = 128 / 1024 / 4096; where cuBLAS wins, GEMM_CUBLAS_MIN_M is set on the machine, then the 8B
+#           prefill 32 x 1024, bf16 against --quantization fp8 (PARTS=prefill of run_gpu_fp8_bench.sh)
+#   v3      issue 22: DeepSeek-V3 cut to 6 layers (3 dense, 3 MoE), FP8 block weights: batch 1, 32, prefill
+#   mixtral issue 20 (an H200 only: the full model needs 93 GB): Mixtral-8x7B bench_serving, 500 prompts
+#   qwen3   issue 20: Qwen3-30B-A3B batch 32, prefill 32 x 1024 and serving, on the H200 (H100 figures exist)
+# STAGES picks them (default all); together they outlast one 10-minute device call, so run "fp8 gemm v3"
+# in one call and "mixtral qwen3" in the next. mixtral and qwen3 are skipped off an H200.
 # Earlier contents of this script (the first figures, 2026-12-06) are at commit 66ad76e.
 #
 #   scripts/build_gpu_wheels.sh                          # here, once: fills .whl/
-#   STAGES="fp8 v3 gemm" scripts/run_gpu_open_issues.sh  # there, from the repo root; results in $OUT (/tmp/out)
+#   STAGES="fp8 gemm v3" scripts/run_gpu_open_issues.sh  # there, from the repo root; results in $OUT (/tmp/out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -23,7 +25,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   { echo "installing .whl/ failed" >&2; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-STAGES=" ${STAGES:-fp8 v3 mixtral qwen3} "
+STAGES=" ${STAGES:-fp8 gemm v3 mixtral qwen3} "
 grep -q H200 "$OUT/gpu.txt" || STAGES=${STAGES/ mixtral / }
 grep -q H200 "$OUT/gpu.txt" || STAGES=${STAGES/ qwen3 / }
 want() { [[ $STAGES == *" $1 "* ]]; }
@@ -51,6 +53,20 @@ OUT=$WORK/fp8 PARTS=decode STEP_TIMEOUT=70 bash scripts/run_gpu_fp8_bench.sh 2>&
 cp "$WORK/fp8/one_batch.jsonl" "$OUT/fp8_decode.jsonl"
 fi
 
+if want gemm; then
+  echo "=== fp8 gemm at M = 128, 1024, 4096: Triton tiles and cuBLAS $(date -u +%T)"
+  timeout 240 python3 scripts/gpu_fp8_gemm_bench.py --m 128 1024 4096 --sweep --out "$WORK/gemm" 2>&1 |
+    grep -E "M=(128|1024|4096)|GEMM_CUBLAS" > "$OUT/fp8_gemm_sweep.txt"
+  grep -E "gemm only|GEMM_CUBLAS" "$OUT/fp8_gemm_sweep.txt"
+  grep -A12 "Fastest" "$WORK/gemm/fp8_gemm_bench.md"
+  min_m=$(grep GEMM_CUBLAS_MIN_M "$OUT/fp8_gemm_sweep.txt" | cut -d' ' -f2)
+  sed -i "s/^GEMM_CUBLAS_MIN_M = .*/GEMM_CUBLAS_MIN_M = ${min_m:-0}/" radixserve/layers/quantization/fp8_kernels.py
+  grep "^GEMM_CUBLAS_MIN_M" radixserve/layers/quantization/fp8_kernels.py
+  echo "=== fp8 prefill 32 x 1024 $(date -u +%T)"
+  OUT=$WORK/fp8p PARTS=prefill STEP_TIMEOUT=90 bash scripts/run_gpu_fp8_bench.sh 2>&1 | grep -E "^ +32 \||failed"
+  cp "$WORK/fp8p/one_batch.jsonl" "$OUT/fp8_prefill.jsonl"
+fi
+
 if want v3; then
 echo "=== deepseek-v3 6 layers fp8 $(date -u +%T)"
 OUT=$WORK/v3 SHAPE=dsv3 LAYERS=6 PARTS=one_batch STEP_TIMEOUT=100 \
@@ -71,11 +87,5 @@ if want qwen3; then
     RUNS_SPEC="bs32-in1024 32 1024 16;prefill-32x1024 32 1024 1" bash scripts/run_gpu_moe_bench.sh 2>&1 |
     grep -E "^ +32 \||throughput|Successful|done in|failed"
   cat "$WORK/q3/one_batch/one_batch.jsonl" "$WORK/q3/serving/serving.jsonl" > "$OUT/qwen3.jsonl"
-fi
-if want gemm; then
-  echo "=== fp8 gemm sweep at M = 4096 $(date -u +%T)"
-  timeout 200 python3 scripts/gpu_fp8_gemm_bench.py --m 4096 --sweep --out "$WORK/gemm" 2>&1 |
-    grep -E "M=4096" > "$OUT/fp8_gemm_sweep.txt"
-  grep -A8 "Fastest" "$WORK/gemm/fp8_gemm_bench.md"
 fi
 echo "=== done $(date -u +%T)"

@@ -214,6 +214,22 @@ def test_block_gemm_tiles_and_leading_dims(kernels):
     assert kernels.block_fp8_linear(x[:, :0], q, scale_inv).shape == (2, 0, n)
 
 
+def test_cublas_block_gemm_only_where_it_fits(kernels, monkeypatch):
+    q, scale_inv = fp8_utils.quantize_weight_block(randn(256, 512, seed=3, scale=0.05))
+    on_gpu = DEVICE == "cuda" and hasattr(torch.nn.functional, "scaled_mm")
+    assert kernels.cublas_block_fp8_fits(q, (128, 128)) == on_gpu
+    assert not kernels.cublas_block_fp8_fits(q[:, :384], (128, 128))  # K blocks not a multiple of 4
+    assert not kernels.cublas_block_fp8_fits(q, (64, 64))
+    x = randn(5, 512, seed=4).to(torch.bfloat16)
+    bias = randn(256, seed=5).to(torch.bfloat16)
+    ref = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, bias=bias, out_dtype=torch.float32)
+    # turned on from one row: cuBLAS where it fits (M = 5 is padded to 8), the Triton GEMM elsewhere
+    monkeypatch.setattr(kernels, "GEMM_CUBLAS_MIN_M", 1)
+    got = kernels.block_fp8_linear(x, q, scale_inv, bias=bias)
+    assert got.shape == (5, 256) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=2 * BF16_RTOL, atol=1e-3)
+
+
 @pytest.mark.parametrize("n, k", SHAPES + [(64, 5000)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gemv_matches_dequantised_linear(kernels, n, k, dtype):
