@@ -42,15 +42,17 @@ except ImportError:  # CPU installs without Triton use fp8_utils.block_fp8_linea
 
 ENABLED = os.environ.get("RADIXSERVE_TRITON_FP8", "1") != "0"
 # M rows from which the block GEMM is cuBLAS's (F.scaled_mm, 1x128 x 128x128 scales) rather than the
-# Triton kernel; 0 keeps Triton everywhere. scripts/gpu_fp8_gemm_bench.py times both.
-GEMM_CUBLAS_MIN_M = 0
-# GEMM tiles by M bucket: (largest M, config). Untuned defaults sized for Hopper's shared memory
-# (a 128 x 128 fp8 tile of each operand is 16 KiB a stage); scripts/gpu_fp8_gemm_bench.py sweeps them.
+# Triton kernel, where cuBLAS takes the weight; 0 keeps Triton everywhere. scripts/gpu_fp8_gemm_bench.py
+# times both (docs/fp8.md).
+GEMM_CUBLAS_MIN_M = 128  # H100 2026-12-07: cuBLAS 1.2-1.5x the Triton GEMM at M = 128, 2.1-2.3x from 1024
+# GEMM tiles by M bucket: (largest M, config), sized for Hopper's shared memory (a 128 x 128 fp8 tile
+# of each operand is 16 KiB a stage). The two larger buckets are the fastest tiles of an H100 sweep at
+# M = 128 / 1024 / 4096 (scripts/gpu_fp8_gemm_bench.py --sweep, 2026-12-07); the smaller are untuned.
 GEMM_CONFIGS: tuple[tuple[int, dict[str, int]], ...] = (
     (16, dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)),
     (64, dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=4, num_warps=4, num_stages=4)),
-    (256, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=3)),
-    (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
+    (256, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)),
+    (1 << 62, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=3)),
 )
 # GEMV: weight elements (bytes) a program reads per step, the widest step along K, warps; the word
 # kernel keeps a step's partial sums in registers (BLOCK_N x BLOCK_K / threads of them), the byte
@@ -329,12 +331,15 @@ def cublas_block_fp8_matmul(x_fp8: Tensor, x_scales: Tensor, w_fp8: Tensor, w_sc
     if pad:
         x_fp8 = torch.cat([x_fp8, x_fp8.new_zeros((pad, x_fp8.shape[1]))])
         x_scales = torch.cat([x_scales, x_scales.new_ones((pad, x_scales.shape[1]))])
+    # with a bias the sum stays fp32 until the bias is in: adding it to a rounded output loses the
+    # low bits of a result that cancels against it
     out = functional.scaled_mm(x_fp8, w_fp8.t(), x_scales.float().t().contiguous().t(),
                                functional.ScalingType.BlockWise1x128, w_scale_inv.float().t(),
-                               functional.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+                               functional.ScalingType.BlockWise128x128,
+                               output_dtype=out_dtype if bias is None else torch.float32)
     if pad:
         out = out[:m]
-    return out if bias is None else out + bias.to(out_dtype)
+    return out if bias is None else (out + bias.float()).to(out_dtype)
 
 
 def _launch_linear(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int],
