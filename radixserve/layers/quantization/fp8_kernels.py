@@ -41,6 +41,7 @@ except ImportError:  # CPU installs without Triton use fp8_utils.block_fp8_linea
     triton = None
 
 ENABLED = os.environ.get("RADIXSERVE_TRITON_FP8", "1") != "0"
+_HAS_SCALED_MM = hasattr(torch.nn.functional, "scaled_mm")  # torch's block-scaled GEMM (cuBLAS)
 # M rows from which the block GEMM is cuBLAS's (F.scaled_mm, 1x128 x 128x128 scales) rather than the
 # Triton kernel, where cuBLAS takes the weight; 0 keeps Triton everywhere. scripts/gpu_fp8_gemm_bench.py
 # times both (docs/fp8.md).
@@ -316,7 +317,7 @@ def cublas_block_fp8_fits(w_fp8: Tensor, block: tuple[int, int]) -> bool:
     128 x 128 blocks, K whole blocks in a multiple of 4 (the column-major scale's leading dimension,
     16-byte aligned), N a multiple of 16, a contiguous weight."""
     n, k = w_fp8.shape
-    return (w_fp8.is_cuda and hasattr(torch.nn.functional, "scaled_mm") and tuple(block) == (128, 128)
+    return (w_fp8.is_cuda and _HAS_SCALED_MM and tuple(block) == (128, 128)
             and k % 512 == 0 and n % 16 == 0 and w_fp8.is_contiguous())
 
 
