@@ -5,7 +5,8 @@
 Variants: `model` is the model as it ships (the Triton GEMV of radixserve/layers/gemv.py for one
 row, gate/up fused with SiLU-and-mul); `model-nosilu` leaves that fusion out, `model-nohead` puts
 the LM head on cuBLAS; `cublas` routes every projection to F.linear (as RADIXSERVE_TRITON_GEMV=0
-does). For each one the decode graph is captured again, and the script prints:
+does). `--quantization fp8` profiles the model quantized at load (the FP8 GEMV; `model-nosilu` then
+runs fp8_gemv and silu_and_mul apart, as RADIXSERVE_FP8_GEMV_SILU=0 does). For each one the decode graph is captured again, and the script prints:
 1. the step as bench_one_batch times it (scheduler batch builder, graph replay, greedy sampling,
    sync before and after), median of --steps;
 2. the graph replay alone, timed with events over back-to-back replays;
@@ -35,12 +36,13 @@ from gpu_gemv_bench import graph_time_us, replay_ms  # noqa: E402
 
 from radixserve.bench.batch_driver import BatchDriver, build_runner, resolve_model_path  # noqa: E402
 from radixserve.layers import gemv as model_gemv  # noqa: E402
+from radixserve.layers.quantization import fp8_kernels  # noqa: E402
 from radixserve.model_executor.cuda_graph import CudaGraphRunner  # noqa: E402
 from radixserve.server_args import ServerArgs  # noqa: E402
 
 
 def use_variant(name: str) -> None:
-    """model-nosilu: gate/up and SiLU-and-mul unfused; model-nohead: the LM head on cuBLAS; cublas:
+    """model-nosilu: gate/up and SiLU-and-mul unfused (bf16 and FP8); model-nohead: the LM head on cuBLAS; cublas:
     every projection on F.linear."""
     from radixserve.layers import embedding
     from radixserve.models import llama
@@ -49,6 +51,7 @@ def use_variant(name: str) -> None:
         raise SystemExit(f"unknown variant {name!r}")
     model_gemv.ENABLED = name != "cublas"
     llama.takes_gemv = (lambda x, w: False) if "nosilu" in name else model_gemv.takes_gemv
+    fp8_kernels.GEMV_SILU = "nosilu" not in name  # the FP8 gate/up GEMV with SiLU-and-mul fused, or not
     embedding.takes_gemv = (lambda x, w: False) if "nohead" in name else model_gemv.takes_gemv
 
 
@@ -95,7 +98,8 @@ def compiled_report() -> None:
 def kernel_kind(name: str) -> str:
     low = name.lower()
     for tag, kind in (("splitkreduce", "cuBLAS split-K reduce"), ("gemv", "GEMV"), ("gemm", "GEMV"),
-                      ("nvjet", "GEMV"), ("cutlass", "GEMV"), ("rmsnorm", "rmsnorm"), ("rotary", "rotary"), ("store_kv", "store_kv"),
+                      ("nvjet", "GEMV"), ("cutlass", "GEMV"),
+                      ("group_quant", "fp8 quantiser"), ("rmsnorm", "rmsnorm"), ("rotary", "rotary"), ("store_kv", "store_kv"),
                       ("silu", "silu_mul"), ("decode_split", "attention split"),
                       ("decode_merge", "attention merge")):
         if tag in low:
@@ -124,11 +128,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--kernels", action="store_true", help="also list every kernel name")
     p.add_argument("--per-shape", action="store_true", help="also time each projection kind on its own")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="the model quantized at load (the FP8 GEMV at one row; --per-shape needs bf16 weights)")
     args = p.parse_args()
     total = 4 * args.steps * len(args.variants) + 64
     ctx = args.input_len + total
     sargs = ServerArgs(model_path=resolve_model_path(args.model), load_format="dummy", dtype="bfloat16",
-                       max_total_tokens=ctx + 8, max_running_requests=1, context_length=ctx + 8)
+                       max_total_tokens=ctx + 8, max_running_requests=1, context_length=ctx + 8,
+                       quantization=args.quantization)
     runner = build_runner(sargs)
     driver = BatchDriver(runner, seed=0)
     summary = []

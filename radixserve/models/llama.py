@@ -16,6 +16,7 @@ from radixserve.layers.gemv import gemv_silu_mul, takes_gemv
 from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from radixserve.layers.logits import LogitsOutput, compute_logits
 from radixserve.layers.norm import RMSNorm
+from radixserve.layers.quantization.fp8_linear import fp8_gate_up_silu_mul
 from radixserve.layers.rotary import RotaryEmbedding
 from radixserve.loader.model_config import ModelConfig
 from radixserve.model_executor.forward_batch import ForwardBatch
@@ -74,6 +75,9 @@ class LlamaMLP(nn.Module):
         # one row: projection and activation in one kernel (which has no bias term)
         if self.gate_up_proj.bias is None and takes_gemv(x, gate_up):
             return self.down_proj(gemv_silu_mul(x, gate_up))
+        fused = fp8_gate_up_silu_mul(x, self.gate_up_proj)
+        if fused is not None:
+            return self.down_proj(fused)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 

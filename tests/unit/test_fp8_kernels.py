@@ -294,6 +294,82 @@ def test_gemv_word_kernel_decodes_every_e4m3_value(kernels):
     assert not kernels.gemv_reads_words(odd) and kernels.gemv_reads_words(w)
 
 
+def silu_mul_in(dtype: torch.dtype, gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU-and-mul rounded as the unfused path rounds it (layers/fused.py): silu(gate), then the product."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate).to(dtype).float() * up).to(dtype)
+
+
+# (2I, K): several steps along K with a tail, one step, I one scale block (128) and several
+@pytest.mark.parametrize("two_i, k", [(256, 5000), (768, 320), (512, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_silu_mul_is_the_gemv_then_the_activation(kernels, two_i, k, dtype):
+    q, scale_inv = fp8_utils.quantize_weight_block(randn(two_i, k, seed=two_i + k, scale=0.05))
+    x = randn(1, k, seed=9).to(dtype)
+    assert kernels.gemv_silu_mul_fits(q, (128, 128))
+    got = kernels.fp8_gemv_silu_mul(x, q, scale_inv)
+    assert got.shape == (1, two_i // 2) and got.dtype == dtype
+    # the unfused pair: the word GEMV's rounded outputs, then the activation; the same sums in the
+    # same order per row, so they agree to the last bit but for a rounding flip of a gate or an up
+    unfused = silu_mul_in(dtype, kernels.fp8_gemv(x, q, scale_inv))
+    rtol = BF16_RTOL if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), unfused.float(), rtol=2 * rtol, atol=1e-5)
+    # and in fp32, the dequantised weight's product (in bf16 a rounding flip of the gate moves silu by
+    # up to ~(1 + |gate|) ulps, and the interpreter's fp32 -> bf16 cast truncates: the pair above is the check)
+    if dtype == torch.float32:
+        ref = fp8_utils.block_fp8_linear_torch(x, q, scale_inv, out_dtype=torch.float32,
+                                               quantize_activations=False)
+        torch.testing.assert_close(got, silu_mul_in(dtype, ref), rtol=1e-5, atol=1e-5)
+    assert kernels.fp8_gemv_silu_mul(x.flatten(), q, scale_inv).shape == (two_i // 2,)
+
+
+def test_gemv_silu_mul_fits_only_block_aligned_word_rows(kernels, monkeypatch):
+    q, _ = fp8_utils.quantize_weight_block(randn(512, 256, seed=3, scale=0.05))
+    assert kernels.gemv_silu_mul_fits(q, (128, 128))
+    assert not kernels.gemv_silu_mul_fits(q[:384], (128, 128))  # I = 192: the up half starts mid-block
+    assert kernels.gemv_silu_mul_fits(q[:384], (64, 128))  # 192 = 3 blocks of 64
+    assert not kernels.gemv_silu_mul_fits(q[:, :255], (128, 128))  # rows not whole words
+    monkeypatch.setattr(kernels, "GEMV_SILU", False)
+    assert not kernels.gemv_silu_mul_fits(q, (128, 128))
+
+
+def test_llama_mlp_takes_the_fused_fp8_kernel_for_one_row(kernels, monkeypatch):
+    """The model's MLP, FP8 weights, one row: the fused kernel where it fits, the GEMV then the
+    activation where it does not (GEMV_SILU off), both through the model's own wiring; several rows and
+    a layer that does not fit keep the unfused path."""
+    from radixserve.layers.quantization import fp8_linear
+    from radixserve.models import llama
+
+    torch.manual_seed(0)
+    fp8_linear.set_fp8_config(fp8_linear.Fp8Config(from_checkpoint=True))  # layers built with fp8 weights
+    try:
+        mlp = llama.LlamaMLP(192, 256).to(DEVICE)
+    finally:
+        fp8_linear.set_fp8_config(None)
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        q, scale_inv = fp8_utils.quantize_weight_block(torch.randn(layer.weight.shape) * 0.05)
+        layer.weight.data = q.to(DEVICE)
+        layer.weight_scale_inv.data = scale_inv.to(DEVICE)
+    # fp32 rows: no intermediate rounding, so the two paths agree to the summation order (in bf16 a
+    # rounding flip of one activation moves the down projection's small outputs by a large relative step)
+    x = randn(1, 192, seed=4)
+    monkeypatch.setattr(fp8_linear, "takes_fp8_kernels", lambda t: True)  # the kernels on CPU (interpreter)
+    calls: list[str] = []
+    for name in ("fp8_gemv", "fp8_gemv_silu_mul"):
+        real = getattr(fp8_linear, name)
+        monkeypatch.setattr(fp8_linear, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    fused = mlp(x)
+    assert calls == ["fp8_gemv_silu_mul", "fp8_gemv"]
+    assert mlp(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    calls.clear()
+    mlp(torch.cat([x, x]))  # two rows: the GEMM path
+    assert calls == []
+    monkeypatch.setattr(kernels, "GEMV_SILU", False)
+    unfused = mlp(x)
+    assert calls == ["fp8_gemv", "fp8_gemv"]
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * unfused.abs().max().item())
+
+
 def test_custom_ops_fake_shapes_and_eager(kernels):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -303,7 +379,9 @@ def test_custom_ops_fake_shapes_and_eager(kernels):
     with FakeTensorMode(allow_non_fake_inputs=True):
         y = torch.ops.radixserve.block_fp8_linear(x, q, scale_inv, [128, 128], None)
         g = torch.ops.radixserve.fp8_gemv(x[:1, :1], q, scale_inv, [128, 128], None)
+        a = torch.ops.radixserve.fp8_gemv_silu_mul(x[:1, :1], q[:128], scale_inv[:1], [128, 128])
     assert y.shape == (2, 5, n) and y.dtype == torch.bfloat16
+    assert a.shape == (1, 1, 64) and a.dtype == torch.bfloat16
     assert g.shape == (1, 1, n) and g.dtype == torch.bfloat16
     # the op runs the same launch as the eager entry point
     eager = kernels.block_fp8_linear(x, q, scale_inv)

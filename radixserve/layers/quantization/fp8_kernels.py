@@ -17,6 +17,8 @@
    dequant(w)) up to summation order, more accurate than the w8a8 path, whose activation rounding
    adds a relative error up to 2^-4 per element. A request decoding alone therefore gets slightly
    different logits than in a batch; the integrator decides whether that matters.
+   `fp8_gemv_silu_mul` is its form for a fused gate/up weight: a program owns rows of both halves and
+   writes silu(gate) * up, one launch instead of the GEMV and layers/fused.py's silu_and_mul.
 
 Triton's interpreter (CPU tests, triton 3.9) runs the fp8 loads, stores and tl.dot exactly, but its
 fp32 -> fp8 cast does not carry a rounding into the exponent and does not saturate (31.2 becomes 16).
@@ -64,6 +66,9 @@ GEMV_MAX_BLOCK_K = 1024
 GEMV_WARPS = 4
 GEMV_PREFETCH = False
 GEMV_WORDS = True  # the word kernel wherever the rows are whole words; False keeps the byte kernel (A/B)
+# gate/up and SiLU-and-mul in one word kernel at batch 1 (one launch a layer fewer); False: fp8_gemv then
+# silu_and_mul (A/B: RADIXSERVE_FP8_GEMV_SILU=0)
+GEMV_SILU = os.environ.get("RADIXSERVE_FP8_GEMV_SILU", "1") != "0"
 GEMV_BYTES_TILE_ELEMENTS = 8192
 GEMV_BYTES_MAX_BLOCK_K = 2048
 GEMV_BYTES_WARPS = 4
@@ -172,6 +177,32 @@ if triton is not None:
         return x, s, q
 
     @triton.jit
+    def _gemv_weight_step(s_row, w_rows, cols, words, k0, k, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """_gemv_word_step without the activation: a second row group's factors and words."""
+        cols = k0 + cols
+        words = k0 // 4 + words
+        if k0 + BLOCK_K <= k:
+            s = tl.load(s_row + cols // GROUP_K)
+            q = tl.load(w_rows + words)
+        else:
+            s = tl.load(s_row + cols // GROUP_K, mask=cols < k, other=0.0)
+            q = tl.load(w_rows + words, mask=words < k // 4, other=0)
+        return s, q
+
+    @triton.jit
+    def _decode_e4m3_words(q, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """[BLOCK_N, BLOCK_K / 4] int32 words of four e4m3 bytes -> [BLOCK_N, BLOCK_K] fp32, each the
+        byte's value times 2^-120 (see _fp8_gemv_kernel)."""
+        # byte j moved to the top (<< 24 - 8j), then an arithmetic >> 4 leaves its sign at bit 31 and
+        # its eeee.mmm at 20..26; the mask clears the sign copies at 27..30 and the bytes below
+        w0 = (((q << 24) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+        w1 = (((q << 16) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+        w2 = (((q << 8) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+        w3 = ((q >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
+        # join appends the new axis last: [.., i, j] holds w(2i + j) when the outer join takes (w0, w2), (w1, w3)
+        return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
+
+    @triton.jit
     def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
                          GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
@@ -197,14 +228,7 @@ if triton is not None:
             if PREFETCH:  # the next step's loads in flight while this one is decoded
                 x_next, s_next, q_next = _gemv_word_step(x_ptr, s_row, w_rows, cols, words, k0 + BLOCK_K, k,
                                                          GROUP_K, BLOCK_K)
-            # byte j moved to the top (<< 24 - 8j), then an arithmetic >> 4 leaves its sign at bit 31 and
-            # its eeee.mmm at 20..26; the mask clears the sign copies at 27..30 and the bytes below
-            w0 = (((q << 24) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
-            w1 = (((q << 16) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
-            w2 = (((q << 8) >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
-            w3 = ((q >> 4) & _E4M3_IN_FP32).to(tl.float32, bitcast=True)
-            # join appends the new axis last: [.., i, j] holds w(2i + j) when the outer join takes (w0, w2), (w1, w3)
-            w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, BLOCK_K])
+            w = _decode_e4m3_words(q, BLOCK_N, BLOCK_K)
             # the block factor and 2^96 of the 2^120 on the activation (BLOCK_K multiplies, not
             # BLOCK_N x); the other 2^24 after the loop keeps both inside fp32's range
             acc += w * (x.to(tl.float32) * (s * _X_UNSCALE))
@@ -217,6 +241,38 @@ if triton is not None:
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, n_out, k, w_stride, ws_stride,
+                                  GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr):
+        """out[i] = silu(gate[i]) * up[i] for a fused gate/up fp8 weight (gate rows [0, n_out), up rows
+        [n_out, 2 n_out)) read as int32 words: the word kernel over BLOCK_N gate rows and the matching
+        up rows, with the activation as its epilogue. n_out % GROUP_N == 0, so the up rows of a program
+        share one row of block factors as its gate rows do."""
+        BLOCK_W: tl.constexpr = BLOCK_K // 4
+        start = tl.program_id(0) * BLOCK_N
+        rows = start + tl.arange(0, BLOCK_N)
+        gate_rows = w_ptr + tl.minimum(rows, n_out - 1)[:, None].to(tl.int64) * w_stride
+        up_rows = gate_rows + n_out.to(tl.int64) * w_stride
+        gate_s_row = ws_ptr + (start // GROUP_N) * ws_stride
+        up_s_row = gate_s_row + (n_out // GROUP_N) * ws_stride
+        gate_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        up_acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_K)[None, :]
+        words = tl.arange(0, BLOCK_W)[None, :]
+        for k0 in range(0, k, BLOCK_K):
+            x, s_gate, q_gate = _gemv_word_step(x_ptr, gate_s_row, gate_rows, cols, words, k0, k, GROUP_K, BLOCK_K)
+            s_up, q_up = _gemv_weight_step(up_s_row, up_rows, cols, words, k0, k, GROUP_K, BLOCK_K)
+            x = x.to(tl.float32)
+            gate_acc += _decode_e4m3_words(q_gate, BLOCK_N, BLOCK_K) * (x * (s_gate * _X_UNSCALE))
+            up_acc += _decode_e4m3_words(q_up, BLOCK_N, BLOCK_K) * (x * (s_up * _X_UNSCALE))
+        dtype = out_ptr.dtype.element_ty
+        # rounded where the unfused path rounds: each projection output, silu(gate), the product
+        gate = (tl.sum(gate_acc, axis=1) * _OUT_UNSCALE).to(dtype).to(tl.float32)
+        up = (tl.sum(up_acc, axis=1) * _OUT_UNSCALE).to(dtype).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+        tl.store(out_ptr + rows, (act * up).to(dtype), mask=rows < n_out)
 
     @triton.jit
     def _fp8_gemv_bytes_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
@@ -422,6 +478,43 @@ def fp8_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, in
     return _launch_gemv(x, w_fp8, w_scale_inv, tuple(block), bias)
 
 
+def gemv_silu_mul_fits(w_fp8: Tensor, block: tuple[int, int]) -> bool:
+    """True where fp8_gemv_silu_mul can take the fused gate/up weight [2I, K]: rows of whole words and
+    I a multiple of the scale block, so the up half starts on a block row."""
+    two_i = w_fp8.shape[0]
+    return GEMV_SILU and two_i % (2 * block[0]) == 0 and gemv_reads_words(w_fp8)
+
+
+def _launch_gemv_silu_mul(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int]) -> Tensor:
+    two_i, k = w_fp8.shape
+    bn, bk = block
+    assert x.numel() == k and w_fp8.stride(1) == 1 and w_fp8.dtype == FP8_DTYPE, (x.shape, w_fp8.shape)
+    assert two_i % (2 * bn) == 0 and gemv_reads_words(w_fp8), (w_fp8.shape, w_fp8.stride(), block)
+    assert w_scale_inv.shape == (two_i // bn, _cdiv(k, bk)), (w_scale_inv.shape, block)
+    n_out = two_i // 2
+    rows, block_k = gemv_tile(k, bn)
+    block_rows = max(1, rows // 2)  # gate and up rows together: the word kernel's weights a step
+    row = x.reshape(k)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    w_scale_inv = w_scale_inv.float().contiguous()
+    out = x.new_empty((*x.shape[:-1], n_out))
+    _fp8_gemv_silu_mul_kernel[(triton.cdiv(n_out, block_rows),)](
+        row, w_fp8.view(torch.int32), w_scale_inv, out, n_out, k, w_fp8.stride(0) // 4, w_scale_inv.stride(0),
+        GROUP_N=bn, GROUP_K=bk, BLOCK_N=block_rows, BLOCK_K=block_k, num_warps=GEMV_WARPS,
+    )
+    return out
+
+
+def fp8_gemv_silu_mul(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int] = (128, 128)) -> Tensor:
+    """silu(gate) * up for one row x [..., K] and a fused gate/up FP8 weight [2I, K] (gate rows first)
+    -> [..., I] in x's dtype: fp8_gemv and SiLU-and-mul in one kernel, rounded as the two would round.
+    Only where gemv_silu_mul_fits."""
+    if torch.compiler.is_compiling():
+        return _fp8_gemv_silu_mul_op(x, w_fp8, w_scale_inv, list(block))
+    return _launch_gemv_silu_mul(x, w_fp8, w_scale_inv, tuple(block))
+
+
 # The launches as custom ops for torch.compile (Dynamo cannot trace a Triton launch written this way);
 # eager calls skip the op's dispatch, as in layers/gemv.py.
 @torch.library.custom_op("radixserve::block_fp8_linear", mutates_args=())
@@ -444,6 +537,16 @@ def _fp8_gemv_op(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int]
 @_fp8_gemv_op.register_fake
 def _fp8_gemv_fake(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int], bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_fp8.shape[0]))
+
+
+@torch.library.custom_op("radixserve::fp8_gemv_silu_mul", mutates_args=())
+def _fp8_gemv_silu_mul_op(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int]) -> Tensor:
+    return _launch_gemv_silu_mul(x, w_fp8, w_scale_inv, (block[0], block[1]))
+
+
+@_fp8_gemv_silu_mul_op.register_fake
+def _fp8_gemv_silu_mul_fake(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: list[int]) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w_fp8.shape[0] // 2))
 
 
 _FP8_CAPABLE: dict[int, bool] = {}

@@ -21,13 +21,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from radixserve.layers.quantization.fp8_utils import FP8_DTYPE, block_fp8_linear_torch, quantize_weight_block
 
 try:
-    from radixserve.layers.quantization.fp8_kernels import block_fp8_linear, fp8_gemv, takes_fp8_kernels
+    from radixserve.layers.quantization.fp8_kernels import (
+        block_fp8_linear,
+        fp8_gemv,
+        fp8_gemv_silu_mul,
+        gemv_silu_mul_fits,
+        takes_fp8_kernels,
+    )
 except ImportError:  # no Triton: the torch path only
-    block_fp8_linear = fp8_gemv = None
+    block_fp8_linear = fp8_gemv = fp8_gemv_silu_mul = gemv_silu_mul_fits = None
 
     def takes_fp8_kernels(x: torch.Tensor) -> bool:
         return False
@@ -92,6 +99,18 @@ def fp8_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = No
             return fp8_gemv(x, w, scales, block, bias)
         return block_fp8_linear(x, w, scales, block, bias)
     return block_fp8_linear_torch(x, w, scales, block, bias, out_dtype=x.dtype)
+
+
+def fp8_gate_up_silu_mul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor | None:
+    """silu(gate) * up of one row through a fused gate/up layer holding FP8 weights, in one kernel
+    (fp8_kernels.fp8_gemv_silu_mul); None where that kernel does not run (the caller projects, then
+    applies the activation)."""
+    w = getattr(layer, "weight", None)
+    if (fp8_gemv_silu_mul is None or getattr(layer, "fp8_block", None) is None or layer.bias is not None
+            or not takes_fp8_kernels(x) or not statically_known_true(x.numel() == w.shape[1])
+            or not gemv_silu_mul_fits(w, layer.fp8_block)):
+        return None
+    return fp8_gemv_silu_mul(x, w, layer.weight_scale_inv, layer.fp8_block)
 
 
 def to_scale_units(start: int, size: int, total_blocks: int, block: int, what: str) -> tuple[int, int]:
