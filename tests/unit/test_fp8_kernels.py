@@ -333,23 +333,31 @@ def test_gemv_silu_mul_fits_only_block_aligned_word_rows(kernels, monkeypatch):
     assert not kernels.gemv_silu_mul_fits(q, (128, 128))
 
 
-def test_llama_mlp_takes_the_fused_fp8_kernel_for_one_row(kernels, monkeypatch):
-    """The model's MLP, FP8 weights, one row: the fused kernel where it fits, the GEMV then the
-    activation where it does not (GEMV_SILU off), both through the model's own wiring; several rows and
-    a layer that does not fit keep the unfused path."""
+def fp8_llama_mlp(hidden: int = 192, intermediate: int = 256):
+    """The model's MLP with FP8 block weights (random, quantized)."""
     from radixserve.layers.quantization import fp8_linear
     from radixserve.models import llama
 
     torch.manual_seed(0)
     fp8_linear.set_fp8_config(fp8_linear.Fp8Config(from_checkpoint=True))  # layers built with fp8 weights
     try:
-        mlp = llama.LlamaMLP(192, 256).to(DEVICE)
+        mlp = llama.LlamaMLP(hidden, intermediate).to(DEVICE)
     finally:
         fp8_linear.set_fp8_config(None)
     for layer in (mlp.gate_up_proj, mlp.down_proj):
         q, scale_inv = fp8_utils.quantize_weight_block(torch.randn(layer.weight.shape) * 0.05)
         layer.weight.data = q.to(DEVICE)
         layer.weight_scale_inv.data = scale_inv.to(DEVICE)
+    return mlp
+
+
+def test_llama_mlp_takes_the_fused_fp8_kernel_for_one_row(kernels, monkeypatch):
+    """The model's MLP, FP8 weights, one row: the fused kernel where it fits, the GEMV then the
+    activation where it does not (GEMV_SILU off), both through the model's own wiring; several rows
+    keep the GEMM."""
+    from radixserve.layers.quantization import fp8_linear
+
+    mlp = fp8_llama_mlp()
     # fp32 rows: no intermediate rounding, so the two paths agree to the summation order (in bf16 a
     # rounding flip of one activation moves the down projection's small outputs by a large relative step)
     x = randn(1, 192, seed=4)
@@ -368,6 +376,37 @@ def test_llama_mlp_takes_the_fused_fp8_kernel_for_one_row(kernels, monkeypatch):
     unfused = mlp(x)
     assert calls == ["fp8_gemv", "fp8_gemv"]
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * unfused.abs().max().item())
+
+
+def test_torch_compile_keeps_the_fused_fp8_kernel_for_one_row(kernels, monkeypatch):
+    """Under torch.compile (--enable-torch-compile's decode graphs) a one-row FP8 MLP traces the fused
+    op and the GEMV op and computes what eager does; a dynamic batch traces neither."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from radixserve.layers.quantization import fp8_linear
+
+    mlp = fp8_llama_mlp()
+    monkeypatch.setattr(fp8_linear, "takes_fp8_kernels", lambda t: True)
+    traced: list[set[str]] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        traced.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, backend=recording_backend, fullgraph=True)
+    try:
+        with torch.no_grad():
+            x = randn(1, 192, seed=5)
+            torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-5, atol=1e-6)
+            assert {"radixserve.fp8_gemv_silu_mul.default", "radixserve.fp8_gemv.default"} <= traced[-1], traced
+            rows = randn(3, 192, seed=6)
+            torch._dynamo.mark_dynamic(rows, 0)
+            torch.testing.assert_close(compiled(rows), mlp(rows), rtol=1e-5, atol=1e-6)
+            assert "radixserve.fp8_gemv_silu_mul.default" not in traced[-1], traced
+    finally:
+        torch._dynamo.reset()
 
 
 def test_custom_ops_fake_shapes_and_eager(kernels):

@@ -481,8 +481,12 @@ def fp8_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, in
 def gemv_silu_mul_fits(w_fp8: Tensor, block: tuple[int, int]) -> bool:
     """True where fp8_gemv_silu_mul can take the fused gate/up weight [2I, K]: rows of whole words and
     I a multiple of the scale block, so the up half starts on a block row."""
-    two_i = w_fp8.shape[0]
-    return GEMV_SILU and two_i % (2 * block[0]) == 0 and gemv_reads_words(w_fp8)
+    two_i, k = w_fp8.shape
+    # whole words as gemv_reads_words asks; torch.compile traces neither data_ptr() nor storage_offset(),
+    # so a traced call takes the start as aligned (a layer's weight is a parameter of its own, at offset
+    # 0) and the launch, inside the custom op, still asserts it
+    aligned = torch.compiler.is_compiling() or w_fp8.data_ptr() % 4 == 0
+    return GEMV_SILU and two_i % (2 * block[0]) == 0 and k % 4 == 0 and w_fp8.stride(0) % 4 == 0 and aligned
 
 
 def _launch_gemv_silu_mul(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int]) -> Tensor:
