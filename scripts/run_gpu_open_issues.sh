@@ -3,7 +3,8 @@
 # copied flat into $OUT (the device tool brings back at most 8 files):
 #   fp8     issue 21: the FP8 batch-1 GEMV sweep (scripts/gpu_fp8_gemm_bench.py --m 1 --sweep); its best form
 #           overall (GEMV_BEST) is written into fp8_kernels.py's defaults on the machine, then Llama-3.1-8B
-#           batch 1, bf16 against --quantization fp8 (PARTS=decode of run_gpu_fp8_bench.sh)
+#           batch 1, bf16 against --quantization fp8 (PARTS=decode of run_gpu_fp8_bench.sh), then the FP8 step
+#           kernel by kernel with the gate/up + SiLU kernel and without (scripts/gpu_step_kernels.py)
 #   gemm    issue 21's prefill gap: the block-FP8 GEMM's Triton tiles and cuBLAS's block-scaled GEMM timed
 #           at M = 128 / 1024 / 4096; where cuBLAS wins, GEMM_CUBLAS_MIN_M is set on the machine, then the 8B
 #           prefill 32 x 1024, bf16 against --quantization fp8 (PARTS=prefill of run_gpu_fp8_bench.sh)
@@ -51,6 +52,10 @@ grep -E "^GEMV_[A-Z_]+ = " radixserve/layers/quantization/fp8_kernels.py
 echo "=== fp8 decode $(date -u +%T)"
 OUT=$WORK/fp8 PARTS=decode STEP_TIMEOUT=70 bash scripts/run_gpu_fp8_bench.sh 2>&1 | grep -E "^ +1 \||failed"
 cp "$WORK/fp8/one_batch.jsonl" "$OUT/fp8_decode.jsonl"
+echo "=== fp8 decode step by kernel: gate/up + SiLU fused or not $(date -u +%T)"
+timeout 80 python3 scripts/gpu_step_kernels.py --quantization fp8 --variants model model-nosilu model-nosilu model \
+  --steps 32 2>&1 | tail -40 > "$OUT/fp8_step_kernels.txt"
+tail -6 "$OUT/fp8_step_kernels.txt"
 fi
 
 if want gemm; then
