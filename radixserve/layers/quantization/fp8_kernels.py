@@ -34,6 +34,7 @@ import os
 import torch
 from torch import Tensor
 
+from radixserve.layers.gemv import _row
 from radixserve.layers.quantization.fp8_utils import EPS, FP8_DTYPE, FP8_MAX
 
 try:
@@ -178,7 +179,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_weight_step(s_row, w_rows, cols, words, k0, k, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """_gemv_word_step without the activation: a second row group's factors and words."""
+        """_gemv_word_step without the activation: a second row group's factors and words. (Not called by
+        _gemv_word_step: that split changes the timed word kernel's sm_90 schedule, checked with ptxas.)"""
         cols = k0 + cols
         words = k0 // 4 + words
         if k0 + BLOCK_K <= k:
@@ -434,8 +436,11 @@ def gemv_tile(k: int, block_n: int, words: bool = True) -> tuple[int, int]:
 
 def gemv_reads_words(w_fp8: Tensor) -> bool:
     """True where the weight's rows are whole int32 words (K and the row stride multiples of 4, the
-    start 4-byte aligned): the word kernel reads it; else the byte kernel."""
-    return w_fp8.shape[1] % 4 == 0 and w_fp8.stride(0) % 4 == 0 and w_fp8.data_ptr() % 4 == 0
+    start 4-byte aligned): the word kernel reads it; else the byte kernel. torch.compile traces no
+    data_ptr(), so a traced call takes the start as aligned (a layer's weight is a parameter of its own)
+    and the launch, inside the custom op, checks it again."""
+    aligned = torch.compiler.is_compiling() or w_fp8.data_ptr() % 4 == 0
+    return w_fp8.shape[1] % 4 == 0 and w_fp8.stride(0) % 4 == 0 and aligned
 
 
 def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None,
@@ -451,9 +456,6 @@ def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int
         words = GEMV_WORDS and gemv_reads_words(w_fp8)
     block_rows, block_k = tile or gemv_tile(k, bn, words)
     assert bn % block_rows == 0, (block_rows, block)
-    row = x.reshape(k)
-    if row.stride(0) != 1:
-        row = row.contiguous()
     w_scale_inv = w_scale_inv.float().contiguous()
     out = x.new_empty((*x.shape[:-1], n))
     if words:
@@ -462,7 +464,7 @@ def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int
     else:
         kernel, weight, w_stride, extra = _fp8_gemv_bytes_kernel, w_fp8, w_fp8.stride(0), {}
     kernel[(triton.cdiv(n, block_rows),)](
-        row, weight, w_scale_inv, bias if bias is not None else out, out, n, k, w_stride,
+        _row(x, k), weight, w_scale_inv, bias if bias is not None else out, out, n, k, w_stride,
         w_scale_inv.stride(0), GROUP_N=bn, GROUP_K=bk, HAS_BIAS=bias is not None, BLOCK_N=block_rows,
         BLOCK_K=block_k, num_warps=num_warps or (GEMV_WARPS if words else GEMV_BYTES_WARPS), **extra,
     )
@@ -481,12 +483,7 @@ def fp8_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, in
 def gemv_silu_mul_fits(w_fp8: Tensor, block: tuple[int, int]) -> bool:
     """True where fp8_gemv_silu_mul can take the fused gate/up weight [2I, K]: rows of whole words and
     I a multiple of the scale block, so the up half starts on a block row."""
-    two_i, k = w_fp8.shape
-    # whole words as gemv_reads_words asks; torch.compile traces neither data_ptr() nor storage_offset(),
-    # so a traced call takes the start as aligned (a layer's weight is a parameter of its own, at offset
-    # 0) and the launch, inside the custom op, still asserts it
-    aligned = torch.compiler.is_compiling() or w_fp8.data_ptr() % 4 == 0
-    return GEMV_SILU and two_i % (2 * block[0]) == 0 and k % 4 == 0 and w_fp8.stride(0) % 4 == 0 and aligned
+    return GEMV_SILU and w_fp8.shape[0] % (2 * block[0]) == 0 and gemv_reads_words(w_fp8)
 
 
 def _launch_gemv_silu_mul(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int]) -> Tensor:
@@ -498,13 +495,10 @@ def _launch_gemv_silu_mul(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: 
     n_out = two_i // 2
     rows, block_k = gemv_tile(k, bn)
     block_rows = max(1, rows // 2)  # gate and up rows together: the word kernel's weights a step
-    row = x.reshape(k)
-    if row.stride(0) != 1:
-        row = row.contiguous()
     w_scale_inv = w_scale_inv.float().contiguous()
     out = x.new_empty((*x.shape[:-1], n_out))
     _fp8_gemv_silu_mul_kernel[(triton.cdiv(n_out, block_rows),)](
-        row, w_fp8.view(torch.int32), w_scale_inv, out, n_out, k, w_fp8.stride(0) // 4, w_scale_inv.stride(0),
+        _row(x, k), w_fp8.view(torch.int32), w_scale_inv, out, n_out, k, w_fp8.stride(0) // 4, w_scale_inv.stride(0),
         GROUP_N=bn, GROUP_K=bk, BLOCK_N=block_rows, BLOCK_K=block_k, num_warps=GEMV_WARPS,
     )
     return out

@@ -105,12 +105,11 @@ def fp8_gate_up_silu_mul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor | No
     """silu(gate) * up of one row through a fused gate/up layer holding FP8 weights, in one kernel
     (fp8_kernels.fp8_gemv_silu_mul); None where that kernel does not run (the caller projects, then
     applies the activation)."""
-    w = getattr(layer, "weight", None)
-    if (fp8_gemv_silu_mul is None or getattr(layer, "fp8_block", None) is None or layer.bias is not None
-            or not takes_fp8_kernels(x) or not statically_known_true(x.numel() == w.shape[1])
-            or not gemv_silu_mul_fits(w, layer.fp8_block)):
+    if (fp8_gemv_silu_mul is None or layer.fp8_block is None or layer.bias is not None
+            or not takes_fp8_kernels(x) or not statically_known_true(x.numel() == layer.weight.shape[1])
+            or not gemv_silu_mul_fits(layer.weight, layer.fp8_block)):
         return None
-    return fp8_gemv_silu_mul(x, w, layer.weight_scale_inv, layer.fp8_block)
+    return fp8_gemv_silu_mul(x, layer.weight, layer.weight_scale_inv, layer.fp8_block)
 
 
 def to_scale_units(start: int, size: int, total_blocks: int, block: int, what: str) -> tuple[int, int]:
