@@ -29,7 +29,7 @@ _FLOAT_FIELDS = (
     "repetition_penalty",
 )
 _INT_FIELDS = ("min_new_tokens", "top_k", "n")
-_OPTIONAL_INT_FIELDS = ("max_new_tokens", "seed")
+_OPTIONAL_INT_FIELDS = ("max_new_tokens", "seed", "stream_interval")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 _GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
@@ -92,6 +92,8 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True):
     ebnf: str | None = None
     # xgrammar's structural tag ({"type": "structural_tag", "format": {...}}) as JSON text, as SGLang takes it
     structural_tag: str | None = None
+    # SGLang's: a streaming request reports every this many tokens (None: the server's --stream-interval)
+    stream_interval: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,11 +105,24 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True):
             return cls()
         if not isinstance(d, dict):
             raise SamplingParamsError(f"sampling_params must be an object, got {type(d).__name__}", "sampling_params")
+        d = dict(d)
+        # SGLang's spellings: sampling_seed is seed; custom_params feed a custom logit processor,
+        # which radixserve does not run (as SGLang without one), so they are checked and dropped
+        if "sampling_seed" in d:
+            seed = d.pop("sampling_seed")
+            if d.get("seed") is None:
+                d["seed"] = seed
+        custom = d.pop("custom_params", None)
+        if custom is not None and not isinstance(custom, dict):
+            raise SamplingParamsError(f"custom_params must be an object, got {type(custom).__name__}",
+                                      "custom_params")
         known = set(cls.__struct_fields__)
         for key in d:
             if key not in known:
                 raise SamplingParamsError(f"unknown sampling parameter {key!r}", str(key))
-        return cls(**d)
+        # null is "not given" (SGLang's reading) for fields whose default is not null; max_new_tokens
+        # keeps its null, which means up to the context length
+        return cls(**{k: v for k, v in d.items() if v is not None or k in _KEEPS_NULL})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists copied) suitable for msgpack/JSON messages; from_dict round-trips it."""
@@ -269,9 +284,17 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True):
             )
         if self.n < 1:
             raise SamplingParamsError(f"n must be >= 1, got {self.n}", "n")
+        if self.stream_interval is not None and self.stream_interval < 1:
+            raise SamplingParamsError(f"stream_interval must be >= 1, got {self.stream_interval}", "stream_interval")
         for s in self.stop:  # type: ignore[union-attr]
             if not s:
                 raise SamplingParamsError("stop must not contain empty strings", "stop")
         for i in self.stop_token_ids:  # type: ignore[union-attr]
             if i < 0:
                 raise SamplingParamsError(f"stop_token_ids must be >= 0, got {i}", "stop_token_ids")
+
+
+# Fields whose null is a value of its own (their default, or max_new_tokens' "up to the context")
+_KEEPS_NULL = frozenset(
+    [f.name for f in msgspec.structs.fields(SamplingParams) if f.default is None] + ["max_new_tokens"]
+)

@@ -60,6 +60,8 @@ class ServerArgs:
                                    unit="seconds")
     max_logprobs: int = flag(20, "most top logprobs per token a request may ask for (/v1 logprobs and "
                              "top_logprobs, /generate top_logprobs_num); -1: no cap", HTTP, minimum=-1)
+    stream_interval: int = flag(1, "a streaming request reports every this many tokens (its first at once; a "
+                                "request's stream_interval overrides it)", HTTP, **POSITIVE)
     http_header_timeout: float = flag(30.0, "seconds a connection may take to send a request's headers (408, "
                                       "then closed)", HTTP, **SECONDS)
     http_body_timeout: float = flag(60.0, "seconds a request's body may take to arrive after its headers (408)",

@@ -237,25 +237,33 @@ class GenerateRequest(_Bootstrapped):
     input_ids: InputIds | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
-    return_logprob: bool = False
-    top_logprobs_num: Int = 0
-    logprob_start_len: Int | None = None
+    # one value for every prompt, or a list with one per prompt (SGLang's)
+    return_logprob: bool | list[bool] = False
+    top_logprobs_num: Int | list[Int] = 0
+    logprob_start_len: Int | list[Int | None] | None = None
+    return_text_in_logprobs: bool = False
+    # SGLang's logprobs of chosen token ids at every position: not computed by radixserve, so refused
+    token_ids_logprob: list[Int] | list[list[Int]] | None = None
     rid: str | list[str] | None = None
 
 
 class TokenizeRequest(_Request):
-    text: str | None = None
-    prompt: str | None = None
+    model: str | None = None
+    text: str | list[str] | None = None
+    prompt: str | list[str] | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(_Request):
-    tokens: TokenIds
+    model: str | None = None
+    tokens: InputIds
+    skip_special_tokens: bool = True
 
 
 class AbortRequest(_Request):
-    rid: str = ""
+    rid: str = ""  # "" (or abort_all) aborts every request
+    abort_all: bool = False
 
 
 # Names of the schema classes: pydantic puts a union member's name into an error's location

@@ -126,6 +126,10 @@ class ModelInfo(BaseModel):
     model_path: str
     tokenizer_path: str | None = None
     is_generation: bool
+    preferred_sampling_params: dict[str, Any] | None = None
+    weight_version: str
+    has_image_understanding: bool
+    has_audio_understanding: bool
     served_model_name: str
     context_length: int
 
@@ -138,13 +142,13 @@ class DPLoad(BaseModel):
 
 
 class TokenizeResponse(BaseModel):
-    tokens: list[int]
-    count: int
+    tokens: list[int] | list[list[int]]  # lists for a list of texts
+    count: int | list[int]
     max_model_len: int
 
 
 class DetokenizeResponse(BaseModel):
-    text: str
+    text: str | list[str]  # a list for a list of id lists
 
 
 def json_body(model: Any, description: str = "Success") -> dict[str, Any]:

@@ -29,14 +29,16 @@ def expand_requests(
     prompt: str | list[str] | None,
     input_ids: list[int] | list[list[int]] | None,
     sampling_params: dict | list[dict] | None,
-    return_logprob: bool = False,
-    top_logprobs_num: int = 0,
-    logprob_start_len: int | None = None,
+    return_logprob: bool | list[bool] = False,
+    top_logprobs_num: int | list[int] = 0,
+    logprob_start_len: int | None | list[int | None] = None,
     stream: bool = False,
     rid: str | list[str] | None = None,
     bootstrap: Bootstrap | None = None,
 ) -> tuple[list[GenerateReq], bool]:
-    """Returns the requests and whether the caller asked for one result (one prompt, n == 1)."""
+    """Returns the requests and whether the caller asked for one result (one prompt, n == 1). The
+    logprob options are one value for every prompt or (SGLang's) a list with one per prompt; one rid
+    for a batch names its prompts rid_0, rid_1, ... (SGLang's)."""
     if (prompt is None) == (input_ids is None):
         raise RequestError("give exactly one of prompt (text) or input_ids")
     if prompt is not None:
@@ -60,26 +62,36 @@ def expand_requests(
         parsed = [parse_sampling_params(p) for p in sampling_params]
     else:
         raise RequestError("sampling_params must be a dict, or a list with one dict per prompt", "sampling_params")
-    if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
-        raise RequestError("top_logprobs_num must be an integer >= 0", "top_logprobs_num")
-    rids = rid if isinstance(rid, list) else [rid] * len(items)
+    want_logprobs = _per_prompt("return_logprob", return_logprob, len(items))
+    top_nums = _per_prompt("top_logprobs_num", top_logprobs_num, len(items))
+    starts = _per_prompt("logprob_start_len", logprob_start_len, len(items))
+    for top in top_nums:
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise RequestError("top_logprobs_num must be an integer >= 0", "top_logprobs_num")
+    if isinstance(rid, list):
+        rids = rid
+    elif rid is not None and not single:
+        rids = [f"{rid}_{k}" for k in range(len(items))]
+    else:
+        rids = [rid] * len(items)
     if len(rids) != len(items):
         raise RequestError("rid must have one entry per prompt", "rid")
 
     if bootstrap is not None:
         bootstrap.check()
-    start = -1 if logprob_start_len is None or not return_logprob else logprob_start_len
     reqs: list[GenerateReq] = []
     total = sum(n for n, _ in parsed)
     for k, ((text, ids), (n, params), base_rid) in enumerate(zip(items, parsed, rids)):
         base_rid = base_rid or new_rid()
+        logprob = bool(want_logprobs[k])
+        start = -1 if starts[k] is None or not logprob else starts[k]
         for i in range(n):
             # samples share one parsed params unless each needs its own seed: distinct yet reproducible
             p = msgspec.structs.replace(params, seed=params.seed + i) if n > 1 and params.seed is not None else params
             reqs.append(GenerateReq(
                 rid=base_rid if n == 1 else f"{base_rid}-{i}", input_ids=ids if ids is not None else [],
-                sampling_params=p, text=text, return_logprob=bool(return_logprob),
-                top_logprobs_num=top_logprobs_num, logprob_start_len=start, stream=stream,
+                sampling_params=p, text=text, return_logprob=logprob,
+                top_logprobs_num=top_nums[k], logprob_start_len=start, stream=stream,
             ))
             if bootstrap is not None:
                 bootstrap.apply(reqs[-1], k, i, len(reqs) - 1, len(items), total)
@@ -87,12 +99,22 @@ def expand_requests(
     return reqs, single
 
 
+def _per_prompt(name: str, value: Any, count: int) -> list[Any]:
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise RequestError(f"{name} must be one value, or a list with one entry per prompt ({count}); "
+                           f"got {len(value)}", name)
+    return value
+
+
 def parse_sampling_params(params: Any) -> tuple[int, SamplingParams]:
     """n (samples of the prompt) and the sampling params of one params dict (None: the defaults)."""
     if params is not None and not isinstance(params, dict):
         raise RequestError(f"sampling_params must be an object, got {type(params).__name__}", "sampling_params")
     params = dict(params or {})
-    n = params.pop("n", 1)
+    n = params.pop("n", None)
+    n = 1 if n is None else n  # null: the default, as for every sampling parameter
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}", "n")
     try:

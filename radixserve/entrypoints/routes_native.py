@@ -54,14 +54,26 @@ async def health_generate(request: Request) -> Response:
     return PlainTextResponse("")
 
 
+WEIGHT_VERSION = "default"  # SGLang's name for weights never updated in place (radixserve has no update)
+
+
+@router.get("/model_info", responses=docs.json_body(docs.ModelInfo))
 @router.get("/get_model_info", responses=docs.json_body(docs.ModelInfo))
 async def model_info(request: Request):
     state = server_state(request)
     return {"model_path": state.args.model_path or state.served_model_name,
             "tokenizer_path": state.args.tokenizer_path, "is_generation": True,
+            "preferred_sampling_params": None, "weight_version": WEIGHT_VERSION,
+            "has_image_understanding": False, "has_audio_understanding": False,
             "served_model_name": state.served_model_name, "context_length": state.tm.context_len}
 
 
+@router.get("/get_weight_version", responses=docs.json_body(dict[str, str]))
+async def weight_version():
+    return {"weight_version": WEIGHT_VERSION}
+
+
+@router.get("/server_info", responses=docs.json_body(dict[str, Any], "As /get_server_info"))
 @router.get("/get_server_info", responses=docs.json_body(dict[str, Any], "Every flag, the model's limits and "
                                                          "internal_states (pools and queues)"))
 async def server_info(request: Request):
@@ -89,7 +101,7 @@ async def flush_cache(request: Request) -> Response:
 
 @router.post("/abort_request", responses=docs.text_body("Aborted (empty body)"), **PLAIN)
 async def abort_request(req: AbortRequest, request: Request) -> Response:
-    await server_state(request).tm.abort(req.rid)
+    await server_state(request).tm.abort("" if req.abort_all else req.rid)
     return PlainTextResponse("")
 
 
@@ -101,50 +113,104 @@ async def metrics(request: Request) -> Response:
 
 
 # ---- text -------------------------------------------------------------------------------------
+@router.post("/v1/tokenize", responses=docs.json_body(docs.TokenizeResponse))
 @router.post("/tokenize", responses=docs.json_body(docs.TokenizeResponse))
 async def tokenize(req: TokenizeRequest, request: Request):
+    """SGLang's: text (or prompt) as a string or a list of strings, or chat messages; a list gives
+    lists of tokens and counts."""
     state: ServerState = server_state(request)
     tm = state.tm
     if req.messages is not None:
         text = state.serving.apply_template(ChatCompletionRequest(messages=req.messages))
         ids = tm.validator.encode(text, "messages", add_special_tokens=False)
-    else:
-        field = "text" if req.text is not None else "prompt"
-        text = req.text if req.text is not None else req.prompt
-        if text is None:
-            raise APIError(400, "give text, prompt or messages", "text")
+        return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
+    field = "text" if req.text is not None else "prompt"
+    text = req.text if req.text is not None else req.prompt
+    if text is None:
+        raise APIError(400, "give text, prompt or messages", "text")
+    if isinstance(text, str):
         ids = tm.validator.encode(text, field, add_special_tokens=req.add_special_tokens)
-    return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
+    lists = [tm.validator.encode(t, f"{field}.{k}", add_special_tokens=req.add_special_tokens)
+             for k, t in enumerate(text)]
+    return {"tokens": lists, "count": [len(ids) for ids in lists], "max_model_len": tm.context_len}
 
 
+@router.post("/v1/detokenize", responses=docs.json_body(docs.DetokenizeResponse))
 @router.post("/detokenize", responses=docs.json_body(docs.DetokenizeResponse))
 async def detokenize(req: DetokenizeRequest, request: Request):
+    """tokens: a list of ids (text back) or a list of such lists (a list of texts back)."""
     tm = server_state(request).tm
-    if any(not 0 <= t < tm.vocab_size for t in req.tokens):
+    if tm.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer", "tokens")
+    batch = bool(req.tokens) and isinstance(req.tokens[0], list)
+    lists: list[list[int]] = req.tokens if batch else [req.tokens]  # type: ignore[assignment]
+    if any(not 0 <= t < tm.vocab_size for ids in lists for t in ids):
         raise APIError(400, f"tokens must be in [0, {tm.vocab_size})", "tokens")
-    return {"text": tm.tokenizer.decode(req.tokens)}
+    texts = [tm.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens) for ids in lists]
+    return {"text": texts if batch else texts[0]}
 
 
 # ---- generation -------------------------------------------------------------------------------
-@router.post("/generate", responses=docs.streamable(
+@router.api_route("/generate", methods=["POST", "PUT"], responses=docs.streamable(
     docs.GenerateResponse | list[docs.GenerateResponse], "One result, or a list for a batch or n > 1"))
 async def generate(req: GenerateRequest, raw: Request):
     tm = server_state(raw).tm
+    if req.token_ids_logprob is not None:
+        raise APIError(400, "token_ids_logprob is not supported by radixserve (use top_logprobs_num)",
+                       "token_ids_logprob")
+    text = None if req.input_ids is not None else req.text  # SGLang's: input_ids win over text
     reqs, single = expand_requests(
-        req.text, req.input_ids, req.sampling_params, req.return_logprob, req.top_logprobs_num,
+        text, req.input_ids, req.sampling_params, req.return_logprob, req.top_logprobs_num,
         req.logprob_start_len, req.stream, req.rid, req.bootstrap(),
     )
     await validate_all(tm, reqs)
+    shape = _ResultShape(tm.tokenizer if req.return_text_in_logprobs else None)
     if req.stream:
-        return StreamingResponse(_native_stream(tm, reqs, single), media_type="text/event-stream")
+        return StreamingResponse(_native_stream(tm, reqs, single, shape), media_type="text/event-stream")
     results = await until_disconnect(raw, collect(tm, reqs, validated=True))
+    results = [shape(res, r) for res, r in zip(results, reqs)]
     return results[0] if single else results
 
 
-async def _native_stream(tm: TokenizerManager, reqs: list[GenerateReq], single: bool) -> AsyncIterator[bytes]:
+@dataclasses.dataclass
+class _ResultShape:
+    """A result's meta_info as SGLang's /generate gives it: weight_version always, the top-logprob
+    lists only when asked for, and (return_text_in_logprobs) each logprob's token as text."""
+
+    tokenizer: Any  # None: logprob entries keep text null
+    # token id -> its text: a stream reshapes the whole result at every increment
+    texts: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, result: dict[str, Any], req: GenerateReq) -> dict[str, Any]:
+        meta = result["meta_info"]
+        meta["weight_version"] = WEIGHT_VERSION
+        if not req.return_logprob:
+            return result
+        if req.top_logprobs_num == 0:
+            meta.pop("input_top_logprobs", None)
+            meta.pop("output_top_logprobs", None)
+        if self.tokenizer is not None:
+            for key in ("input_token_logprobs", "output_token_logprobs"):
+                if key in meta:
+                    meta[key] = self._with_text(meta[key])
+            for key in ("input_top_logprobs", "output_top_logprobs"):
+                if key in meta:
+                    meta[key] = [None if top is None else self._with_text(top) for top in meta[key]]
+        return result
+
+    def _with_text(self, entries: list) -> list:
+        new = list({t for _, t, _ in entries if t not in self.texts})
+        if new:
+            self.texts.update(zip(new, self.tokenizer.batch_decode([[t] for t in new])))
+        return [(lp, t, self.texts[t]) for lp, t, _ in entries]
+
+
+async def _native_stream(tm: TokenizerManager, reqs: list[GenerateReq], single: bool,
+                         shape: _ResultShape) -> AsyncIterator[bytes]:
     try:
         async for i, p in merged_streams(tm, reqs):
-            out = p.result()  # SGLang's native stream sends the whole result so far each time
+            out = shape(p.result(), reqs[i])  # SGLang's native stream sends the whole result so far each time
             yield sse(out if single else {**out, "index": i})
     except (RequestError, ValueError, ServerDeadError, RequestAborted) as e:
         err = as_api_error(e)

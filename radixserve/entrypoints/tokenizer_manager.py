@@ -297,6 +297,8 @@ class TokenizerManager:
             id=req.rid, finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
         )
+        if out.finish_reason is not None:  # seconds from the call's start to this request's end (SGLang's)
+            meta["e2e_latency"] = time.perf_counter() - p.clock.start
         if req.return_logprob:
             meta.setdefault("output_token_logprobs", [])
             meta.setdefault("output_top_logprobs", [])

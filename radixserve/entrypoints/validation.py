@@ -43,6 +43,9 @@ class RequestValidator:
         problem = self.limits.check(len(req.input_ids), params.max_new_tokens)
         if problem is not None:
             raise RequestError(*problem)
+        if req.return_logprob and req.logprob_start_len >= len(req.input_ids):
+            raise RequestError(f"logprob_start_len ({req.logprob_start_len}) must be less than the number of "
+                               f"prompt tokens ({len(req.input_ids)})", "logprob_start_len")
         if req.top_logprobs_num < 0:
             raise RequestError("top_logprobs_num must be >= 0", "top_logprobs_num")
         if 0 <= self.max_logprobs < req.top_logprobs_num:

@@ -60,12 +60,18 @@ def record_prompt_logprobs(req: Req, entry: PromptLogprobs | None) -> None:
             req.input_top_logprobs.append(list(zip(vals[:k], ids[:k])))
 
 
-def take_output(req: Req) -> ReqOutput | None:
+def take_output(req: Req, stream_interval: int = 1) -> ReqOutput | None:
     """What req has not sent yet, or None when it has nothing to report now. Non-streaming
     requests report only their first token (time-to-first-token metrics) and their end, unless
-    the detokenizer must search their text for stops as it grows."""
+    the detokenizer must search their text for stops as it grows. Streaming ones report their
+    first token, then every stream_interval tokens (the request's own, else the server's), and
+    their end; every token while their text is searched for stops."""
     if not (req.stream or req.finished or len(req.output_ids) == 1 or req.has_text_stops):
         return None
+    if req.stream and not req.finished and req.sent_ids > 0 and not req.has_text_stops:
+        interval = req.params.stream_interval or stream_interval
+        if len(req.output_ids) - req.sent_ids < interval:
+            return None
     p = req.params
     out = ReqOutput(
         rid=req.rid, new_token_ids=req.output_ids[req.sent_ids :], finish_reason=req.finish_reason,

@@ -401,7 +401,8 @@ class Scheduler:
             self.send_outputs(reqs)
 
     def send_outputs(self, reqs: list[Req]) -> None:
-        outs = [out for out in map(take_output, reqs) if out is not None]
+        interval = self.args.stream_interval
+        outs = [out for out in (take_output(r, interval) for r in reqs) if out is not None]
         if outs:
             self.transport.send_outputs(BatchOut(outs))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -508,3 +509,123 @@ def test_pd_router_fields_are_accepted(server, client):
     assert len(chat.choices) == 2
     bad = post(server, "/generate", {**body, "bootstrap_room": [1, 2, 3]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "bootstrap_room"
+
+
+# ---- SGLang's native request forms ---------------------------------------------------------------
+def sse_events(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.url + path, headers=server.headers(), json=body, timeout=60) as r:
+        assert r.status_code == 200
+        return [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+
+
+def test_generate_takes_sglang_forms(server):
+    """What SGLang's /generate takes beyond the basics: null sampling params as the default, its
+    spellings (sampling_seed, custom_params), PUT, input_ids winning over text, one rid for a batch
+    named per prompt, and meta_info's e2e_latency and weight_version."""
+    greedy = {"temperature": 0, "max_new_tokens": 6}
+    ref = post(server, "/generate", {"text": "The capital of France is", "sampling_params": greedy}).json()
+    nulls = {**greedy, "top_p": None, "top_k": None, "min_p": None, "repetition_penalty": None, "n": None,
+             "ignore_eos": None, "skip_special_tokens": None, "min_new_tokens": None, "stop": None}
+    same = post(server, "/generate", {"text": "The capital of France is", "sampling_params": nulls})
+    assert same.status_code == 200 and same.json()["output_ids"] == ref["output_ids"], same.text
+    meta = same.json()["meta_info"]
+    assert meta["weight_version"] == "default" and 0 < meta["e2e_latency"] < 60
+    put = httpx.put(server.url + "/generate", headers=server.headers(), timeout=60,
+                    json={"text": "The capital of France is", "sampling_params": greedy})
+    assert put.status_code == 200 and put.json()["output_ids"] == ref["output_ids"]
+    # sampled: sampling_seed is seed, custom_params are accepted (no custom logit processor runs)
+    sampled = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True}
+    a, b, c = (post(server, "/generate", {"text": "Once upon a time", "sampling_params": {**sampled, **extra}}).json()
+               for extra in ({"sampling_seed": 11}, {"seed": 11, "custom_params": {"x": 1}}, {"sampling_seed": 12}))
+    assert a["output_ids"] == b["output_ids"] != c["output_ids"]
+    ids = post(server, "/tokenize", {"text": "1, 2, 3,"}).json()["tokens"]
+    both = post(server, "/generate", {"text": "The capital of France is", "input_ids": ids, "sampling_params": greedy})
+    assert both.json()["meta_info"]["prompt_tokens"] == len(ids)
+    batch = post(server, "/generate", {"text": ["a", "b"], "rid": "myrid", "sampling_params": greedy}).json()
+    assert [r["meta_info"]["id"] for r in batch] == ["myrid_0", "myrid_1"]
+    assert_pool_whole(server)
+
+
+def test_generate_logprob_options_follow_sglang(server):
+    """Logprob options one per prompt; top lists only when asked for; tokens as text on request;
+    a logprob_start_len at or past the prompt's end and token_ids_logprob are 400s."""
+    params = {"temperature": 0, "max_new_tokens": 3}
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    two = post(server, "/generate", {"text": prompts, "sampling_params": params, "return_logprob": [True, False],
+                                     "top_logprobs_num": [2, 0], "logprob_start_len": [1, None]}).json()
+    assert len(two[0]["meta_info"]["output_token_logprobs"]) == 3
+    assert [len(top) for top in two[0]["meta_info"]["output_top_logprobs"]] == [2, 2, 2]
+    assert "output_token_logprobs" not in two[1]["meta_info"]
+    plain = post(server, "/generate", {"text": prompts[0], "sampling_params": params, "return_logprob": True,
+                                       "logprob_start_len": 0}).json()["meta_info"]
+    assert "output_top_logprobs" not in plain and "input_top_logprobs" not in plain
+    assert len(plain["input_token_logprobs"]) == plain["prompt_tokens"]
+    assert all(text is None for _, _, text in plain["output_token_logprobs"])
+    body = {"text": prompts[0], "sampling_params": params, "return_logprob": True, "top_logprobs_num": 2,
+            "logprob_start_len": 0, "return_text_in_logprobs": True}
+    for meta in (post(server, "/generate", body).json()["meta_info"],
+                 sse_events(server, "/generate", {**body, "stream": True})[-1]["meta_info"]):
+        for _, token, text in meta["output_token_logprobs"] + meta["input_token_logprobs"][1:]:
+            assert text == post(server, "/detokenize", {"tokens": [token]}).json()["text"]
+        assert all(text is not None for top in meta["output_top_logprobs"] for _, _, text in top)
+        assert meta["input_top_logprobs"][0] is None
+    n = plain["prompt_tokens"]
+    for start, status in ((n - 1, 200), (n, 400), (n + 50, 400)):
+        r = post(server, "/generate", {"text": prompts[0], "sampling_params": params, "return_logprob": True,
+                                       "logprob_start_len": start})
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert r.json()["error"]["param"] == "logprob_start_len"
+    for bad in ({"return_logprob": [True]}, {"top_logprobs_num": [1, 2, 3]}, {"token_ids_logprob": [5, 6]}):
+        r = post(server, "/generate", {"text": prompts, "sampling_params": params, "return_logprob": True, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
+    assert_pool_whole(server)
+
+
+def test_stream_interval_batches_increments(server):
+    """sampling_params.stream_interval k: the first token at once, then every k tokens, then the end."""
+    body = {"text": "Once upon a time", "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True, "stream_interval": 4}}
+    events = sse_events(server, "/generate", body)
+    assert [len(e["output_ids"]) for e in events] == [1, 5, 9, 12]
+    whole = post(server, "/generate", {**body, "stream": False}).json()
+    assert events[-1]["output_ids"] == whole["output_ids"] and events[-1]["text"] == whole["text"]
+    every = sse_events(server, "/generate", {**body, "sampling_params": {**body["sampling_params"],
+                                                                         "stream_interval": None}})
+    assert [len(e["output_ids"]) for e in every] == list(range(1, 13))
+
+
+def test_tokenize_detokenize_batches_and_v1_routes(server):
+    many = post(server, "/v1/tokenize", {"prompt": ["Hello world", "Hi"]}).json()
+    one = post(server, "/tokenize", {"prompt": "Hello world"}).json()
+    assert many["tokens"][0] == one["tokens"] and many["count"] == [len(t) for t in many["tokens"]]
+    texts = post(server, "/v1/detokenize", {"tokens": many["tokens"]}).json()["text"]
+    assert texts == ["Hello world", "Hi"]
+    special = post(server, "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}).json()["tokens"]
+    kept = post(server, "/detokenize", {"tokens": special, "skip_special_tokens": False}).json()["text"]
+    skipped = post(server, "/detokenize", {"tokens": special}).json()["text"]
+    assert "<|im_start|>" in kept and "<|im_start|>" not in skipped and "Hi" in skipped
+    assert post(server, "/detokenize", {"tokens": [[1, 2], [10**9]]}).status_code == 400
+
+
+def test_info_aliases_and_abort_all(server):
+    h = server.headers()
+    for path in ("/model_info", "/get_model_info"):
+        info = httpx.get(server.url + path, headers=h).json()
+        assert info["weight_version"] == "default" and info["has_image_understanding"] is False
+    assert httpx.get(server.url + "/server_info", headers=h).json()["page_size"] == 1
+    assert httpx.get(server.url + "/get_weight_version", headers=h).json() == {"weight_version": "default"}
+    body = {"text": "x", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+    answers: list[dict] = []
+    callers = [threading.Thread(target=lambda: answers.append(post(server, "/generate", body).json()))
+               for _ in range(2)]
+    for t in callers:
+        t.start()
+    deadline = time.time() + 30
+    while pool_state(server)["num_running"] < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert post(server, "/abort_request", {"rid": "no-such-request", "abort_all": True}).status_code == 200
+    for t in callers:
+        t.join(60)
+    assert [a["meta_info"]["finish_reason"]["type"] for a in answers] == ["abort", "abort"]
+    assert_pool_whole(server)

@@ -67,18 +67,15 @@ def test_min_new_tokens_above_max() -> None:
     [
         ("temperature", "hot"),
         ("temperature", True),
-        ("top_p", None),
         ("top_k", True),
         ("top_k", 2.0),
         ("max_new_tokens", "10"),
         ("max_new_tokens", False),
-        ("min_new_tokens", None),
         ("n", 1.5),
         ("seed", "42"),
         ("seed", True),
         ("ignore_eos", 1),
         ("skip_special_tokens", "yes"),
-        ("spaces_between_special_tokens", None),
         ("no_stop_trim", 0),
         ("stop", 5),
         ("stop", ["ok", 3]),
@@ -90,6 +87,31 @@ def test_min_new_tokens_above_max() -> None:
 def test_type_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(SamplingParamsError, match=field):
         SamplingParams.from_dict({field: value})
+
+
+@pytest.mark.parametrize("field", ["top_p", "min_new_tokens", "spaces_between_special_tokens", "temperature",
+                                   "top_k", "ignore_eos", "n", "repetition_penalty"])
+def test_null_from_json_is_the_default(field: str) -> None:
+    # SGLang reads a null sampling parameter as "not given"; built in Python, None is still a type error
+    assert SamplingParams.from_dict({field: None}) == SamplingParams()
+    with pytest.raises(SamplingParamsError, match=field):
+        SamplingParams(**{field: None})
+
+
+def test_null_max_new_tokens_keeps_its_meaning() -> None:
+    assert SamplingParams.from_dict({"max_new_tokens": None}).max_new_tokens is None  # up to the context
+
+
+def test_sglang_spellings() -> None:
+    assert SamplingParams.from_dict({"sampling_seed": 7}).seed == 7
+    assert SamplingParams.from_dict({"sampling_seed": 7, "seed": 3}).seed == 3
+    assert SamplingParams.from_dict({"custom_params": {"a": 1}}) == SamplingParams()
+    with pytest.raises(SamplingParamsError, match="custom_params"):
+        SamplingParams.from_dict({"custom_params": [1]})
+    assert SamplingParams.from_dict({"stream_interval": 4}).stream_interval == 4
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(SamplingParamsError, match="stream_interval"):
+            SamplingParams.from_dict({"stream_interval": bad})
 
 
 def test_unknown_key() -> None:
