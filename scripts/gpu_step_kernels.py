@@ -5,8 +5,9 @@
 Variants: `model` is the model as it ships (the Triton GEMV of radixserve/layers/gemv.py for one
 row, gate/up fused with SiLU-and-mul); `model-nosilu` leaves that fusion out, `model-nohead` puts
 the LM head on cuBLAS; `cublas` routes every projection to F.linear (as RADIXSERVE_TRITON_GEMV=0
-does). `--quantization fp8` profiles the model quantized at load (the FP8 GEMV; `model-nosilu` then
-runs fp8_gemv and silu_and_mul apart, as RADIXSERVE_FP8_GEMV_SILU=0 does). For each one the decode graph is captured again, and the script prints:
+does). `--quantization fp8` profiles the model quantized at load (the FP8 GEMV; `model` then fuses
+gate/up with SiLU-and-mul as RADIXSERVE_FP8_GEMV_SILU=1 does, `model-nosilu` runs fp8_gemv and
+silu_and_mul apart, the shipped default). For each one the decode graph is captured again, and the script prints:
 1. the step as bench_one_batch times it (scheduler batch builder, graph replay, greedy sampling,
    sync before and after), median of --steps;
 2. the graph replay alone, timed with events over back-to-back replays;

@@ -151,6 +151,9 @@ def plan_memory(args: ServerArgs, loaded: LoadedModel, device: torch.device) -> 
     """How many tokens the KV pool holds and how many requests run at once."""
     bytes_per_token = loaded.kv_bytes_per_token_as(resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype, device))
     if device.type == "cuda":
+        # memory the caching allocator holds but no tensor uses (the bf16 weights --quantization fp8
+        # replaced, load-time buffers) is free for the pool: hand it back before measuring
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         fraction = args.mem_fraction_static if args.mem_fraction_static is not None else 0.9
         used = total - free

@@ -67,9 +67,11 @@ GEMV_MAX_BLOCK_K = 1024
 GEMV_WARPS = 4
 GEMV_PREFETCH = False
 GEMV_WORDS = True  # the word kernel wherever the rows are whole words; False keeps the byte kernel (A/B)
-# gate/up and SiLU-and-mul in one word kernel at batch 1 (one launch a layer fewer); False: fp8_gemv then
-# silu_and_mul (A/B: RADIXSERVE_FP8_GEMV_SILU=0)
-GEMV_SILU = os.environ.get("RADIXSERVE_FP8_GEMV_SILU", "1") != "0"
+# gate/up and SiLU-and-mul in one word kernel at batch 1 (one launch a layer fewer); off by default: on an
+# H100 (2026-12-07) its gate/up took 54.4 us a layer against 49.1 + 1.5 us for the word GEMV then
+# silu_and_mul (45.2 + 1.5 with the byte kernel), the step 2% slower (docs/fp8.md). RADIXSERVE_FP8_GEMV_SILU=1
+# turns it on
+GEMV_SILU = os.environ.get("RADIXSERVE_FP8_GEMV_SILU", "0") == "1"
 GEMV_BYTES_TILE_ELEMENTS = 8192
 GEMV_BYTES_MAX_BLOCK_K = 2048
 GEMV_BYTES_WARPS = 4
