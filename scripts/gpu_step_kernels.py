@@ -1,4 +1,4 @@
-"""Kernel by kernel, what one batch-1 decode step costs inside its CUDA graph, per projection variant.
+"""Kernel by kernel, what one decode step (batch 1, or --batch-size) costs inside its CUDA graph, per projection variant.
 
     python scripts/gpu_step_kernels.py [model] [--variants model cublas ...] [--steps 64] [--per-shape]
 
@@ -125,6 +125,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="radixserve/configs/llama-3.1-8b")
     p.add_argument("--variants", nargs="+", default=["model", "cublas", "model", "cublas"])
+    p.add_argument("--batch-size", type=int, default=1, help="rows a step (a CUDA graph bucket: 1-8, then steps of 8)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--kernels", action="store_true", help="also list every kernel name")
@@ -134,24 +135,25 @@ def main() -> None:
     args = p.parse_args()
     total = 4 * args.steps * len(args.variants) + 64
     ctx = args.input_len + total
+    bs = args.batch_size
     sargs = ServerArgs(model_path=resolve_model_path(args.model), load_format="dummy", dtype="bfloat16",
-                       max_total_tokens=ctx + 8, max_running_requests=1, context_length=ctx + 8,
+                       max_total_tokens=bs * (ctx + 8), max_running_requests=bs, context_length=ctx + 8,
                        quantization=args.quantization)
     runner = build_runner(sargs)
     driver = BatchDriver(runner, seed=0)
     summary = []
     with torch.inference_mode():
-        reqs = driver.new_reqs(1, args.input_len, total)
+        reqs = driver.new_reqs(bs, args.input_len, total)
         driver.prefill(reqs)
         if args.per_shape:
             per_shape(runner.model)
         for name in args.variants:
             use_variant(name)
-            runner.graph_runner = CudaGraphRunner(runner, 1)
+            runner.graph_runner = CudaGraphRunner(runner, bs)
             for _ in range(4):
                 driver.decode(reqs)
             step = statistics.median(driver.timed(lambda: driver.decode(reqs)) for _ in range(args.steps)) * 1e3
-            graph = runner.graph_runner.graphs[1]
+            graph = runner.graph_runner.graphs[bs]
             replay = replay_ms(graph, 100, warmup=5)
             kernels = profile_replays(graph, 10)
             by_kind: dict[str, float] = collections.defaultdict(float)
