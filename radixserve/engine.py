@@ -21,7 +21,7 @@ from radixserve.entrypoints.tokenizer_manager import TokenizerManager, collect
 from radixserve.ipc import PortArgs
 from radixserve.loader.source import resolve_model_source
 from radixserve.loader.tokenizer import load_tokenizer
-from radixserve.messages import GenerateReq
+from radixserve.messages import GenerateReq, ProfileReq
 from radixserve.scheduler.dp_controller import run_dp_controller_process
 from radixserve.scheduler.process import run_scheduler_process
 from radixserve.server_args import ServerArgs, ServerArgsError
@@ -284,3 +284,20 @@ class Engine:
 
     def abort_request(self, rid: str = "") -> None:
         self._run(self.tokenizer_manager.abort(rid))
+
+    def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
+                      activities: list[str] | None = None, with_stack: bool | None = None,
+                      record_shapes: bool | None = None, profile_prefix: str | None = None) -> None:
+        """Start the torch profiler in the scheduler process(es), as /start_profile (SGLang's
+        Engine.start_profile). RuntimeError if a profile runs already or an argument is bad."""
+        reply = self._run(self.tokenizer_manager.profile(ProfileReq(
+            True, output_dir=output_dir, num_steps=num_steps, activities=activities, with_stack=with_stack,
+            record_shapes=record_shapes, profile_prefix=profile_prefix)))
+        if not reply.success:
+            raise RuntimeError(reply.message)
+
+    def stop_profile(self) -> None:
+        """Stop the profile and write each rank's trace (returns once written). RuntimeError if none runs."""
+        reply = self._run(self.tokenizer_manager.profile(ProfileReq(False)))
+        if not reply.success:
+            raise RuntimeError(reply.message)

@@ -66,6 +66,26 @@ class GetStateReq(Message):
     pass
 
 
+class ProfileReq(Message):
+    """Start (start=True) or stop the torch profiler in every scheduler process (/start_profile,
+    /stop_profile; SGLang's ProfileReq). The options are a start's; None takes the default
+    (scheduler/profiler.py)."""
+
+    start: bool
+    profile_id: str = ""  # time-based, one for every rank of a start: it names the trace files
+    output_dir: str | None = None
+    num_steps: int | None = None  # stop after this many steps that ran a batch; None: at /stop_profile
+    activities: list[str] | None = None  # "CPU", "GPU"
+    with_stack: bool | None = None
+    record_shapes: bool | None = None
+    profile_prefix: str | None = None
+
+
+class ProfileReply(Message):
+    success: bool
+    message: str = ""
+
+
 class SchedulerState(Message):
     """Pool and queue counts, for /get_server_info, /get_load and tests that assert no leaks."""
 
@@ -211,4 +231,4 @@ def to_dict(value: Any) -> Any:
 # every message a socket may carry: what a payload is decoded against
 MESSAGE_TYPES = (GenerateReq, GenerateBatch, AbortReq, FlushCacheReq, FlushCacheReply, GetStateReq,
                  SchedulerState, LoadReport, ReqOutput, BatchOut, KVDestination, KVDone, KVCancel, PDStats,
-                 PeerRank, PDDecision)
+                 PeerRank, PDDecision, ProfileReq, ProfileReply)

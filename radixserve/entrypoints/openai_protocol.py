@@ -266,6 +266,21 @@ class AbortRequest(_Request):
     abort_all: bool = False
 
 
+class ProfileRequest(_Request):
+    """/start_profile (SGLang's ProfileReqInput); scheduler/profiler.py says what each field does."""
+
+    output_dir: str | None = None
+    num_steps: Int | None = None
+    activities: list[str] | None = None
+    with_stack: bool | None = None
+    record_shapes: bool | None = None
+    profile_prefix: str | None = None
+    # SGLang's, not built: refused when set
+    start_step: Int | None = None
+    profile_by_stage: bool = False
+    merge_profiles: bool = False
+
+
 # Names of the schema classes: pydantic puts a union member's name into an error's location
 # (prompt.list[str].0), which the error reply leaves out (http_server.py).
 MODEL_NAMES: frozenset[str] = frozenset(

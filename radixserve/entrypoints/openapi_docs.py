@@ -185,8 +185,8 @@ def _error_codes(path: str, method: str) -> list[int]:
         codes.add(401)  # with --api-key
     if method == "post":
         codes |= {400, 408, 413}
-    if path == "/flush_cache":
-        codes.add(400)  # while requests run
+    if path in ("/flush_cache", "/start_profile", "/stop_profile"):
+        codes.add(400)  # while requests run; a profile already running, or none
     if path in ("/v1/completions", "/v1/chat/completions", "/v1/models/{model_id}"):
         codes.add(404)  # a model other than the served one
     return sorted(codes)

@@ -1,5 +1,5 @@
-"""SGLang's native endpoints: health, server and model info, cache and abort control, metrics,
-tokenize / detokenize, and /generate.
+"""SGLang's native endpoints: health, server and model info, cache, abort and profiler control,
+metrics, tokenize / detokenize, and /generate.
 Handlers carry no return annotation where FastAPI would take it for a response model.
 """
 
@@ -22,12 +22,13 @@ from radixserve.entrypoints.openai_protocol import (
     ChatCompletionRequest,
     DetokenizeRequest,
     GenerateRequest,
+    ProfileRequest,
     TokenizeRequest,
 )
 from radixserve.entrypoints.request_errors import RequestAborted, RequestError, ServerDeadError
 from radixserve.entrypoints.requests import expand_requests, new_rid
 from radixserve.entrypoints.tokenizer_manager import TokenizerManager, validate_all
-from radixserve.messages import GenerateReq, to_dict
+from radixserve.messages import GenerateReq, ProfileReq, to_dict
 from radixserve.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -103,6 +104,32 @@ async def flush_cache(request: Request) -> Response:
 async def abort_request(req: AbortRequest, request: Request) -> Response:
     await server_state(request).tm.abort("" if req.abort_all else req.rid)
     return PlainTextResponse("")
+
+
+@router.api_route("/start_profile", methods=["GET", "POST"], responses=docs.text_body("Start profiling."), **PLAIN)
+async def start_profile(request: Request, req: ProfileRequest | None = None) -> Response:
+    """SGLang's: the torch profiler in every scheduler process, until /stop_profile or num_steps steps
+    that ran a batch; then each rank writes its Chrome trace into output_dir."""
+    req = req or ProfileRequest()
+    for name in ("start_step", "profile_by_stage", "merge_profiles"):
+        if getattr(req, name):
+            raise APIError(400, f"{name} is not supported by radixserve", name)
+    reply = await server_state(request).tm.profile(ProfileReq(
+        True, output_dir=req.output_dir, num_steps=req.num_steps, activities=req.activities,
+        with_stack=req.with_stack, record_shapes=req.record_shapes, profile_prefix=req.profile_prefix))
+    if not reply.success:
+        return error_response(400, f"profile not started: {reply.message}")
+    return PlainTextResponse("Start profiling.\n")
+
+
+@router.api_route("/stop_profile", methods=["GET", "POST"],
+                  responses=docs.text_body("Stop profiling. This will take some time."), **PLAIN)
+async def stop_profile(request: Request) -> Response:
+    """Stop the profile; answers once every rank's trace is written."""
+    reply = await server_state(request).tm.profile(ProfileReq(False))
+    if not reply.success:
+        return error_response(400, f"profile not stopped: {reply.message}")
+    return PlainTextResponse("Stop profiling. This will take some time.\n")  # SGLang's words
 
 
 @router.get("/metrics", responses=docs.text_body("Prometheus text format"), **PLAIN)

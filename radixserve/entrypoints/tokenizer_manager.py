@@ -26,6 +26,8 @@ from radixserve.messages import (
     GenerateBatch,
     GenerateReq,
     GetStateReq,
+    ProfileReply,
+    ProfileReq,
     ReqOutput,
     SchedulerState,
 )
@@ -190,6 +192,12 @@ class TokenizerManager:
 
     async def get_state(self) -> SchedulerState:
         return await self._control(GetStateReq(), SchedulerState)
+
+    async def profile(self, req: ProfileReq) -> ProfileReply:
+        """Start or stop the torch profiler in every scheduler process (scheduler/profiler.py)."""
+        if req.start and not req.profile_id:  # one id for every rank and group: it names their traces
+            req.profile_id = str(time.time())
+        return await self._control(req, ProfileReply)
 
     async def abort(self, rid: str) -> None:
         """An operator's abort (/abort_request, Engine.abort_request): "" aborts every request. The

@@ -26,6 +26,8 @@ from radixserve.messages import (
     GenerateReq,
     GetStateReq,
     LoadReport,
+    ProfileReply,
+    ProfileReq,
     SchedulerState,
 )
 from radixserve.server_args import ServerArgs
@@ -33,6 +35,10 @@ from radixserve.utils.logging import configure_logging
 from radixserve.utils.process import die_with_parent, ignore_sigterm
 
 logger = logging.getLogger("radixserve.dp_controller")
+
+# control requests every group answers, and the reply type the controller merges for the API
+CONTROL_REPLIES: dict[type, type] = {FlushCacheReq: FlushCacheReply, GetStateReq: SchedulerState,
+                                     ProfileReq: ProfileReply}
 
 
 @dataclass
@@ -149,9 +155,8 @@ class DPController:
         elif isinstance(msg, AbortReq):
             for sock in self.groups:
                 ipc_codec.send(sock, msg)
-        elif isinstance(msg, FlushCacheReq | GetStateReq):
-            reply_type = FlushCacheReply if isinstance(msg, FlushCacheReq) else SchedulerState
-            self.pending.append((reply_type, []))
+        elif type(msg) in CONTROL_REPLIES:
+            self.pending.append((CONTROL_REPLIES[type(msg)], []))
             for sock in self.groups:
                 ipc_codec.send(sock, msg)
         else:
@@ -168,9 +173,9 @@ class DPController:
 
     @staticmethod
     def merge(reply_type: type, replies: list) -> object:
-        if reply_type is FlushCacheReply:
-            failed = [r.message for r in replies if not r.success]
-            return FlushCacheReply(not failed, "; ".join(failed))
+        if reply_type in (FlushCacheReply, ProfileReply):
+            failed = list(dict.fromkeys(r.message for r in replies if not r.success))  # each message once
+            return reply_type(not failed, "; ".join(failed))
         return merge_states(replies)
 
 

@@ -31,6 +31,7 @@ from radixserve.distributed.parallel_state import (
     init_dp_attention,
     init_tensor_parallel,
     setup_fingerprint,
+    tp_min_int,
 )
 from radixserve.ipc import PortArgs
 from radixserve.loader import config as cfgutil
@@ -51,6 +52,8 @@ from radixserve.messages import (
     Message,
     PDDecision,
     PDStats,
+    ProfileReply,
+    ProfileReq,
     ReqOutput,
     SchedulerState,
 )
@@ -70,6 +73,7 @@ from radixserve.scheduler.loops import EVENT_LOOPS
 from radixserve.scheduler.output import SampledTokens, append_token, take_output
 from radixserve.scheduler.prefill import PrefillPlan, PrefillPlanner
 from radixserve.scheduler.prefill_manager import PrefillManager
+from radixserve.scheduler.profiler import SchedulerProfiler
 from radixserve.scheduler.req import Req
 from radixserve.scheduler.sampling import BatchSampler
 from radixserve.scheduler.state import ReqState, move
@@ -93,6 +97,8 @@ class Scheduler:
             gpu = (0 if self.dp_attention else dp_rank * args.tp_size) + tp_rank % args.ranks_per_node
             self.device = torch.device("cuda", args.base_gpu_id + gpu)
             torch.cuda.set_device(self.device)
+        # a trace's TP rank: under DP attention the rank among all --tp-size ranks, as in SGLang
+        trace_rank = tp_rank
         if self.device.type == "cpu" and args.tp_size > 1:  # ranks share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
         if self.dp_attention:
@@ -135,6 +141,8 @@ class Scheduler:
         limits = RequestLimits(self.context_len, self.pools.allocator.total_tokens)
         self.intake = RequestIntake(limits, self.eos_ids, self.sampler)
         self.transport = SchedulerTransport(ports, tp_rank, tp_size)
+        self.profiler = SchedulerProfiler(trace_rank, self.dp_rank if args.dp_size > 1 else None,
+                                          self.device.type == "cuda")
         # overlap scheduling: the launched batch whose results are not processed yet
         self.overlap = not args.disable_overlap_schedule
         self.inflight: InFlightBatch | None = None
@@ -217,6 +225,8 @@ class Scheduler:
             self.transport.reply(self.flush_cache())
         elif isinstance(msg, GetStateReq):
             self.transport.reply(self.state())
+        elif isinstance(msg, ProfileReq):
+            self.transport.reply(self.profile(msg))
         elif isinstance(msg, (KVDestination, KVCancel, KVDone, PDDecision)):
             self.handle_pd(msg)
         else:
@@ -303,6 +313,21 @@ class Scheduler:
         self.cache.reset()
         return FlushCacheReply(True)
 
+    def profile(self, msg: ProfileReq) -> ProfileReply:
+        """Start or stop the torch profiler on every TP rank (each rank handles the message at the
+        same point); the reply succeeds only if every rank's did."""
+        if msg.start:
+            reply = self.profiler.start(msg)
+        else:
+            self.resolve()  # the in-flight batch's tokens (and device work) inside the trace
+            reply = self.profiler.stop()
+        # also a barrier: rank 0 replies once every rank has written its trace
+        if tp_min_int(int(reply.success)) == 0 and reply.success:
+            if msg.start:
+                self.profiler.cancel()
+            reply = ProfileReply(False, "another TP rank failed (see its log)")
+        return reply
+
     # ---- a step -----------------------------------------------------------------
     def has_requests(self) -> bool:
         return bool(self.prefill.waiting or self.prefill.chunked or self.decode.running) or self.num_pd_held() > 0
@@ -334,6 +359,9 @@ class Scheduler:
         self.inflight = launched
         if not self.overlap:
             self.resolve()
+        if launched is not None and self.profiler.count_step():  # the profile's last step (num_steps)
+            self.resolve()
+            self.profiler.stop()
 
     def resolve(self) -> None:
         if self.inflight is not None:

@@ -94,10 +94,18 @@ def test_dp2_outputs_equal_transformers(model, tmp_path):
     prompts = [[rng.randrange(3, 49152) for _ in range(rng.randrange(4, 30))] for _ in range(6)]
     want = [hf_greedy(hf_model, p, 10) for p in prompts]
     srv = start_server(["--model-path", path, "--dtype", "float32", "--dp-size", "2"], str(tmp_path / "s.log"))
+    traces = tmp_path / "traces"
     try:
+        # profiled meanwhile: the controller starts and stops it in both groups, each writing its trace
+        started = httpx.post(srv.url + "/start_profile", json={"output_dir": str(traces)}, timeout=30)
+        assert started.status_code == 200, started.text
         out = httpx.post(srv.url + "/generate", timeout=120, json={
             "input_ids": prompts, "sampling_params": {"temperature": 0, "max_new_tokens": 10}}).json()
         assert [o["output_ids"] for o in out] == want
         assert len(loads(srv)) == 2
+        assert httpx.post(srv.url + "/stop_profile", timeout=120).status_code == 200
+        assert sorted(p.name.split("-TP-")[1] for p in traces.iterdir()) == \
+            ["0-DP-0.trace.json.gz", "0-DP-1.trace.json.gz"]
+        assert httpx.post(srv.url + "/stop_profile", timeout=30).status_code == 400
     finally:
         assert srv.stop() == 0

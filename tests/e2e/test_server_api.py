@@ -4,7 +4,9 @@ endpoints, concurrency, metrics, the bad-input matrix and client disconnects."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import re
 import threading
 import time
 
@@ -628,4 +630,45 @@ def test_info_aliases_and_abort_all(server):
     for t in callers:
         t.join(60)
     assert [a["meta_info"]["finish_reason"]["type"] for a in answers] == ["abort", "abort"]
+    assert_pool_whole(server)
+
+
+# ---- profiling ----------------------------------------------------------------------------------
+def read_trace(path) -> list[dict]:
+    return json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+
+
+def test_profile_writes_a_chrome_trace_per_rank(server, tmp_path):
+    started = post(server, "/start_profile", {"output_dir": str(tmp_path), "profile_prefix": "e2e"})
+    assert started.status_code == 200 and started.text == "Start profiling.\n"
+    again = post(server, "/start_profile", {"output_dir": str(tmp_path)})
+    assert again.status_code == 400 and "already running" in again.json()["error"]["message"]
+    body = {"text": "Hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    assert post(server, "/generate", body).status_code == 200
+    stopped = httpx.get(server.url + "/stop_profile", headers=server.headers(), timeout=120)  # GET too (SGLang's)
+    assert stopped.status_code == 200 and stopped.text.startswith("Stop profiling.")
+    [trace] = list(tmp_path.iterdir())  # written before the answer
+    assert re.fullmatch(r"e2e-\d+\.\d+-TP-0\.trace\.json\.gz", trace.name), trace.name
+    assert any(e.get("name", "").startswith("aten::") for e in read_trace(trace))
+    second = post(server, "/stop_profile")
+    assert second.status_code == 400 and "no profile is running" in second.json()["error"]["message"]
+    assert_pool_whole(server)
+
+
+def test_profile_of_num_steps_stops_by_itself(server, tmp_path):
+    for bad, param in [({"num_steps": "2"}, "num_steps"), ({"start_step": 3}, "start_step")]:
+        r = post(server, "/start_profile", {**bad, "output_dir": str(tmp_path)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    for bad in ({"num_steps": 0}, {"activities": ["CPU", "MEM"]}, {"activities": ["GPU"]}):  # no CUDA here
+        r = post(server, "/start_profile", {**bad, "output_dir": str(tmp_path)})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("profile not started"), r.text
+    # SGLang's clients ask for CPU and GPU: on a CPU server GPU is left out
+    body = {"output_dir": str(tmp_path), "num_steps": 2, "activities": ["CPU", "GPU"], "with_stack": False}
+    assert post(server, "/start_profile", body).status_code == 200
+    gen = {"text": "Hi", "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}
+    assert post(server, "/generate", gen).status_code == 200  # a prefill and 7 decode steps: past 2
+    [trace] = list(tmp_path.iterdir())
+    assert read_trace(trace)
+    assert post(server, "/stop_profile").status_code == 400  # it stopped by itself
+    assert "the GPU activity is left out" in server.log()
     assert_pool_whole(server)

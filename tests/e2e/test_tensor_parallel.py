@@ -34,7 +34,14 @@ def test_tiny_models_tp2_match_transformers(arch, tmp_path):
     rng = random.Random(1)
     batch = [[rng.randrange(3, 49152) for _ in range(rng.randrange(3, 40))] for _ in range(6)]
     want = [hf_greedy(model, p, 12) for p in batch]
+    traces = tmp_path / "traces"
     with Engine(model_path=str(tmp_path), dtype="float32", tp_size=2, page_size=2, log_level="warning") as e:
+        e.start_profile(output_dir=str(traces), with_stack=False)  # profiled meanwhile, on both ranks
         outs = e.generate(input_ids=batch, sampling_params=GREEDY)
         assert [o["output_ids"] for o in outs] == want
+        e.stop_profile()  # returns once both ranks' traces are written
+        assert sorted(p.name.split("-", 1)[1] for p in traces.iterdir()) == \
+            ["TP-0.trace.json.gz", "TP-1.trace.json.gz"]
+        with pytest.raises(RuntimeError, match="no profile is running"):
+            e.stop_profile()
         assert_pools_whole(e)

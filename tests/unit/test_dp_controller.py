@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from radixserve.messages import GenerateReq, LoadReport, SchedulerState
+from radixserve.messages import GenerateReq, LoadReport, ProfileReply, SchedulerState
 from radixserve.sampling_params import SamplingParams
-from radixserve.scheduler.dp_controller import LoadBalancer, merge_states
+from radixserve.scheduler.dp_controller import DPController, LoadBalancer, merge_states
 
 
 def req(n_prompt: int, max_new: int) -> GenerateReq:
@@ -46,3 +46,11 @@ def test_merge_states_sums_pools_and_keeps_each_group():
     merged = merge_states([state(1, 2), state(0, 1)])
     assert merged.kv_total == 200 and merged.num_running == 3
     assert [s.dp_rank for s in merged.per_dp] == [0, 1]
+
+
+def test_profile_replies_merge_to_one_failure_naming_each_cause_once():
+    ok = DPController.merge(ProfileReply, [ProfileReply(True, "/t/a"), ProfileReply(True, "/t/b")])
+    assert ok == ProfileReply(True, "")
+    busy = "a profile is already running"
+    merged = DPController.merge(ProfileReply, [ProfileReply(False, busy), ProfileReply(True), ProfileReply(False, busy)])
+    assert merged == ProfileReply(False, busy)
