@@ -8,15 +8,18 @@
 #   gemm    issue 21's prefill gap: the block-FP8 GEMM's Triton tiles and cuBLAS's block-scaled GEMM timed
 #           at M = 128 / 1024 / 4096; where cuBLAS wins, GEMM_CUBLAS_MIN_M is set on the machine, then the 8B
 #           prefill 32 x 1024, bf16 against --quantization fp8 (PARTS=prefill of run_gpu_fp8_bench.sh)
+#   fp8batch issue 21's serving gap: FP8 weights alone served slower than bf16 (TPOT 77 against 48 ms at
+#           ~340 decode rows, H100 2026-12-07): the block GEMM at M = 256 / 340 beside bf16 cuBLAS, then the
+#           decode step kernel by kernel at batch 256, bf16 and --quantization fp8
 #   v3      issue 22: DeepSeek-V3 cut to 6 layers (3 dense, 3 MoE), FP8 block weights: batch 1, 32, prefill
 #   mixtral issue 20 (an H200 only: the full model needs 93 GB): Mixtral-8x7B bench_serving, 500 prompts
 #   qwen3   issue 20: Qwen3-30B-A3B batch 32, prefill 32 x 1024 and serving, on the H200 (H100 figures exist)
-# STAGES picks them (default all); together they outlast one 10-minute device call, so run "fp8 gemm v3"
-# in one call and "mixtral qwen3" in the next. mixtral and qwen3 are skipped off an H200.
+# STAGES picks them (default all); together they outlast one 10-minute device call, so run "fp8 fp8batch"
+# in one call (v3 and gemm ran on an H100 on 2026-12-07 17:45) and "mixtral qwen3" in the next. mixtral and qwen3 are skipped off an H200.
 # Earlier contents of this script (the first figures, 2026-12-06) are at commit 66ad76e.
 #
 #   scripts/build_gpu_wheels.sh                          # here, once: fills .whl/
-#   STAGES="fp8 gemm v3" scripts/run_gpu_open_issues.sh  # there, from the repo root; results in $OUT (/tmp/out)
+#   STAGES="fp8 fp8batch" scripts/run_gpu_open_issues.sh  # there, from the repo root; results in $OUT (/tmp/out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -26,7 +29,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   { echo "installing .whl/ failed" >&2; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-STAGES=" ${STAGES:-fp8 gemm v3 mixtral qwen3} "
+STAGES=" ${STAGES:-fp8 gemm fp8batch v3 mixtral qwen3} "
 grep -q H200 "$OUT/gpu.txt" || STAGES=${STAGES/ mixtral / }
 grep -q H200 "$OUT/gpu.txt" || STAGES=${STAGES/ qwen3 / }
 want() { [[ $STAGES == *" $1 "* ]]; }
@@ -70,6 +73,20 @@ if want gemm; then
   echo "=== fp8 prefill 32 x 1024 $(date -u +%T)"
   OUT=$WORK/fp8p PARTS=prefill STEP_TIMEOUT=90 bash scripts/run_gpu_fp8_bench.sh 2>&1 | grep -E "^ +32 \||failed"
   cp "$WORK/fp8p/one_batch.jsonl" "$OUT/fp8_prefill.jsonl"
+fi
+
+if want fp8batch; then
+  echo "=== fp8 gemm at decode batch sizes $(date -u +%T)"
+  timeout 120 python3 scripts/gpu_fp8_gemm_bench.py --m 256 340 --out "$WORK/gemmb" 2>&1 |
+    grep -E "M=(256|340)" > "$OUT/fp8_gemm_decode_m.txt"
+  cat "$OUT/fp8_gemm_decode_m.txt"
+  echo "=== decode step at batch 256 by kernel, bf16 then fp8 $(date -u +%T)"
+  for quant in "" "--quantization fp8"; do
+    # shellcheck disable=SC2086  # quant is a flag and its value, or nothing
+    timeout 110 python3 scripts/gpu_step_kernels.py --batch-size 256 --input-len 1024 --variants model --steps 8 \
+      $quant 2>&1 | tail -22
+  done > "$OUT/fp8_bs256_kernels.txt"
+  grep -E "^== |GEMV|quantiser" "$OUT/fp8_bs256_kernels.txt"
 fi
 
 if want v3; then
