@@ -24,8 +24,14 @@ def _text_of_content(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "".join(_strings(p.get("text") for p in content if isinstance(p, dict)))
     return ""
+
+
+def _strings(items: Any) -> list[str]:
+    """The strings among items: a body is the client's, so any field may hold anything (the worker
+    answers a malformed one with its 400; the router only must not fail on it)."""
+    return [x for x in items if isinstance(x, str)]
 
 
 def describe(path: str, body: dict[str, Any]) -> RequestInfo:
@@ -36,10 +42,10 @@ def describe(path: str, body: dict[str, Any]) -> RequestInfo:
         max_new = params.get("max_new_tokens") if isinstance(params, dict) else None
         text, ids = body.get("text"), body.get("input_ids")
         if isinstance(text, list):
-            batch, text = len(text), "".join(t for t in text if isinstance(t, str))
+            batch, text = len(text), "".join(_strings(text))
         elif isinstance(ids, list) and ids and isinstance(ids[0], list):
             batch = len(ids)
-            ids = [i for row in ids for i in row]
+            ids = [i for row in ids for i in (row if isinstance(row, list) else [row])]
         if isinstance(text, str):
             key_text, prompt_tokens = text, len(text) // CHARS_PER_TOKEN
         elif isinstance(ids, list):
@@ -57,7 +63,7 @@ def describe(path: str, body: dict[str, Any]) -> RequestInfo:
         else:
             prompt = body.get("prompt")
             key_text = prompt if isinstance(prompt, str) else (
-                "".join(p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else "")
+                "".join(_strings(prompt)) if isinstance(prompt, list) else "")
         prompt_tokens = len(key_text) // CHARS_PER_TOKEN
         wants_logprobs = False
     n = body.get("n") if isinstance(body.get("n"), int) else 1

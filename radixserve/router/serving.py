@@ -7,6 +7,7 @@ closes the connections to the workers and so aborts the request there."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
@@ -19,6 +20,8 @@ from radixserve.router.dispatch import Deadline, route_regular
 from radixserve.router.pd import route_pd
 from radixserve.router.request_info import describe
 from radixserve.router.upstream import DROPPED_HEADERS, Answer, error_answer
+
+logger = logging.getLogger("radixserve.router")
 
 SERVING_PATHS = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
 
@@ -82,6 +85,9 @@ class ServingHandler:
             answer = error_answer(e.status, e.message, request_id)
         except ClientGone:
             answer = None
+        except Exception:  # the router's own bug: still an answer in the envelope, with its id
+            logger.exception("request %s on %s failed in the router", request_id, path)
+            answer = error_answer(500, "internal error in the router", request_id)
         status = answer.status if answer is not None else 499
         counter = self.counted.get((path, status))
         if counter is None:

@@ -98,7 +98,10 @@ class Worker:
 
     @property
     def token_load(self) -> int:
-        """Tokens queued and running on it: its last report plus what was sent since."""
+        """Tokens queued and running on it: its last report plus what was sent since; before any
+        report (the load poll runs for minimum_tokens only) the router's own count of its requests."""
+        if self.reported_at == 0.0:
+            return self.inflight_tokens
         return self.reported_tokens + self.tokens_since_report
 
     def started(self, tokens: int) -> None:

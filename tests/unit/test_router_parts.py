@@ -170,3 +170,67 @@ def test_unknown_routes_and_methods_get_the_error_envelope() -> None:
     assert no_worker.status_code == 503 and "no regular worker" in no_worker.json()["error"]["message"]
     assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
     assert bad_url.status_code == 400 and "http://host:port" in bad_url.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/generate", {"input_ids": [[1, 2], 3]}),
+    ("/generate", {"input_ids": [[1, 2], None]}),
+    ("/generate", {"text": [1, None, {"a": 1}], "sampling_params": [None]}),
+    ("/generate", {"text": {"a": 1}, "input_ids": "x", "sampling_params": "y", "n": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": 3, "content": [{"text": None}, {"text": {}}, 7]}, 9]}),
+    ("/v1/chat/completions", {"messages": "hi", "max_tokens": "5", "n": "2"}),
+    ("/v1/completions", {"prompt": [1, [2], None, "x"], "max_tokens": -3}),
+])
+def test_malformed_bodies_are_described_not_failed_on(path, body) -> None:
+    # the worker answers them with its 400; the router must only route them (was a 500)
+    info = describe(path, body)
+    assert info.key.tokens >= 0 and isinstance(info.key.text, str)
+
+
+def test_token_load_without_load_reports_is_the_routers_own_count() -> None:
+    w = Worker("http://a:1")
+    w.started(100)
+    w.started(50)
+    assert w.token_load == 150
+    w.finished(100, ok=True)
+    w.finished(50, ok=True)
+    assert w.token_load == 0  # was 150 for ever: only a load report reset it
+    w.report(30)
+    w.started(10)
+    assert w.token_load == 40  # once the worker reports, its count plus what was sent since
+
+
+def test_cors_request_ids_and_options_on_every_route() -> None:
+    import httpx
+
+    from radixserve.launch_router import build_context
+    from radixserve.router.app import create_app
+
+    app = create_app(build_context(parse_args(["--disable-health-check", "--api-key", "k"])))
+    preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+
+    async def calls() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+            return [await c.options("/v1/chat/completions", headers=preflight),
+                    await c.get("/health", headers={"Origin": "http://ui.example", "x-request-id": "abc"}),
+                    await c.get("/v1/models"),
+                    await c.options("/generate", headers={"Authorization": "Bearer k"}),
+                    await c.post("/generate", json={"text": "x"}, headers={"x-correlation-id": "c-1"})]
+
+    pre, health, unauthorized, options, serving = asyncio.run(calls())
+    # no --cors-allowed-origins: any origin, as SGLang's router; preflights need no API key
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://ui.example")
+    assert health.status_code == 200 and health.headers["access-control-allow-origin"] == "*"
+    assert health.headers["x-request-id"] == "abc"
+    assert unauthorized.status_code == 401 and len(unauthorized.headers["x-request-id"]) == 32
+    assert options.status_code == 405 and options.headers["allow"] == "POST"
+    assert serving.status_code == 401 and serving.headers["x-request-id"] == "c-1"
+    only = create_app(build_context(parse_args(["--disable-health-check", "--cors-allowed-origins", "http://a"])))
+
+    async def other_origin() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=only), base_url="http://router") as c:
+            return await c.get("/health", headers={"Origin": "http://b"})
+
+    assert "access-control-allow-origin" not in asyncio.run(other_origin()).headers
