@@ -4,6 +4,7 @@ routes_openai.py), behind the gate middleware, with every error as an OpenAI env
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from radixserve import __version__
 from radixserve.entrypoints import openapi_docs as docs
@@ -22,6 +23,10 @@ def create_app(state: ServerState) -> FastAPI:
     state.serving = OpenAIServing(state.tm, state.served_model_name, state.args.chat_template)
     app.state.server = state
     app.add_middleware(GateMiddleware, state=state)
+    # outermost: browser preflights are answered before the gate asks for the API key. Any origin, as
+    # SGLang's and vLLM's servers allow by default
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
+                       allow_headers=["*"])
     docs.install(app)
     install_error_handlers(app)
     app.include_router(routes_native.router)

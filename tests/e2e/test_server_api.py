@@ -672,3 +672,16 @@ def test_profile_of_num_steps_stops_by_itself(server, tmp_path):
     assert post(server, "/stop_profile").status_code == 400  # it stopped by itself
     assert "the GPU activity is left out" in server.log()
     assert_pool_whole(server)
+
+
+def test_cors_any_origin_and_preflight_without_the_key(server):
+    """As SGLang's server: any origin may call it from a browser; the preflight (which carries no
+    Authorization) is answered before the API key is asked for, the real request still needs it."""
+    origin = {"Origin": "http://ui.example"}
+    pre = httpx.options(server.url + CHAT, timeout=10, headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://ui.example")
+    chat = post(server, CHAT, {"model": "smol", "messages": MSG, "max_tokens": 1}, headers=origin)
+    assert chat.status_code == 200 and "access-control-allow-origin" in chat.headers
+    keyless = httpx.post(server.url + CHAT, json={"model": "smol", "messages": MSG}, headers=origin, timeout=10)
+    assert keyless.status_code == 401 and "access-control-allow-origin" in keyless.headers
