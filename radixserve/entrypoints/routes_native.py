@@ -111,12 +111,11 @@ async def start_profile(request: Request, req: ProfileRequest | None = None) -> 
     """SGLang's: the torch profiler in every scheduler process, until /stop_profile or num_steps steps
     that ran a batch; then each rank writes its Chrome trace into output_dir."""
     req = req or ProfileRequest()
-    for name in ("start_step", "profile_by_stage", "merge_profiles"):
+    unbuilt = ("start_step", "profile_by_stage", "merge_profiles")
+    for name in unbuilt:
         if getattr(req, name):
             raise APIError(400, f"{name} is not supported by radixserve", name)
-    reply = await server_state(request).tm.profile(ProfileReq(
-        True, output_dir=req.output_dir, num_steps=req.num_steps, activities=req.activities,
-        with_stack=req.with_stack, record_shapes=req.record_shapes, profile_prefix=req.profile_prefix))
+    reply = await server_state(request).tm.profile(ProfileReq(True, **req.model_dump(exclude=set(unbuilt))))
     if not reply.success:
         return error_response(400, f"profile not started: {reply.message}")
     return PlainTextResponse("Start profiling.\n")
@@ -147,20 +146,20 @@ async def tokenize(req: TokenizeRequest, request: Request):
     lists of tokens and counts."""
     state: ServerState = server_state(request)
     tm = state.tm
-    if req.messages is not None:
-        text = state.serving.apply_template(ChatCompletionRequest(messages=req.messages))
-        ids = tm.validator.encode(text, "messages", add_special_tokens=False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
     field = "text" if req.text is not None else "prompt"
     text = req.text if req.text is not None else req.prompt
-    if text is None:
+    if req.messages is not None:
+        ids = tm.validator.encode(state.serving.apply_template(ChatCompletionRequest(messages=req.messages)),
+                                  "messages", add_special_tokens=False)
+    elif text is None:
         raise APIError(400, "give text, prompt or messages", "text")
-    if isinstance(text, str):
+    elif isinstance(text, str):
         ids = tm.validator.encode(text, field, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
-    lists = [tm.validator.encode(t, f"{field}.{k}", add_special_tokens=req.add_special_tokens)
-             for k, t in enumerate(text)]
-    return {"tokens": lists, "count": [len(ids) for ids in lists], "max_model_len": tm.context_len}
+    else:
+        lists = [tm.validator.encode(t, f"{field}.{k}", add_special_tokens=req.add_special_tokens)
+                 for k, t in enumerate(text)]
+        return {"tokens": lists, "count": [len(ids) for ids in lists], "max_model_len": tm.context_len}
+    return {"tokens": ids, "count": len(ids), "max_model_len": tm.context_len}
 
 
 @router.post("/v1/detokenize", responses=docs.json_body(docs.DetokenizeResponse))

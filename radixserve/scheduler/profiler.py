@@ -29,7 +29,7 @@ def default_output_dir() -> str:
 
 
 class BadProfileRequest(ValueError):
-    pass
+    """A start's arguments that cannot be honoured: its message goes back as the 400's."""
 
 
 @dataclass

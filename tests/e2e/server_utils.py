@@ -131,3 +131,24 @@ def generate_both(prefill: ServerProcess, decode: ServerProcess, body: dict, tim
         p, d = p.result(), d.result()
     assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
     return d.json()
+
+
+# The bundled model as test_server_api.py and test_native_api.py serve it (a server per module)
+API_KEY = "sk-test-radixserve"
+BODY_LIMIT = 1 << 20
+
+
+def api_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """For a module-scoped fixture: `yield from api_server(tmp_path_factory)`."""
+    log = str(tmp_path_factory.mktemp("server") / "server.log")
+    srv = start_server(["--dtype", "float32", "--max-request-body-size", str(BODY_LIMIT),
+                        "--served-model-name", "smol"], log, api_key=API_KEY)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def post(server: ServerProcess, path: str, body=None, content: bytes | None = None, headers=None) -> httpx.Response:
+    h = {**server.headers(), **(headers or {})}
+    if content is not None:
+        return httpx.post(server.url + path, content=content, headers=h, timeout=120)
+    return httpx.post(server.url + path, json=body, headers=h, timeout=120)
