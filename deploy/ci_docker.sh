@@ -12,7 +12,8 @@
 #   deploy/ci_docker.sh daemon base build        # what tests/deploy/test_docker.py does
 #
 # Environment: IMAGE (radixserve:cpu), BASE_IMAGE (radixserve-base:bookworm), NO_CACHE=1 (rebuild every layer),
-# TORCH_WHEELS (/opt/wheels), DOCKERD_LOG, DOCKERD_PID_FILE. Exit status: 0 done; 3 Docker cannot run here
+# TORCH_WHEELS (/opt/wheels), BUILD_CACHE_KEEP (4GB: the build cache left after a build; the image $IMAGE
+# named before a build is removed once the build replaces it), DOCKERD_LOG, DOCKERD_PID_FILE. Exit status: 0 done; 3 Docker cannot run here
 # (the reason on stderr); 1 a step failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-radixserve:cpu}
 BASE_IMAGE=${BASE_IMAGE:-radixserve-base:bookworm}
 TORCH_WHEELS=${TORCH_WHEELS:-/opt/wheels}
+BUILD_CACHE_KEEP=${BUILD_CACHE_KEEP:-4GB}
 DOCKERD_LOG=${DOCKERD_LOG:-/tmp/radixserve-dockerd.log}
 DOCKERD_PID_FILE=${DOCKERD_PID_FILE:-/tmp/radixserve-dockerd.pid}
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
@@ -72,6 +74,8 @@ step_base() {
 }
 
 step_build() {
+  local previous
+  previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
   local args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
   [[ ${NO_CACHE:-0} == 1 ]] && args+=(--no-cache)
   [[ -s $CA_BUNDLE ]] && args+=(--secret "id=ca,src=$CA_BUNDLE")
@@ -89,6 +93,18 @@ step_build() {
   DOCKER_BUILDKIT=1 "$cli" build --progress=plain -t "$IMAGE" -f deploy/Dockerfile.cpu "${args[@]}" . \
     >/tmp/radixserve-docker-build.log 2>&1 || { tail -n 40 /tmp/radixserve-docker-build.log >&2; rm -rf .docker-wheels; return 1; }
   rm -rf .docker-wheels
+  forget_previous_build "$previous"
+}
+
+# The install layer mounts the source, so every change of the tree rebuilds it (about 3 GB): without this
+# each CI run would leave the last image untagged and its layers in the build cache until the disk fills.
+forget_previous_build() {
+  local previous=$1 current
+  current=$(docker image inspect -f '{{.Id}}' "$IMAGE")
+  if [[ -n $previous && $previous != "$current" ]]; then
+    docker image rm "$previous" >/dev/null 2>&1 || say "kept the previous $IMAGE ($previous): a container uses it"
+  fi
+  docker builder prune -f --keep-storage "$BUILD_CACHE_KEEP" >/dev/null || say "could not prune the build cache"
 }
 
 step_stop() {

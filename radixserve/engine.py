@@ -25,7 +25,7 @@ from radixserve.messages import GenerateReq, ProfileReq
 from radixserve.scheduler.dp_controller import run_dp_controller_process
 from radixserve.scheduler.process import run_scheduler_process
 from radixserve.server_args import ServerArgs, ServerArgsError
-from radixserve.utils.process import kill_process_tree, kill_process_trees
+from radixserve.utils.process import kill_process_trees
 
 logger = logging.getLogger("radixserve.engine")
 
@@ -70,16 +70,22 @@ def launch_backend(args: ServerArgs) -> tuple[PortArgs, list[mp.Process], dict[s
     try:
         infos = [wait_ready(reader, proc) for reader, proc in readers]
     except BaseException:
-        for p in procs:
-            kill_process_tree(p.pid)
+        stop_backend(ports, procs)
         raise
     failed = [i for i in infos if i.get("status") != "ready"]
     if failed:
-        for p in procs:
-            kill_process_tree(p.pid)
+        stop_backend(ports, procs)
         raise EngineStartError(failed[0].get("message", "scheduler failed to start"))
     info = infos[0]
     return ports, procs, info, tokenizer, source
+
+
+def stop_backend(ports: PortArgs, procs: list[mp.Process]) -> None:
+    """Kill the backend's process trees, then delete their socket folder."""
+    kill_process_trees([p.pid for p in procs])
+    for p in procs:
+        p.join(timeout=5)
+    ports.remove()
 
 
 def scheduler_ranks(args: ServerArgs) -> list[tuple[int, int, str]]:
@@ -140,20 +146,20 @@ class Engine:
         procs = self._procs
         self.tokenizer_manager = TokenizerManager(ports, tokenizer, self.info, lambda: liveness_check(procs),
                                                   self.server_args.max_logprobs)
-        self._finalizer = weakref.finalize(self, Engine._cleanup, self._loop, procs, self.tokenizer_manager)
+        self._finalizer = weakref.finalize(self, Engine._cleanup, self._loop, ports, procs,
+                                           self.tokenizer_manager)
         atexit.register(self._finalizer)
 
     # ---- lifetime -------------------------------------------------------------
     @staticmethod
-    def _cleanup(loop: asyncio.AbstractEventLoop, procs: list[mp.Process], tm: TokenizerManager) -> None:
+    def _cleanup(loop: asyncio.AbstractEventLoop, ports: PortArgs, procs: list[mp.Process],
+                 tm: TokenizerManager) -> None:
         if loop.is_running():
             try:
                 asyncio.run_coroutine_threadsafe(tm.close(), loop).result(timeout=5)
             except Exception:  # shutting down regardless
                 logger.debug("tokenizer manager did not close cleanly", exc_info=True)
-        kill_process_trees([p.pid for p in procs])
-        for p in procs:
-            p.join(timeout=5)
+        stop_backend(ports, procs)
         if loop.is_running():
             loop.call_soon_threadsafe(loop.stop)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -18,18 +19,26 @@ class PortArgs:
     # scheduler_input, and collects the schedulers' control replies and load reports.
     control_reply: str = ""  # "" -> replies go straight to tokenizer_input
     load_report: str = ""  # "" -> no controller to report load to
+    socket_dir: str = ""  # the private folder holding the ipc sockets; remove() deletes it
 
     @staticmethod
     def new() -> PortArgs:
         base = tempfile.mkdtemp(prefix="radixserve-")
-        return PortArgs(*(f"ipc://{os.path.join(base, name)}" for name in ("sched", "detok", "tok")))
+        sched, detok, tok = (f"ipc://{os.path.join(base, name)}" for name in ("sched", "detok", "tok"))
+        return PortArgs(sched, detok, tok, socket_dir=base)
+
+    def remove(self) -> None:
+        """Delete the socket folder once every process using it is gone (each launch makes one)."""
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def for_dp_group(self, dp_rank: int) -> PortArgs:
         """The endpoints of DP group dp_rank: its own input, shared detokenizer and API, and the
         controller's reply and load sockets."""
         base = self.scheduler_input[len("ipc://"):]
         return PortArgs(f"ipc://{base}-dp{dp_rank}", self.detokenizer_input, self.tokenizer_input,
-                        control_reply=f"ipc://{base}-replies", load_report=f"ipc://{base}-load")
+                        control_reply=f"ipc://{base}-replies", load_report=f"ipc://{base}-load",
+                        socket_dir=self.socket_dir)
 
 
 def push_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

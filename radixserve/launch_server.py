@@ -102,12 +102,11 @@ def serve_follower(args: ServerArgs) -> int:
     from fastapi import FastAPI
     from fastapi.responses import Response
 
-    from radixserve.engine import EngineStartError, launch_backend, liveness_check
+    from radixserve.engine import EngineStartError, launch_backend, liveness_check, stop_backend
     from radixserve.entrypoints.errors import error_response
-    from radixserve.utils.process import kill_process_trees
 
     try:
-        _, procs, _, _, _ = launch_backend(args)
+        ports, procs, _, _, _ = launch_backend(args)
     except (ValueError, EngineStartError) as e:
         logger.error("%s", e)
         return 1
@@ -145,7 +144,7 @@ def serve_follower(args: ServerArgs) -> int:
         asyncio.run(run())
         return exit_code
     finally:
-        kill_process_trees([p.pid for p in procs])
+        stop_backend(ports, procs)
 
 
 def raise_open_files_limit(connections: int) -> None:
@@ -170,12 +169,11 @@ def raise_open_files_limit(connections: int) -> None:
 def serve(args: ServerArgs) -> int:
     if args.node_rank > 0:
         return serve_follower(args)
-    from radixserve.engine import EngineStartError, launch_backend, liveness_check
+    from radixserve.engine import EngineStartError, launch_backend, liveness_check, stop_backend
     from radixserve.entrypoints.http_protocol import guarded_protocol
     from radixserve.entrypoints.http_server import ServerState, create_app
     from radixserve.entrypoints.metrics import Metrics
     from radixserve.entrypoints.tokenizer_manager import TokenizerManager
-    from radixserve.utils.process import kill_process_trees
 
     args.chat_template = read_chat_template(args.chat_template)
     try:
@@ -216,7 +214,7 @@ def serve(args: ServerArgs) -> int:
             return 1  # could not bind the port (uvicorn logged why)
         return server.exit_code
     finally:
-        kill_process_trees([p.pid for p in procs])
+        stop_backend(ports, procs)
         logger.info("radixserve stopped")
 
 

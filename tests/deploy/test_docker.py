@@ -34,6 +34,7 @@ def sh(*cmd: str, timeout: float = 300, env: dict[str, str] | None = None) -> su
 def image():
     had_daemon = sh("docker", "info", timeout=60).returncode == 0 if shutil.which("docker") else False
     env = {"IMAGE": IMAGE, "NO_CACHE": "1" if os.environ.get("CI") else os.environ.get("NO_CACHE", "0")}
+    previous = image_id(IMAGE) if had_daemon else ""
     start = time.monotonic()
     done = sh(os.path.join(DEPLOY, "ci_docker.sh"), "daemon", "base", "build", timeout=1500, env=env)
     print(f"ci_docker.sh daemon base build: {time.monotonic() - start:.0f} s\n{done.stderr}")
@@ -43,9 +44,18 @@ def image():
             pytest.fail(f"CI must run Docker: {reason}")
         pytest.skip(reason)
     assert done.returncode == 0, done.stderr
+    if previous and previous != image_id(IMAGE):
+        # each build replaces a ~3 GB image: the old one must go, or repeated CI runs fill the disk
+        assert not image_id(previous), f"the build left the previous {IMAGE} ({previous}) behind"
     yield IMAGE
     if not had_daemon:
         sh(os.path.join(DEPLOY, "ci_docker.sh"), "stop", timeout=60)
+
+
+def image_id(ref: str) -> str:
+    """The image's id, or "" where there is no such image."""
+    done = sh("docker", "image", "inspect", "-f", "{{.Id}}", ref, timeout=60)
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def compose_cmd() -> list[str]:

@@ -53,7 +53,9 @@ class ServerProcess:
 _SPAWN_LOCK = threading.Lock()
 
 
-def start_server(args: list[str], log_path: str, api_key: str | None = None, timeout: float = 180) -> ServerProcess:
+def start_server(args: list[str], log_path: str, api_key: str | None = None, timeout: float = 180,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    """Start `python -m radixserve.launch_server ARGS` and wait for /health; env adds to the environment."""
     port = free_port()
     cmd = [sys.executable, "-m", "radixserve.launch_server", "--port", str(port), *args]
     if api_key:
@@ -62,7 +64,8 @@ def start_server(args: list[str], log_path: str, api_key: str | None = None, tim
     # one spawn at a time: two threads spawning at once (servers started in parallel) once had exec
     # fail with EFAULT ("Bad address") in CI; the servers still start up in parallel
     with _SPAWN_LOCK:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                env={**os.environ, **env} if env else None)
     server = ServerProcess(proc, port, log_path, api_key)
     deadline = time.time() + timeout
     while time.time() < deadline:

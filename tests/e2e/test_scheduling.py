@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
 import random
+import tempfile
 
 import pytest
 
@@ -51,12 +54,16 @@ def test_fcfs_and_no_radix_cache_agree(model_dir, ample):
     batch = prompts(10)
     params = {"temperature": 0, "max_new_tokens": 8}
     want = [o["output_ids"] for o in ample.generate(input_ids=batch, sampling_params=params)]
+    socket_dirs = os.path.join(tempfile.gettempdir(), "radixserve-*")
+    before = set(glob.glob(socket_dirs))
     with Engine(model_path=model_dir, dtype="float32", schedule_policy="fcfs", disable_radix_cache=True,
                 max_running_requests=3, max_prefill_tokens=64) as e:
         outs = e.generate(input_ids=batch, sampling_params=params)
         assert [o["output_ids"] for o in outs] == want
         assert all(o["meta_info"]["cached_tokens"] == 0 for o in outs)
         assert_pools_whole(e)
+        assert set(glob.glob(socket_dirs)) - before, "the engine's ipc socket folder was not made where expected"
+    assert set(glob.glob(socket_dirs)) <= before, "shutdown left the engine's ipc socket folder behind"
 
 
 def test_async_generate_concurrent_and_abort(ample):

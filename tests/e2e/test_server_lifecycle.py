@@ -36,9 +36,16 @@ def all_gone(pids: list[int], timeout: float = 10) -> bool:
     return False
 
 
+def private_tmpdir(tmp_path) -> dict[str, str]:
+    """A TMPDIR of the server's own, to see what it leaves there."""
+    (tmp_path / "tmp").mkdir()
+    return {"TMPDIR": str(tmp_path / "tmp")}
+
+
 def test_group_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
     srv = start_server(["--model-path", model_dir, "--dtype", "float32", "--shutdown-timeout", "60"],
-                       str(tmp_path / "server.log"))
+                       str(tmp_path / "server.log"), env=private_tmpdir(tmp_path))
+    assert [p.name for p in (tmp_path / "tmp").glob("radixserve-*")], "no ipc socket folder where expected"
     children = descendants(srv.proc.pid)
     results: list[tuple[int, str]] = []
     # connect first, send together: on 2 busy cores, threads started one by one can be so far apart
@@ -77,6 +84,7 @@ def test_group_sigterm_drains_streams_then_exits_zero(model_dir, tmp_path):
     assert len(results) == 8 and all(code == 200 and last == "data: [DONE]" for code, last in results), results
     assert srv.proc.wait(60) == 0, srv.log()
     assert all_gone(children), "child processes outlived the server"
+    assert not list((tmp_path / "tmp").glob("radixserve-*")), "the ipc socket folder outlived the server"
 
 
 def test_shutdown_timeout_ends_what_is_left_with_503_whatever_is_queued(model_dir, tmp_path):
@@ -136,7 +144,8 @@ def test_shutdown_timeout_ends_what_is_left_with_503_whatever_is_queued(model_di
 
 
 def test_child_death_exits_nonzero(model_dir, tmp_path):
-    srv = start_server(["--model-path", model_dir, "--dtype", "float32"], str(tmp_path / "server.log"))
+    srv = start_server(["--model-path", model_dir, "--dtype", "float32"], str(tmp_path / "server.log"),
+                       env=private_tmpdir(tmp_path))
     children = descendants(srv.proc.pid)
     # the scheduler and detokenizer are multiprocessing "spawn" children (the scheduler starts first)
     workers = [p for p in children if "spawn_main" in " ".join(psutil.Process(p).cmdline())]
@@ -145,6 +154,7 @@ def test_child_death_exits_nonzero(model_dir, tmp_path):
     assert srv.proc.wait(30) != 0
     assert "process died" in srv.log()
     assert all_gone(children)
+    assert not list((tmp_path / "tmp").glob("radixserve-*")), "the ipc socket folder outlived the server"
 
 
 def test_bad_flag_is_one_line(tmp_path):
