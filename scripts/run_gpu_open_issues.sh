@@ -10,7 +10,8 @@
 #           prefill 32 x 1024, bf16 against --quantization fp8 (PARTS=prefill of run_gpu_fp8_bench.sh)
 #   fp8batch issue 21's serving gap: FP8 weights alone served slower than bf16 (TPOT 77 against 48 ms at
 #           ~340 decode rows, H100 2026-12-07): the block GEMM at M = 256 / 340 beside bf16 cuBLAS, then the
-#           decode step kernel by kernel at batch 256, bf16 and --quantization fp8
+#           decode step kernel by kernel at batch 256, bf16 and --quantization fp8; then whole decode steps
+#           at batch 340 (eager: past the 256-row graph cap) and 256, bf16 and fp8 ($OUT/fp8_bs340_eager.jsonl)
 #   v3      issue 22: DeepSeek-V3 cut to 6 layers (3 dense, 3 MoE), FP8 block weights: batch 1, 32, prefill
 #   mixtral issue 20 (an H200 only: the full model needs 93 GB): Mixtral-8x7B bench_serving, 500 prompts
 #   qwen3   issue 20: Qwen3-30B-A3B batch 32, prefill 32 x 1024 and serving, on the H200 (H100 figures exist)
@@ -87,6 +88,17 @@ if want fp8batch; then
       $quant 2>&1 | tail -22
   done > "$OUT/fp8_bs256_kernels.txt"
   grep -E "^== |GEMV|quantiser" "$OUT/fp8_bs256_kernels.txt"
+  # serving ran ~340 decode rows, past the CUDA graph cap (256): eager steps pay each FP8 linear's
+  # Python and launches (quantiser, scale layout, pad, GEMM) where bf16 pays one F.linear
+  echo "=== decode step at batch 340 (eager, past the graph cap) and 256 (graph), bf16 then fp8 $(date -u +%T)"
+  for quant in "" "--quantization fp8"; do
+    for bs in 340 256; do
+      # shellcheck disable=SC2086
+      timeout 150 python3 -m radixserve.bench_one_batch --model-path radixserve/configs/llama-3.1-8b \
+        --load-format dummy --dtype bfloat16 --batch-size "$bs" --input-len 1024 --output-len 8 --warmup 1 \
+        --run-name "bs$bs${quant:+-fp8}" --result-file "$OUT/fp8_bs340_eager.jsonl" $quant 2>&1 | tail -2
+    done
+  done
 fi
 
 if want v3; then
