@@ -121,6 +121,22 @@ def profile_replays(graph: torch.cuda.CUDAGraph, n: int) -> dict[str, tuple[int,
     return {name: (len(v) // n, statistics.fmean(v)) for name, v in sums.items()}
 
 
+def profile_steps(driver: BatchDriver, reqs: list, n: int) -> None:
+    """Where a whole step's time goes beside the graph: host ops by self time, and every kernel,
+    per step, over n timed steps as bench_one_batch runs them."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            driver.timed(lambda: driver.decode(reqs))
+    averages = prof.key_averages()
+    print(f"   -- host ops by self time, us per step (over {n} steps)")
+    for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:15]:
+        print(f"   {e.self_cpu_time_total / n:9.1f} us  {e.count // n:>3} calls  {e.key[:90]}")
+    print("   -- kernels and copies, us per step")
+    on_device = [e for e in averages if e.self_device_time_total > 0]
+    for e in sorted(on_device, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"   {e.self_device_time_total / n:9.1f} us  {e.count // n:>3} calls  {e.key[:90]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="radixserve/configs/llama-3.1-8b")
@@ -130,6 +146,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--kernels", action="store_true", help="also list every kernel name")
     p.add_argument("--per-shape", action="store_true", help="also time each projection kind on its own")
+    p.add_argument("--step-profile", action="store_true",
+                   help="also profile whole steps (host ops and kernels): what the step spends outside the graph")
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="the model quantized at load (the FP8 GEMV at one row; --per-shape needs bf16 weights)")
     args = p.parse_args()
@@ -166,6 +184,8 @@ def main() -> None:
             top = sorted(kernels.items(), key=lambda kv: -kv[1][0] * kv[1][1])
             for kname, (calls, us) in top if args.kernels else top[:12]:
                 print(f"   {calls:>4} x {us:8.2f} us  {kname[:110]}")
+            if args.step_profile:
+                profile_steps(driver, reqs, 20)
             summary.append((name, step, replay, busy, by_kind.get("GEMV", 0.0) / 1e3))
     print(f"\n{'variant':<32} {'step ms':>8} {'replay ms':>9} {'kernels ms':>10} {'GEMV ms':>8}")
     for name, step, replay, busy, gemv_ms in summary:
