@@ -32,11 +32,27 @@ _INT_FIELDS = ("min_new_tokens", "top_k", "n")
 _OPTIONAL_INT_FIELDS = ("max_new_tokens", "seed", "stream_interval")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 _GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
+# Integers must fit in 64 bits (OpenAI's bounds for seed): the messages to the scheduler carry them
+# as MessagePack ints, which cannot hold a larger one (a JSON body can).
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _is_int(value: Any) -> bool:
     # bool is a subclass of int, but `"top_k": true` is a client bug, not a 1.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int64(name: str, value: int) -> None:
+    if not INT64_MIN <= value <= INT64_MAX:
+        text = str(value)
+        got = text if len(text) <= 40 else f"an integer of {len(text.lstrip('-'))} digits"
+        raise SamplingParamsError(f"{name} must be a 64-bit integer (in [-2**63, 2**63 - 1]), got {got}", name)
+
+
+def wrap_int64(value: int) -> int:
+    """value as a 64-bit two's-complement integer (seed + sample index may pass 2**63 - 1; a step's
+    seed depends on the seed modulo 2**64 only, so the samples are the same)."""
+    return (value - INT64_MIN) % (1 << 64) + INT64_MIN
 
 
 def _token_key(key: Any) -> int | None:
@@ -229,17 +245,25 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SamplingParamsError(f"{name} must be a number, got {value!r}", name)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer past float's range (a JSON number of 400 digits)
+                raise SamplingParamsError(f"{name} must be finite, got an integer too large for a float",
+                                          name) from None
             if not math.isfinite(value):
                 raise SamplingParamsError(f"{name} must be finite, got {value!r}", name)
-            setattr(self, name, float(value))
+            setattr(self, name, value)
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if not _is_int(value):
                 raise SamplingParamsError(f"{name} must be an integer, got {value!r}", name)
+            _check_int64(name, value)
         for name in _OPTIONAL_INT_FIELDS:
             value = getattr(self, name)
             if value is not None and not _is_int(value):
                 raise SamplingParamsError(f"{name} must be an integer or null, got {value!r}", name)
+            if value is not None:
+                _check_int64(name, value)
         for name in _BOOL_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -255,6 +279,8 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True):
         if ids is not None:
             if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
                 raise SamplingParamsError(f"stop_token_ids must be a list of integers, got {ids!r}", "stop_token_ids")
+            for i in ids:
+                _check_int64("stop_token_ids", i)
             self.stop_token_ids = list(ids)
 
     def _check_ranges(self) -> None:

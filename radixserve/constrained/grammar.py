@@ -113,6 +113,7 @@ class GrammarMatcher:
     def __init__(self, compiled: CompiledGrammar) -> None:
         self._matcher = xgr.GrammarMatcher(compiled)
         self._stop_ids = list(self._matcher.stop_token_ids)
+        self._vocab_size = compiled.tokenizer_info.vocab_size
 
     def accept_token(self, token_id: int) -> bool:
         if self._matcher.is_terminated():
@@ -121,6 +122,15 @@ class GrammarMatcher:
 
     def is_terminated(self) -> bool:
         return bool(self._matcher.is_terminated())
+
+    def allows_nothing(self) -> bool:
+        """No token may come next, not even a stop: from here the grammar matches no text (an empty
+        language, such as EBNF `root ::= a  a ::= a` or the regex `[^\\x00-\\U0010FFFF]`)."""
+        if self._matcher.is_terminated():
+            return False
+        bitmask = allocate_bitmask(1, self._vocab_size)
+        self._matcher.fill_next_token_bitmask(bitmask, 0)
+        return not bool(bitmask.any())
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         if self._matcher.is_terminated():

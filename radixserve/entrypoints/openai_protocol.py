@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from radixserve.entrypoints.requests import Bootstrap
+from radixserve.sampling_params import INT64_MAX
 from radixserve.utils.text import lone_surrogate_at
 
 # Numbers must be JSON numbers: lax pydantic would take `true` as 1 (a token id!) and "0.7" as 0.7.
@@ -270,7 +271,7 @@ class ProfileRequest(_Request):
     """/start_profile (SGLang's ProfileReqInput); scheduler/profiler.py says what each field does."""
 
     output_dir: str | None = None
-    num_steps: Int | None = None
+    num_steps: Annotated[Int, Field(le=INT64_MAX)] | None = None  # the message to the scheduler holds 64 bits
     activities: list[str] | None = None
     with_stack: bool | None = None
     record_shapes: bool | None = None

@@ -168,12 +168,19 @@ class OpenAIServing:
         tok = self.tm.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; start the server with --chat-template")
+        kwargs = req.chat_template_kwargs or {}
+        if "chat_template" in kwargs:
+            # a template is a program the server runs: one from a request can loop for minutes in
+            # the event loop (every request stalls) or fill the memory. vLLM refuses it too.
+            raise APIError(400, "chat_template_kwargs.chat_template is not accepted: a request cannot bring its "
+                           "own chat template (the server's is set by --chat-template)",
+                           "chat_template_kwargs.chat_template")
         messages = [{"role": m.role, "content": self._content_text(m, i)} for i, m in enumerate(req.messages)]
         try:
             return tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=req.add_generation_prompt
                 and not req.continue_final_message, continue_final_message=req.continue_final_message,
-                **(req.chat_template_kwargs or {}),
+                **kwargs,
             )
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
             raise APIError(400, f"chat template failed: {e}", "messages") from None

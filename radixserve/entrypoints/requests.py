@@ -12,7 +12,7 @@ import msgspec
 
 from radixserve.entrypoints.request_errors import RequestError
 from radixserve.messages import GenerateReq
-from radixserve.sampling_params import SamplingParams, SamplingParamsError
+from radixserve.sampling_params import SamplingParams, SamplingParamsError, wrap_int64
 
 MAX_N = 128  # samples per prompt: OpenAI's limit
 
@@ -84,10 +84,13 @@ def expand_requests(
     for k, ((text, ids), (n, params), base_rid) in enumerate(zip(items, parsed, rids)):
         base_rid = base_rid or new_rid()
         logprob = bool(want_logprobs[k])
-        start = -1 if starts[k] is None or not logprob else starts[k]
+        # any negative start is -1, no prompt logprobs (a huge one would not fit the message's int)
+        start = -1 if starts[k] is None or not logprob or starts[k] < 0 else starts[k]
         for i in range(n):
             # samples share one parsed params unless each needs its own seed: distinct yet reproducible
-            p = msgspec.structs.replace(params, seed=params.seed + i) if n > 1 and params.seed is not None else params
+            # (wrapped, so that a seed near 2**63 stays the 64-bit integer the scheduler's check wants)
+            p = (msgspec.structs.replace(params, seed=wrap_int64(params.seed + i))
+                 if n > 1 and params.seed is not None else params)
             reqs.append(GenerateReq(
                 rid=base_rid if n == 1 else f"{base_rid}-{i}", input_ids=ids if ids is not None else [],
                 sampling_params=p, text=text, return_logprob=logprob,

@@ -183,8 +183,15 @@ class TokenizerManager:
             raise ServerDeadError(self.dead)
         await self._drained()  # what the scheduler reports includes every request already answered
         fut = asyncio.get_running_loop().create_future()
-        self.control_waiters.setdefault(reply_type, []).append(fut)
-        await ipc_codec.send_async(self.send_sock, request)
+        waiters = self.control_waiters.setdefault(reply_type, [])
+        waiters.append(fut)
+        try:
+            await ipc_codec.send_async(self.send_sock, request)
+        except Exception:
+            # not sent, so no reply will come for it: left in line, it would take the next caller's
+            # reply, and that caller would wait forever
+            waiters.remove(fut)
+            raise
         return await fut
 
     async def flush_cache(self) -> FlushCacheReply:

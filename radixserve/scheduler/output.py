@@ -37,6 +37,14 @@ def append_token(req: Req, tokens: SampledTokens, i: int) -> None:
             k = req.top_logprobs_num
             req.output_top_logprobs.append(list(zip(tokens.top_values[i][:k], tokens.top_ids[i][:k])))
     if req.grammar is not None and not req.grammar.accept_token(token):
+        if req.grammar.allows_nothing():
+            # the bitmask allowed no token at all, so the sampler's pick was forced: the client's
+            # grammar can match no text here, the client's error
+            kind, done = req.params.grammar_spec().kind, len(req.output_ids) - 1  # the last is the forced one
+            after = "at the start" if done == 0 else f"after {done} token{'s' if done > 1 else ''}"
+            req.finish_reason = {"type": "abort", "status_code": 400,
+                                 "message": f"the {kind} grammar allows no token {after}: it can match no text"}
+            return
         # the bitmask forbids such tokens: reaching this is radixserve's bug, an internal error
         req.finish_reason = {"type": "abort", "message": f"token {token} violates the grammar", "status_code": 500}
         return

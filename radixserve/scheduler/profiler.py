@@ -61,11 +61,14 @@ class SchedulerProfiler:
                 raise BadProfileRequest(f"num_steps must be at least 1 (got {req.num_steps})")
             if req.profile_prefix and os.sep in req.profile_prefix:  # a file name's start, not a path
                 raise BadProfileRequest(f"profile_prefix may not contain {os.sep!r}")
+            for name, value in (("output_dir", req.output_dir), ("profile_prefix", req.profile_prefix)):
+                if value and "\0" in value:  # no path can hold one: os calls raise ValueError
+                    raise BadProfileRequest(f"{name} may not contain a NUL character")
             out_dir = req.output_dir or default_output_dir()
             os.makedirs(out_dir, exist_ok=True)
             if not os.access(out_dir, os.W_OK):  # found now, not after the profile ran
                 raise BadProfileRequest(f"output_dir {out_dir!r} is not writable")
-        except (BadProfileRequest, OSError) as e:
+        except (ValueError, OSError) as e:  # BadProfileRequest is a ValueError; none may end the scheduler
             return ProfileReply(False, str(e))
         path = os.path.join(out_dir, self._file_name(req.profile_id or str(time.time()), req.profile_prefix))
         # SGLang's defaults: call stacks on, input shapes off
@@ -93,7 +96,7 @@ class SchedulerProfiler:
         run.prof.stop()
         try:
             run.prof.export_chrome_trace(run.path)  # gzipped, the name ending in .gz
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:
             logger.error("the trace could not be written to %s: %s", run.path, e)
             return ProfileReply(False, f"the trace could not be written to {run.path}: {e}")
         logger.info("Profiling done: trace written to %s", run.path)
