@@ -162,7 +162,12 @@ class TokenizerManager:
             else:
                 waiters = self.control_waiters.get(type(msg), [])
                 if waiters:
-                    waiters.pop(0).set_result(msg)
+                    # a caller cancelled after sending keeps its place in line, so this reply is its
+                    # own and is dropped here, not handed to the next caller (nor set on a done future,
+                    # which would raise and end this loop)
+                    waiter = waiters.pop(0)
+                    if not waiter.done():
+                        waiter.set_result(msg)
 
     async def _watch_loop(self) -> None:
         while self.dead is None:

@@ -115,6 +115,32 @@ def test_a_control_message_that_cannot_be_sent_leaves_no_waiter():
     assert sent == [] and tm.control_waiters[ProfileReply] == []
 
 
+def test_a_caller_cancelled_after_sending_does_not_stall_the_replies():
+    """A control call cancelled while it waits (a client gone, a timeout): its reply, when it comes, is
+    dropped, and the next caller gets its own; the receive loop lives on."""
+    replies: asyncio.Queue = asyncio.Queue()
+
+    async def send(data: bytes, copy: bool = True) -> None:
+        replies.put_nowait(data)  # the scheduler answers every control message in order
+
+    async def recv(copy: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(buffer=await replies.get())
+
+    async def scenario() -> None:
+        tm = TokenizerManager.__new__(TokenizerManager)
+        tm._started, tm.dead, tm.draining, tm.control_waiters, tm.routes = True, None, {}, {}, {}
+        tm.send_sock, tm.recv_sock = SimpleNamespace(send=send), SimpleNamespace(recv=recv)
+        first = asyncio.ensure_future(tm._control(ProfileReq(True, profile_id="first"), ProfileReq))
+        await asyncio.sleep(0)  # sent, now waiting
+        first.cancel()
+        loop = asyncio.ensure_future(tm._recv_loop())
+        second = await asyncio.wait_for(tm._control(ProfileReq(True, profile_id="second"), ProfileReq), 5)
+        assert second.profile_id == "second" and not loop.done()
+        loop.cancel()
+
+    asyncio.run(scenario())
+
+
 # ---- a chat template from the request: runs in the event loop, for as long as it likes ----------
 def test_a_request_chat_template_is_refused(server):
     # 10**8 loop turns: once ran (about 10 s here) with /health and every request waiting
