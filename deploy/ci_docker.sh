@@ -13,8 +13,8 @@
 #
 # Environment: IMAGE (radixserve:cpu), BASE_IMAGE (radixserve-base:bookworm), NO_CACHE=1 (rebuild every layer),
 # TORCH_WHEELS (/opt/wheels), BUILD_CACHE_KEEP (4GB: the build cache left after a build; the image $IMAGE
-# named before a build is removed once the build replaces it), DOCKERD_LOG, DOCKERD_PID_FILE. Exit status: 0 done; 3 Docker cannot run here
-# (the reason on stderr); 1 a step failed.
+# named before a build is removed once the build replaces it), DOCKERD_LOG, DOCKERD_PID_FILE.
+# Exit status: 0 done; 3 Docker cannot run here (the reason on stderr); 1 a step failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

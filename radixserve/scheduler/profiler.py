@@ -96,7 +96,7 @@ class SchedulerProfiler:
         run.prof.stop()
         try:
             run.prof.export_chrome_trace(run.path)  # gzipped, the name ending in .gz
-        except (OSError, RuntimeError, ValueError) as e:
+        except (OSError, RuntimeError) as e:
             logger.error("the trace could not be written to %s: %s", run.path, e)
             return ProfileReply(False, f"the trace could not be written to {run.path}: {e}")
         logger.info("Profiling done: trace written to %s", run.path)
