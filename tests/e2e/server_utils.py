@@ -55,7 +55,23 @@ _SPAWN_LOCK = threading.Lock()
 
 def start_server(args: list[str], log_path: str, api_key: str | None = None, timeout: float = 180,
                  env: dict[str, str] | None = None) -> ServerProcess:
-    """Start `python -m radixserve.launch_server ARGS` and wait for /health; env adds to the environment."""
+    """Start `python -m radixserve.launch_server ARGS` and wait for /health; env adds to the environment.
+    A free port can be taken by another process before the server binds it (servers and KV transfer
+    engines starting in parallel): then it starts again on another."""
+    for attempt in range(3):
+        try:
+            return _start_on_a_free_port(args, log_path, api_key, timeout, env)
+        except PortTaken:
+            if attempt == 2:
+                raise
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_on_a_free_port(args: list[str], log_path: str, api_key: str | None, timeout: float,
+                          env: dict[str, str] | None) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "radixserve.launch_server", "--port", str(port), *args]
     if api_key:
@@ -70,7 +86,8 @@ def start_server(args: list[str], log_path: str, api_key: str | None = None, tim
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+            error = PortTaken if f"('127.0.0.1', {port}): address already in use" in server.log() else RuntimeError
+            raise error(f"server exited with {proc.returncode}:\n{server.log()}")
         try:
             if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                 return server
