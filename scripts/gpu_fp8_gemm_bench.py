@@ -48,12 +48,22 @@ GEMM_SWEEP = ((16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (32, 64,
               (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (64, 256, 8, 8, 3),
               (128, 128, 8, 8, 3), (128, 128, 8, 4, 4), (128, 256, 8, 8, 3), (128, 64, 8, 4, 4))
 # (BLOCK_N, BLOCK_K, num_warps, kernel) of the GEMV: the word kernel (integer decode) with its loads one
-# step ahead ("words") or not ("words-np"), and the byte kernel (Triton's fp8 cast; the default before
-# 2026-12-07 was its 4 x 2048 w4)
+# step ahead ("words") or not ("words-np"), its pipelined loop of N stages ("pipeN": cp.async N - 1 steps
+# ahead), and the byte kernel (Triton's fp8 cast; the default before 2026-12-07 was its 4 x 2048 w4)
 GEMV_SWEEP = ((4, 1024, 4, "words"), (8, 512, 4, "words"), (8, 1024, 4, "words"), (8, 1024, 8, "words"),
               (16, 512, 4, "words"), (16, 512, 8, "words"), (16, 256, 4, "words"), (32, 256, 8, "words"),
               (4, 512, 4, "words"), (8, 256, 4, "words"), (8, 512, 4, "words-np"), (8, 1024, 4, "words-np"),
-              (4, 2048, 4, "bytes"))
+              (4, 2048, 4, "bytes"),
+              (8, 1024, 8, "pipe3"), (8, 1024, 8, "pipe4"), (4, 1024, 4, "pipe3"), (4, 1024, 4, "pipe4"),
+              (8, 512, 4, "pipe3"), (8, 512, 4, "pipe4"), (16, 512, 8, "pipe3"), (8, 1024, 4, "pipe2"),
+              (4, 2048, 8, "pipe3"))
+
+
+def gemv_form(form: str) -> tuple[bool, bool, int]:
+    """A sweep form -> (words, prefetch, stages) for K._launch_gemv."""
+    if form.startswith("pipe"):
+        return True, False, int(form[len("pipe"):])
+    return form.startswith("words"), form == "words", 0
 WEIGHT_BYTES = 512 << 20  # bf16 copies per shape: far beyond L2 (50-60 MB)
 
 
@@ -160,10 +170,11 @@ def bench_shape(name: str, n: int, k: int, ms: tuple[int, ...], reps: int, sweep
             row(m, "fp8 gemv", graph_time_us([lambda q=q, s=s: K.fp8_gemv(x, q, s, BLOCK) for q, s in fp8], reps),
                 fp8_bytes, K.fp8_gemv(x, *fp8[0], BLOCK), ref, tile=K.gemv_tile(k, BLOCK[0]))
             for bn, bk, warps, form in GEMV_SWEEP if sweep else ():
-                words, ahead = form.startswith("words"), form == "words"
-                us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps, f=words, a=ahead:
-                               K._launch_gemv(x, q, s, BLOCK, None, t, w, f, a) for q, s in fp8], reps)
-                out = K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps, words, ahead) if us == us else None
+                words, ahead, stages = gemv_form(form)
+                us = try_time([lambda q=q, s=s, t=(bn, bk), w=warps, f=words, a=ahead, st=stages:
+                               K._launch_gemv(x, q, s, BLOCK, None, t, w, f, a, st) for q, s in fp8], reps)
+                out = (K._launch_gemv(x, *fp8[0], BLOCK, None, (bn, bk), warps, words, ahead, stages)
+                       if us == us else None)
                 row(m, f"sweep gemv {form} {bn}x{bk} w{warps}", us, fp8_bytes, out, ref, tile=(bn, bk, warps))
 
     for m in ms:

@@ -37,15 +37,17 @@ want() { [[ $STAGES == *" $1 "* ]]; }
 
 if want fp8; then
 echo "=== fp8 gemv sweep $(date -u +%T)"
-timeout 120 python3 scripts/gpu_fp8_gemm_bench.py --m 1 --sweep --out "$WORK/fp8k" 2>&1 |
+timeout 200 python3 scripts/gpu_fp8_gemm_bench.py --m 1 --sweep --out "$WORK/fp8k" 2>&1 |
   grep -E "gemv|GEMV_BEST" > "$OUT/fp8_gemv_sweep.txt"
 grep GEMV_BEST "$OUT/fp8_gemv_sweep.txt"
 read -r bn bk warps form <<< "$(grep GEMV_BEST "$OUT/fp8_gemv_sweep.txt" | cut -d' ' -f2-)"
-if [[ ${form:-} == words* ]]; then  # a word-kernel form: make it the default for the whole-model run
-  prefetch=False
+if [[ ${form:-} == words* || ${form:-} == pipe* ]]; then  # a word-kernel form: the default for the model run
+  prefetch=False stages=0
   [[ $form == words ]] && prefetch=True
+  [[ $form == pipe* ]] && stages=${form#pipe}
   sed -i "s/^GEMV_TILE_ELEMENTS = .*/GEMV_TILE_ELEMENTS = $((bn * bk))/; s/^GEMV_MAX_BLOCK_K = .*/GEMV_MAX_BLOCK_K = $bk/;
-    s/^GEMV_WARPS = .*/GEMV_WARPS = $warps/; s/^GEMV_PREFETCH = .*/GEMV_PREFETCH = $prefetch/" \
+    s/^GEMV_WARPS = .*/GEMV_WARPS = $warps/; s/^GEMV_PREFETCH = .*/GEMV_PREFETCH = $prefetch/;
+    s/^GEMV_STAGES = .*/GEMV_STAGES = $stages/" \
     radixserve/layers/quantization/fp8_kernels.py
 elif [[ ${form:-} == bytes ]]; then  # the byte kernel won: it runs the whole model, with its best tile
   sed -i "s/^GEMV_WORDS = .*/GEMV_WORDS = False/; s/^GEMV_BYTES_TILE_ELEMENTS = .*/GEMV_BYTES_TILE_ELEMENTS = $((bn * bk))/;

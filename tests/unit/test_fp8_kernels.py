@@ -260,12 +260,15 @@ def test_gemv_matches_dequantised_linear(kernels, n, k, dtype):
     rtol = BF16_RTOL if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
     assert kernels.fp8_gemv(x.flatten(), q, scale_inv).shape == (n,)
-    # both kernels (the word one only where K is whole words, with and without its loads one step
-    # ahead), each with a narrow tile too (several programs per scale block, several steps along K)
-    forms = [(True, True), (True, False), (False, False)] if k % 4 == 0 else [(False, False)]
-    for words, prefetch in forms:
+    # both kernels (the word one only where K is whole words: with its loads one step ahead, without,
+    # and its pipelined loop), each with a narrow tile too (several programs per scale block, several
+    # steps along K, a tail)
+    forms = [(True, True, 0), (True, False, 0), (True, False, 3), (False, False, 0)] if k % 4 == 0 else [
+        (False, False, 0)]
+    for words, prefetch, stages in forms:
         for tile in (None, (2, 64)):
-            got = kernels._launch_gemv(x, q, scale_inv, (128, 128), bias, tile=tile, words=words, prefetch=prefetch)
+            got = kernels._launch_gemv(x, q, scale_inv, (128, 128), bias, tile=tile, words=words, prefetch=prefetch,
+                                       stages=stages)
             torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=1e-5)
     # rows inside a wider buffer (a row stride beyond K): words where the stride is whole words too
     for pad in (4, 3):
@@ -286,8 +289,8 @@ def test_gemv_word_kernel_decodes_every_e4m3_value(kernels):
     scale_inv = torch.tensor([[2.0**-9, 3.0e3]], device=DEVICE)
     x = (torch.linspace(-8, 8, k) * 10.0 ** torch.linspace(-3, 3, k)).view(1, k).to(DEVICE)
     ref = fp8_utils.block_fp8_linear_torch(x, w, scale_inv, out_dtype=torch.float32, quantize_activations=False)
-    for words in (True, False):
-        got = kernels._launch_gemv(x, w, scale_inv, (128, 128), None, words=words)
+    for words, stages in ((True, 0), (True, 2), (False, 0)):
+        got = kernels._launch_gemv(x, w, scale_inv, (128, 128), None, words=words, stages=stages)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     # the word kernel takes rows that are not whole words through the byte kernel
     odd = w[:, :255]

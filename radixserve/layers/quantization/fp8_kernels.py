@@ -66,6 +66,10 @@ GEMV_TILE_ELEMENTS = 8192
 GEMV_MAX_BLOCK_K = 1024
 GEMV_WARPS = 4
 GEMV_PREFETCH = False
+# >= 2: the word kernel's full steps in a software-pipelined loop (Triton copies GEMV_STAGES - 1 steps
+# ahead into shared memory with cp.async, so loads stay in flight without holding registers); 0 or 1:
+# the loop above, loads in registers. Untimed as yet (docs/fp8.md), so off.
+GEMV_STAGES = 0
 GEMV_WORDS = True  # the word kernel wherever the rows are whole words; False keeps the byte kernel (A/B)
 # gate/up and SiLU-and-mul in one word kernel at batch 1 (one launch a layer fewer); off by default: on an
 # H100 (2026-12-07) its gate/up took 54.4 us a layer against 49.1 + 1.5 us for the word GEMV then
@@ -240,6 +244,41 @@ if triton is not None:
                 x, s, q = x_next, s_next, q_next
             else:
                 x, s, q = _gemv_word_step(x_ptr, s_row, w_rows, cols, words, k0 + BLOCK_K, k, GROUP_K, BLOCK_K)
+        out = tl.sum(acc, axis=1) * _OUT_UNSCALE
+        row_mask = rows < n
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _fp8_gemv_pipelined_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, n, k, w_stride, ws_stride,
+                                   GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        """_fp8_gemv_kernel with its full steps in a loop free of branches and masks, which Triton's
+        pipeliner turns into asynchronous copies STAGES - 1 steps ahead (cp.async into shared memory on
+        sm_80+; sm_90 with Triton 3.6: 8 x 1024 with 8 warps takes 80 registers and 28 KB of shared
+        memory at 3 stages), then the masked tail once."""
+        BLOCK_W: tl.constexpr = BLOCK_K // 4
+        start = tl.program_id(0) * BLOCK_N
+        rows = start + tl.arange(0, BLOCK_N)
+        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
+        s_row = ws_ptr + (start // GROUP_N) * ws_stride
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_K)[None, :]
+        words = tl.arange(0, BLOCK_W)[None, :]
+        k_full = k - k % BLOCK_K
+        for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
+            x = tl.load(x_ptr + k0 + cols)
+            s = tl.load(s_row + (k0 + cols) // GROUP_K)
+            q = tl.load(w_rows + k0 // 4 + words)
+            acc += _decode_e4m3_words(q, BLOCK_N, BLOCK_K) * (x.to(tl.float32) * (s * _X_UNSCALE))
+        if k_full < k:
+            tail_cols = k_full + cols
+            tail_words = k_full // 4 + words
+            x = tl.load(x_ptr + tail_cols, mask=tail_cols < k, other=0.0)
+            s = tl.load(s_row + tail_cols // GROUP_K, mask=tail_cols < k, other=0.0)
+            q = tl.load(w_rows + tail_words, mask=tail_words < k // 4, other=0)
+            acc += _decode_e4m3_words(q, BLOCK_N, BLOCK_K) * (x.to(tl.float32) * (s * _X_UNSCALE))
         out = tl.sum(acc, axis=1) * _OUT_UNSCALE
         row_mask = rows < n
         if HAS_BIAS:
@@ -447,9 +486,9 @@ def gemv_reads_words(w_fp8: Tensor) -> bool:
 
 def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None,
                  tile: tuple[int, int] | None = None, num_warps: int | None = None,
-                 words: bool | None = None, prefetch: bool = GEMV_PREFETCH) -> Tensor:
-    """`tile` (BLOCK_N, BLOCK_K), num_warps, words (the kernel) and prefetch (the word kernel's loads one
-    step ahead) override the defaults (the bench's sweeps)."""
+                 words: bool | None = None, prefetch: bool = GEMV_PREFETCH, stages: int = GEMV_STAGES) -> Tensor:
+    """`tile` (BLOCK_N, BLOCK_K), num_warps, words (the kernel), prefetch (the word kernel's loads one
+    step ahead) and stages (>= 2: its pipelined loop) override the defaults (the bench's sweeps)."""
     n, k = w_fp8.shape
     bn, bk = block
     assert x.numel() == k and w_fp8.stride(1) == 1 and w_fp8.dtype == FP8_DTYPE, (x.shape, w_fp8.shape)
@@ -460,7 +499,10 @@ def _launch_gemv(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int
     assert bn % block_rows == 0, (block_rows, block)
     w_scale_inv = w_scale_inv.float().contiguous()
     out = x.new_empty((*x.shape[:-1], n))
-    if words:
+    if words and stages >= 2:
+        kernel, weight, w_stride = _fp8_gemv_pipelined_kernel, w_fp8.view(torch.int32), w_fp8.stride(0) // 4
+        extra = dict(STAGES=stages)
+    elif words:
         kernel, weight, w_stride = _fp8_gemv_kernel, w_fp8.view(torch.int32), w_fp8.stride(0) // 4
         extra = dict(PREFETCH=prefetch)
     else:
