@@ -24,6 +24,8 @@ _QK_NORM = frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM"})
 _NO_BIAS = frozenset({"MistralForCausalLM", "MixtralForCausalLM"})
 # DeepSeek's multi-head latent attention (MLA) and grouped routing
 _DEEPSEEK = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
+# MoE architectures that rescale the top-k weights to sum to 1 whatever the config says (no norm_topk_prob)
+_ALWAYS_RENORMALIZE = frozenset({"MixtralForCausalLM"})
 # expert selection methods DeepSeek configs name (topk_method)
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -215,9 +217,9 @@ def moe_config(cfg: Any, num_layers: int, architecture: str = "") -> MoEConfig |
     if not num_experts:
         return None
     top_k = int(cfg.num_experts_per_tok)
-    mixtral = getattr(cfg, "num_local_experts", None) is not None
-    # Mixtral always rescales its top-k; Qwen-MoE only with norm_topk_prob (Qwen2-MoE: off by default)
-    renormalize = True if mixtral else bool(getattr(cfg, "norm_topk_prob", False))
+    # Mixtral always rescales its top-k; Qwen-MoE only with norm_topk_prob (Qwen2-MoE: off by default).
+    # Told apart by architecture, not by num_local_experts: transformers 5's Qwen3MoeConfig has it too (an alias)
+    renormalize = architecture in _ALWAYS_RENORMALIZE or bool(getattr(cfg, "norm_topk_prob", False))
     expert_size = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
     step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
     dense_only = set(getattr(cfg, "mlp_only_layers", None) or [])

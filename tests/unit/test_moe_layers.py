@@ -130,6 +130,11 @@ def test_model_config_normalises_each_family():
     assert qwen2.qkv_bias and not qwen2.o_bias
     qwen3 = ModelConfig.from_hf(tiny_config("qwen3_moe"), "Qwen3MoeForCausalLM")
     assert qwen3.qk_norm and qwen3.head_dim == 32 and qwen3.moe.renormalize
+    # transformers 5's Qwen3MoeConfig aliases num_experts as num_local_experts: still not Mixtral's
+    # always-renormalised routing
+    unnormed = tiny_config("qwen3_moe")
+    unnormed.norm_topk_prob = False
+    assert not ModelConfig.from_hf(unnormed, "Qwen3MoeForCausalLM").moe.renormalize
     step2 = tiny_config("qwen3_moe")
     step2.decoder_sparse_step = 2
     assert ModelConfig.from_hf(step2, "Qwen3MoeForCausalLM").moe.sparse_layers == (False, True)
