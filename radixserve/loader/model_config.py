@@ -69,6 +69,8 @@ class MLAConfig:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    # the checkpoint's rotary dims come in interleaved pairs (V2 always; V3 unless rope_interleave is off)
+    rope_interleave: bool = True
 
     @property
     def latent_dim(self) -> int:
@@ -144,20 +146,23 @@ class ModelConfig:
             qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
             qk_norm=architecture in _QK_NORM,
             moe=moe_config(cfg, num_layers, architecture),
-            mla=mla_config(cfg) if architecture in _DEEPSEEK else None,
+            mla=mla_config(cfg, architecture) if architecture in _DEEPSEEK else None,
             hf=hf_cfg,
         )
 
 
-def mla_config(cfg: Any) -> MLAConfig:
+def mla_config(cfg: Any, architecture: str) -> MLAConfig:
     """DeepSeek's latent attention dims (q_lora_rank null: a plain q_proj)."""
     q_lora = getattr(cfg, "q_lora_rank", None)
+    # transformers' V3 rotates plain halves when rope_interleave is false (or null); its V2 has no such flag
+    interleave = architecture != "DeepseekV3ForCausalLM" or bool(getattr(cfg, "rope_interleave", True))
     mla = MLAConfig(
         q_lora_rank=int(q_lora) if q_lora else None,
         kv_lora_rank=int(cfg.kv_lora_rank),
         qk_nope_head_dim=int(cfg.qk_nope_head_dim),
         qk_rope_head_dim=int(cfg.qk_rope_head_dim),
         v_head_dim=int(cfg.v_head_dim),
+        rope_interleave=interleave,
     )
     if mla.qk_rope_head_dim % 2:
         raise ValueError(f"qk_rope_head_dim ({mla.qk_rope_head_dim}) must be even (rotary pairs)")

@@ -51,6 +51,7 @@ class DeepseekV2Attention(nn.Module):
         self.num_heads = cfg.num_heads // tp
         self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
         self.kv_lora_rank = mla.kv_lora_rank
+        self.rope_interleave = mla.rope_interleave
         hidden, heads = cfg.hidden_size, cfg.num_heads
         self.q_proj = self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         if mla.q_lora_rank is None:
@@ -91,8 +92,11 @@ class DeepseekV2Attention(nn.Module):
         q_nope, q_pe = q.view(tokens, heads, -1).split([self.nope, self.rope_dim], dim=-1)
         compressed, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         compressed = self.kv_a_layernorm(compressed.contiguous())
-        # checkpoints keep rotary dims in interleaved pairs: regroup, then rotate q and k in one go
-        pe = rope(torch.cat((deinterleave(q_pe), deinterleave(k_pe).unsqueeze(1)), dim=1))
+        # checkpoints keep rotary dims in interleaved pairs (unless V3's rope_interleave is off): regroup,
+        # then rotate q and k in one go
+        if self.rope_interleave:
+            q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
+        pe = rope(torch.cat((q_pe, k_pe.unsqueeze(1)), dim=1))
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, kv_lora_rank]
         q_abs = torch.cat((q_latent, pe[:, :heads]), dim=-1)
         latent = torch.cat((compressed, pe[:, heads]), dim=-1)

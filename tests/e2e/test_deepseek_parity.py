@@ -149,13 +149,14 @@ def check_parallel(tiny: tuple, parallel: dict) -> None:
 
 def test_odd_shapes_without_shared_experts(tmp_path_factory):
     """V3 with n_shared_experts 0 (transformers saves a zero-width shared MLP, which has no place here and
-    is skipped), a plain q_proj, 5 heads, 6 experts top-3 in one group, every layer sparse, and head dims
-    that are no power of two; paged by 3, chunked by 7."""
+    is skipped), rope_interleave off (rotary dims in plain halves), a plain q_proj, 5 heads, 6 experts
+    top-3 in one group, every layer sparse, and head dims that are no power of two; paged by 3, chunked
+    by 7."""
     path = str(tmp_path_factory.mktemp("v3_odd"))
     odd = dict(hidden_size=48, intermediate_size=52, moe_intermediate_size=20, num_attention_heads=5,
                num_key_value_heads=5, q_lora_rank=None, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12,
                v_head_dim=20, n_routed_experts=6, num_experts_per_tok=3, n_group=1, topk_group=1,
-               n_shared_experts=0, first_k_dense_replace=0, norm_topk_prob=False)
+               n_shared_experts=0, first_k_dense_replace=0, norm_topk_prob=False, rope_interleave=False)
     model = make_deepseek("v3", path, seed=40, overrides=odd)
     batch = prompts(40, count=4)
     expected = [hf_greedy(model, p, MAX_NEW) for p in batch]

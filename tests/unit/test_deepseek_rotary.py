@@ -70,3 +70,15 @@ def test_mla_softmax_scale_matches_transformers():
         want = yarn_apply_mscale(cfg.rope_parameters, 32**-0.5)
         assert yarn_softmax_scale(cfgutil.rope_scaling(cfg), 32**-0.5) == pytest.approx(want, rel=1e-12)
     assert yarn_softmax_scale(cfgutil.rope_scaling(_config("v3", YARN)), 1.0) > 1.1  # mscale^2 is applied
+
+
+@pytest.mark.parametrize("interleave", [True, False, None])
+def test_v3_rope_interleave_flag(interleave):
+    """V3's rope_interleave false (or null) has transformers rotate plain halves, so the model must not
+    de-interleave; V2 has no such flag and always interleaves."""
+    from radixserve.loader.model_config import mla_config
+
+    cfg = _config("v3", None)
+    cfg.rope_interleave = interleave
+    assert mla_config(cfg, "DeepseekV3ForCausalLM").rope_interleave is bool(interleave)
+    assert mla_config(_config("v2", None), "DeepseekV2ForCausalLM").rope_interleave
