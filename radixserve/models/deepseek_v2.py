@@ -202,8 +202,6 @@ class DeepseekV2ForCausalLM(MoECausalLM):
                 m = _LAYER.match(name.removeprefix("model."))
                 if m and int(m.group(1)) >= num_layers:
                     continue  # DeepSeek-V3's multi-token-prediction layer (model.layers.61) is not served
-                if tensor.numel() == 0 and ".shared_experts." in name:
-                    continue  # n_shared_experts 0: transformers saves a zero-width shared MLP; we build none
                 yield name, tensor
 
         super().load_weights(ours(weights))

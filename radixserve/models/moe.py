@@ -12,6 +12,7 @@ Layers the config marks dense keep a plain MLP, split over the TP group or, with
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight(_scale_inv)?$")
 _STACKED = {"gate_up_proj": ("w13", "gate_up"), "down_proj": ("w2", "down"),
             "gate_proj": ("w13", "gate"), "up_proj": ("w13", "up")}
 _STACKED_RE = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj|gate_proj|up_proj)(?:\.weight)?$")
+# a shared expert's tensors (Qwen2-MoE's shared_expert and its one-output gate, DeepSeek's shared_experts)
+_SHARED = re.compile(r"\.mlp\.shared_experts?(_gate)?\.")
 
 
 class SparseMoeBlock(nn.Module):
@@ -78,6 +81,12 @@ class MoECausalLM(LlamaForCausalLM):
         if lm_head_spans_world():
             self.lm_head.compute_logits(x)
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        moe = self.config.moe
+        if moe is not None and not (moe.shared_expert_intermediate_size or moe.shared_experts_intermediate_size):
+            weights = _without_empty_shared_expert(weights)
+        super().load_weights(weights)
+
     def checkpoint_target(self, name: str) -> tuple[str, object]:
         m = _PER_EXPERT.match(name)
         if m and m.group(3) in EXPERT_PROJECTIONS:
@@ -88,3 +97,15 @@ class MoECausalLM(LlamaForCausalLM):
             ours, role = _STACKED[m.group(2)]
             return f"{m.group(1)}.{ours}", (role, None)
         return super().checkpoint_target(name)
+
+
+def _without_empty_shared_expert(
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A config with no shared expert (size 0) still gets one from transformers, zero wide, and saved:
+    its empty matrices, and Qwen2-MoE's gate, which scales that zero output. We build none: skip them."""
+    for name, tensor in weights:
+        m = _SHARED.search(name)
+        if m and (tensor.numel() == 0 or m.group(1)):
+            continue
+        yield name, tensor

@@ -96,3 +96,28 @@ def test_parallel_parity(tiny, parallel):
         assert [o["output_ids"] for o in outs] == expected
         assert engine.generate(input_ids=batch[3], sampling_params=GREEDY)["output_ids"] == expected[3]
         assert_pools_whole(engine)
+
+
+# odd shapes, one Engine each (pages of 3, chunks of 7): Qwen2-MoE with no shared expert (transformers
+# still saves a zero-wide one and its gate, skipped on load) and 3 heads of 20 over one KV head; Qwen3-MoE
+# top-3 of 6 not renormalised (norm_topk_prob false) with 5 heads of 40 over one KV head
+ODD = {
+    "qwen2_moe": {"hidden_size": 60, "num_attention_heads": 3, "num_key_value_heads": 1,
+                  "mlp_only_layers": [], "shared_expert_intermediate_size": 0, "moe_intermediate_size": 20,
+                  "num_experts": 5, "norm_topk_prob": True},
+    "qwen3_moe": {"hidden_size": 48, "num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": 40,
+                  "num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 36, "norm_topk_prob": False},
+}
+
+
+@pytest.mark.parametrize("arch", list(ODD))
+def test_odd_shapes_parity(arch, tmp_path):
+    path = str(tmp_path)
+    model = make_tiny_model(arch, path, seed=50, tokenizer=False, overrides=ODD[arch])
+    batch = prompts(50, count=4)
+    expected = [hf_greedy(model, p, MAX_NEW) for p in batch]
+    with Engine(model_path=path, dtype="float32", log_level="warning", page_size=3, chunked_prefill_size=7) as engine:
+        assert engine.generate(input_ids=batch[0], sampling_params=GREEDY)["output_ids"] == expected[0]
+        outs = engine.generate(input_ids=batch, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == expected
+        assert_pools_whole(engine)
