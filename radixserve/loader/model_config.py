@@ -124,7 +124,8 @@ class ModelConfig:
             qkv_bias = o_bias = mlp_bias = False
         elif architecture in _DEEPSEEK:  # attention_bias: q_a, kv_a and o projections; mlp_bias (V2) the MLPs
             qkv_bias = o_bias = attention_bias
-            mlp_bias = bool(getattr(cfg, "mlp_bias", False))
+            # transformers' V3 MLPs have no bias whatever the config says
+            mlp_bias = architecture == "DeepseekV2ForCausalLM" and bool(getattr(cfg, "mlp_bias", False))
         else:  # transformers' Llama/Qwen3: attention_bias covers q, k, v and o; mlp_bias the MLP's three
             qkv_bias = o_bias = attention_bias
             mlp_bias = bool(getattr(cfg, "mlp_bias", False)) and architecture not in _QK_NORM

@@ -131,3 +131,10 @@ def test_sizing_and_pd_share_see_one_latent():
     assert loaded.kv_bytes_per_token_as(FP8_DTYPE) == 3 * D
     # every TP rank holds the whole latent: one head, replicated
     assert kv_share(hf, 2, 0) == kv_share(hf, 2, 1) == (0, 1, 1)
+    # mlp_bias in a config: V2's MLPs take it, V3's (as transformers builds them) never have one
+    hf.mlp_bias = True
+    assert not ModelConfig.from_hf(hf, "DeepseekV3ForCausalLM").mlp_bias
+    v2 = transformers.DeepseekV2Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, kv_lora_rank=RANK,
+                                       qk_rope_head_dim=ROPE, qk_nope_head_dim=16, v_head_dim=16, num_experts_per_tok=2,
+                                       mlp_bias=True)
+    assert ModelConfig.from_hf(v2, "DeepseekV2ForCausalLM").mlp_bias
