@@ -198,6 +198,15 @@ if triton is not None:
         return s, q
 
     @triton.jit
+    def _gemv_word_rows(w_ptr, ws_ptr, n, w_stride, ws_stride, GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A word-kernel program's output rows, its weight rows (past the end clamped, not masked) and its
+        row of block factors (BLOCK_N divides GROUP_N: all of its rows share one)."""
+        start = tl.program_id(0) * BLOCK_N
+        rows = start + tl.arange(0, BLOCK_N)
+        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
+        return rows, w_rows, ws_ptr + (start // GROUP_N) * ws_stride
+
+    @triton.jit
     def _decode_e4m3_words(q, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """[BLOCK_N, BLOCK_K / 4] int32 words of four e4m3 bytes -> [BLOCK_N, BLOCK_K] fp32, each the
         byte's value times 2^-120 (see _fp8_gemv_kernel)."""
@@ -221,11 +230,7 @@ if triton is not None:
         byte shuffles (the byte kernel's loop: ~9.6 instructions a byte on sm_90, docs/fp8.md); these are
         ~3 integer ops and one FMA."""
         BLOCK_W: tl.constexpr = BLOCK_K // 4
-        start = tl.program_id(0) * BLOCK_N
-        rows = start + tl.arange(0, BLOCK_N)
-        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
-        # BLOCK_N divides GROUP_N: all of a program's rows share one row of block factors
-        s_row = ws_ptr + (start // GROUP_N) * ws_stride
+        rows, w_rows, s_row = _gemv_word_rows(w_ptr, ws_ptr, n, w_stride, ws_stride, GROUP_N, BLOCK_N)
         # per-column partial sums, reduced once after the loop: one FMA a weight and no per-step
         # reduction across the warps
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -260,12 +265,9 @@ if triton is not None:
         sm_80+), then the masked tail once. SCALE_ROW (GROUP_K a power of two dividing BLOCK_K): a step
         reads its BLOCK_K / GROUP_K block factors as one short vector and spreads them over the columns
         by a reshape, instead of gathering a factor per column: the copies are then 16-byte ones (sm_90,
-        Triton 3.6, 8 x 1024 with 8 warps: 80 registers, 20 KB of shared memory at 3 stages)."""
+        Triton 3.6, 8 x 1024 with 8 warps: 92 registers, 20 KB of shared memory at 3 stages)."""
         BLOCK_W: tl.constexpr = BLOCK_K // 4
-        start = tl.program_id(0) * BLOCK_N
-        rows = start + tl.arange(0, BLOCK_N)
-        w_rows = w_ptr + tl.minimum(rows, n - 1)[:, None].to(tl.int64) * w_stride
-        s_row = ws_ptr + (start // GROUP_N) * ws_stride
+        rows, w_rows, s_row = _gemv_word_rows(w_ptr, ws_ptr, n, w_stride, ws_stride, GROUP_N, BLOCK_N)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         cols = tl.arange(0, BLOCK_K)[None, :]
         words = tl.arange(0, BLOCK_W)[None, :]
@@ -280,12 +282,8 @@ if triton is not None:
                 xs = x * (tl.load(s_row + (k0 + cols) // GROUP_K) * _X_UNSCALE)
             q = tl.load(w_rows + k0 // 4 + words)
             acc += _decode_e4m3_words(q, BLOCK_N, BLOCK_K) * xs
-        if k_full < k:
-            tail_cols = k_full + cols
-            tail_words = k_full // 4 + words
-            x = tl.load(x_ptr + tail_cols, mask=tail_cols < k, other=0.0)
-            s = tl.load(s_row + tail_cols // GROUP_K, mask=tail_cols < k, other=0.0)
-            q = tl.load(w_rows + tail_words, mask=tail_words < k // 4, other=0)
+        if k_full < k:  # the masked tail, once
+            x, s, q = _gemv_word_step(x_ptr, s_row, w_rows, cols, words, k_full, k, GROUP_K, BLOCK_K)
             acc += _decode_e4m3_words(q, BLOCK_N, BLOCK_K) * (x.to(tl.float32) * (s * _X_UNSCALE))
         out = tl.sum(acc, axis=1) * _OUT_UNSCALE
         row_mask = rows < n
