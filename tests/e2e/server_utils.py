@@ -67,7 +67,7 @@ def start_server(args: list[str], log_path: str, api_key: str | None = None, tim
 
 
 class PortTaken(RuntimeError):
-    pass
+    """The server exited because another process bound its port first."""
 
 
 def _start_on_a_free_port(args: list[str], log_path: str, api_key: str | None, timeout: float,

@@ -9,7 +9,7 @@
    accumulates with fewer bits than fp32; promoting every 128 is what DeepSeek-V3 does too).
    `block_fp8_linear` runs 1 then 2 and is the custom op radixserve::block_fp8_linear. From
    GEMM_CUBLAS_MIN_M rows on (0: never) step 2 is cuBLAS's block-scaled FP8 GEMM instead
-   (`cublas_block_fp8_matmul`, torch's F.scaled_mm with 1x128 / 128x128 scales), the same sum.
+   (`fp8_cublas.cublas_block_fp8_matmul`, torch's F.scaled_mm with 1x128 / 128x128 scales), the same sum.
 3. `fp8_gemv`, batch 1: reading the weight is the whole cost, so it is a GEMV like layers/gemv.py
    over fp8 rows (half the bytes of bf16). A program owns BLOCK_N rows inside one 128-row scale block,
    so it scales the activation slice by that block row's factors once per step instead of every
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from radixserve.layers.gemv import _row
+from radixserve.layers.quantization.fp8_cublas import cublas_block_fp8_fits, cublas_block_fp8_matmul
 from radixserve.layers.quantization.fp8_utils import EPS, FP8_DTYPE, FP8_MAX
 
 try:
@@ -44,7 +45,6 @@ except ImportError:  # CPU installs without Triton use fp8_utils.block_fp8_linea
     triton = None
 
 ENABLED = os.environ.get("RADIXSERVE_TRITON_FP8", "1") != "0"
-_HAS_SCALED_MM = hasattr(torch.nn.functional, "scaled_mm")  # torch's block-scaled GEMM (cuBLAS)
 # M rows from which the block GEMM is cuBLAS's (F.scaled_mm, 1x128 x 128x128 scales) rather than the
 # Triton kernel, where cuBLAS takes the weight; 0 keeps Triton everywhere. scripts/gpu_fp8_gemm_bench.py
 # times both (docs/fp8.md).
@@ -415,37 +415,6 @@ def w8a8_block_fp8_matmul(x_fp8: Tensor, x_scales: Tensor, w_fp8: Tensor, w_scal
         EVEN_K=k % bk == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
-
-
-def cublas_block_fp8_fits(w_fp8: Tensor, block: tuple[int, int]) -> bool:
-    """Whether cuBLAS's block-scaled GEMM takes this weight: a CUDA tensor in a torch with F.scaled_mm,
-    128 x 128 blocks, K whole blocks in a multiple of 4 (the column-major scale's leading dimension,
-    16-byte aligned), N a multiple of 16, a contiguous weight."""
-    n, k = w_fp8.shape
-    return (w_fp8.is_cuda and _HAS_SCALED_MM and tuple(block) == (128, 128)
-            and k % 512 == 0 and n % 16 == 0 and w_fp8.is_contiguous())
-
-
-def cublas_block_fp8_matmul(x_fp8: Tensor, x_scales: Tensor, w_fp8: Tensor, w_scale_inv: Tensor,
-                            out_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None) -> Tensor:
-    """What w8a8_block_fp8_matmul computes, by cuBLAS (torch's F.scaled_mm): the activation's scales
-    1x128 and the weight's 128x128, each laid out column-major as cuBLAS reads them. M is padded to a
-    multiple of 4 for the same alignment (the pad rows are dropped). Where cublas_block_fp8_fits."""
-    functional = torch.nn.functional
-    m = x_fp8.shape[0]
-    pad = -m % 4
-    if pad:
-        x_fp8 = torch.cat([x_fp8, x_fp8.new_zeros((pad, x_fp8.shape[1]))])
-        x_scales = torch.cat([x_scales, x_scales.new_ones((pad, x_scales.shape[1]))])
-    # with a bias the sum stays fp32 until the bias is in: adding it to a rounded output loses the
-    # low bits of a result that cancels against it
-    out = functional.scaled_mm(x_fp8, w_fp8.t(), x_scales.float().t().contiguous().t(),
-                               functional.ScalingType.BlockWise1x128, w_scale_inv.float().t(),
-                               functional.ScalingType.BlockWise128x128,
-                               output_dtype=out_dtype if bias is None else torch.float32)
-    if pad:
-        out = out[:m]
-    return out if bias is None else (out + bias.float()).to(out_dtype)
 
 
 def _launch_linear(x: Tensor, w_fp8: Tensor, w_scale_inv: Tensor, block: tuple[int, int],
